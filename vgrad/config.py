@@ -1,0 +1,206 @@
+"""Typed config schemas (Hydra ConfigStore) and the checks Hydra cannot express.
+
+The YAML files under ``conf/`` are the user-facing configs; each one extends a schema
+stored here, so an unknown key or a value of the wrong type fails when Hydra composes
+the config, before any run folder is made. The schemas of the swept axes (``act``,
+``init``, ``bias_init``, ``clip``, ``optim``, ``data``) live beside their registries and
+are stored as ``schema/<group>/<name>``; ``conf/<group>/<name>.yaml`` starts with
+
+    defaults:
+      - /schema/<group>/<name>@_here_
+
+``validate`` then checks ranges and combinations and raises :class:`ConfigError`
+with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from vgrad import activations, data, initializers, optim
+from vgrad.errors import ConfigError
+
+
+class Norm(Enum):
+    """Where batch norm goes in each hidden layer (Ioffe & Szegedy 2015)."""
+
+    none = "none"
+    pre = "pre"  # Dense -> BatchNorm -> activation
+    post = "post"  # Dense -> activation -> BatchNorm
+
+
+class Loss(Enum):
+    bce = "bce"  # binary cross-entropy on one logit (labels 0/1), Keras from_logits
+    ce = "ce"  # softmax cross-entropy over n_classes logits
+    mse = "mse"  # mean squared error between softmax probabilities and one-hot labels
+
+
+@dataclass
+class Record:
+    """What is measured, and how often. See the README's "Recorded statistics"."""
+
+    # Per-step statistics are recorded at global steps 0, every, 2*every, ...
+    # Memory: S seeds x (steps / every) x L layers x ~10 float32 arrays.
+    every: int = 1
+    # The fixed probe batch (the first probe_size training examples) on which
+    # activation statistics and histograms are measured at every epoch boundary.
+    probe_size: int = 512
+    # A unit-example pair is saturated when |f'(z)| < sat_threshold * max |f'|.
+    sat_threshold: float = 0.1
+    # Save the whole gradient pytree every K steps to grads.npz (0 = off).
+    full_grads_every: int = 0
+    # Epochs per compiled chunk; outputs are written at each chunk boundary.
+    # 0 = automatic (about a second of work per chunk).
+    chunk_epochs: int = 0
+
+
+@dataclass
+class Config:
+    act: Any = MISSING
+    init: Any = MISSING  # kernel initializer
+    bias_init: Any = MISSING
+    clip: Any = MISSING
+    optim: Any = MISSING
+    data: Any = MISSING
+    depth: int = 4  # hidden layers; the output layer comes on top
+    width: int = 5  # units per hidden layer
+    widths: list[int] | None = None  # per-layer widths instead (len must equal depth)
+    bn: Norm = Norm.none
+    bn_momentum: float = 0.99  # Keras BatchNormalization defaults
+    bn_eps: float = 0.001
+    loss: Loss = Loss.bce
+    epochs: int = 100
+    batch_size: int = 32
+    seed: int = 0  # first seed; seeds = N trains seed, seed + 1, ..., seed + N - 1
+    seeds: int = 1  # seeds trained together in one vmapped program
+    record: Record = field(default_factory=Record)
+    progress: bool = True  # tqdm bar over epochs (off automatically when not a terminal)
+
+
+GROUPS: dict[str, dict[str, Any]] = {
+    "act": activations.ACTIVATIONS,
+    "init": initializers.KERNEL_INITIALIZERS,
+    "bias_init": initializers.BIAS_INITIALIZERS,
+    "clip": optim.CLIPS,
+    "optim": optim.OPTIMIZERS,
+    "data": data.DATASETS,
+}
+
+
+def register() -> None:
+    """Store the root schema and every choice's schema in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="vgrad_schema", node=Config)
+    for group, registry in GROUPS.items():
+        for name, entry in registry.items():
+            cs.store(group=f"schema/{group}", name=name, node=entry.schema(name=name))
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(key, value, f"a number >= {low:g}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(key, value, "a finite number > 0")
+
+
+def _one_of(key: str, value: str, allowed: Any) -> None:
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(allowed))
+
+
+def hidden_widths(cfg: Any) -> list[int]:
+    """Widths of the hidden layers, input side first."""
+    return list(cfg.widths) if cfg.widths is not None else [cfg.width] * cfg.depth
+
+
+def validate(cfg: Any) -> None:
+    """Check what the schemas cannot: ranges and consistent combinations.
+
+    Dataset-dependent checks (batch size vs training-set size, loss vs number of
+    classes) are in :func:`validate_data`.
+    """
+    known = [f.name for f in dataclasses.fields(Config)]
+    for key in cfg:
+        if key not in known:  # added with +key=...: nothing would read it
+            raise ConfigError(f"+{key}", cfg[key], "a known key (nothing reads this one); "
+                              "top-level keys are " + ", ".join(known))
+    _at_least("depth", cfg.depth, 1)
+    _at_least("width", cfg.width, 1)
+    if cfg.widths is not None:
+        if len(cfg.widths) != cfg.depth:
+            raise ConfigError("widths", list(cfg.widths),
+                              f"{cfg.depth} entries to match depth={cfg.depth} "
+                              "(or set widths=null)")
+        for w in cfg.widths:
+            _at_least("widths", w, 1)
+    _at_least("epochs", cfg.epochs, 1)
+    _at_least("batch_size", cfg.batch_size, 1)
+    _at_least("seeds", cfg.seeds, 1)
+    _at_least("seed", cfg.seed, 0)
+    _positive("optim.lr", cfg.optim.lr)
+    _at_least("optim.l2", cfg.optim.l2, 0)
+    _one_of("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
+    if "max" in cfg.clip:
+        _positive("clip.max", cfg.clip.max)
+    if cfg.clip.name == "agc":
+        _positive("clip.clipping", cfg.clip.clipping)
+    if cfg.optim.name in ("sgd", "rmsprop"):
+        _at_least("optim.momentum", cfg.optim.momentum, 0)
+    _positive("bn_eps", cfg.bn_eps)
+    if not 0 <= cfg.bn_momentum < 1:
+        raise ConfigError("bn_momentum", cfg.bn_momentum, "a number in [0, 1)")
+    _validate_init(cfg.init, "init")
+    _validate_init(cfg.bias_init, "bias_init")
+    if cfg.act.name == "maxout":
+        _at_least("act.pieces", cfg.act.pieces, 1)
+    if cfg.act.name == "rrelu" and not cfg.act.lower <= cfg.act.upper:
+        raise ConfigError("act.lower", cfg.act.lower, f"<= act.upper ({cfg.act.upper})")
+    _one_of("data.scale", cfg.data.scale, ("none", "max", "standard"))
+    if "test_size" in cfg.data and not 0 <= cfg.data.test_size < 1:
+        raise ConfigError("data.test_size", cfg.data.test_size, "a fraction in [0, 1)")
+    if cfg.data.get("n_train") is not None:
+        _at_least("data.n_train", cfg.data.n_train, 1)
+    r = cfg.record
+    _at_least("record.every", r.every, 1)
+    _at_least("record.probe_size", r.probe_size, 1)
+    _at_least("record.full_grads_every", r.full_grads_every, 0)
+    _at_least("record.chunk_epochs", r.chunk_epochs, 0)
+    if not 0 < r.sat_threshold < 1:
+        raise ConfigError("record.sat_threshold", r.sat_threshold, "a fraction in (0, 1)")
+
+
+def _validate_init(node: Any, key: str) -> None:
+    if "std" in node:
+        _at_least(f"{key}.std", node.std, 0)
+    if node.name == "uniform" and not node.min < node.max:
+        raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
+    if node.name == "variance_scaling":
+        _positive(f"{key}.scale", node.scale)
+        _one_of(f"{key}.mode", node.mode, ("fan_in", "fan_out", "fan_avg"))
+        _one_of(f"{key}.distribution", node.distribution,
+                ("normal", "truncated_normal", "uniform"))
+
+
+def validate_data(cfg: Any, n_train: int, n_classes: int) -> None:
+    """Checks that need the loaded dataset."""
+    if n_train < 1:
+        raise ConfigError("data", cfg.data.name, "a dataset with at least one training example")
+    if cfg.batch_size > n_train:
+        raise ConfigError("batch_size", cfg.batch_size,
+                          f"at most the training-set size ({n_train})")
+    if cfg.loss == Loss.bce and n_classes != 2:
+        raise ConfigError("loss", "bce", f"ce or mse: data={cfg.data.name} has {n_classes} "
+                          "classes and bce needs 2")

@@ -1,0 +1,233 @@
+"""Datasets by name: the ``data`` axis. Everything here works offline.
+
+``load(cfg)`` returns a :class:`Dataset` of float32 inputs and int32 labels, split
+into train and test with a fixed seed. Sources:
+
+- ``circles``, ``moons``: scikit-learn's generators (seeds 000 and 002 use
+  ``make_circles``); the keys are sklearn's own (``n_samples``, ``noise``, ``factor``,
+  ``random_state``).
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
+- ``fashion_mnist``: IDX files, by default Debian's ``dataset-fashion-mnist`` package
+  (``/usr/share/datasets/fashion-mnist``); the offline stand-in for MNIST.
+- ``mnist``: any folder holding the four standard IDX files (``data.path``).
+
+The IDX reader accepts plain or gzipped files with the usual names
+(``train-images-idx3-ubyte[.gz]`` ...; ``train-images.idx3-ubyte`` also works).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vgrad.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray  # [n_train, features] float32
+    y_train: np.ndarray  # [n_train] int32
+    x_test: np.ndarray  # [n_test, features] float32 (n_test may be 0)
+    y_test: np.ndarray
+    n_classes: int
+
+    @property
+    def n_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+
+# --- schemas -----------------------------------------------------------------------------
+
+
+@dataclass
+class CirclesData:
+    name: str = "circles"
+    n_samples: int = 1000
+    noise: float = 0.1
+    factor: float = 0.5  # seed 000: 0.5; sklearn's default (seed 002) is 0.8
+    random_state: int = 42  # seed 000 seeds numpy with 42 before make_circles
+    test_size: float = 0.0  # fraction held out; seed 000 trains and scores on all 1000
+    split_seed: int = 0
+    scale: str = "none"  # none | standard | max
+    n_train: int | None = None  # keep only the first n_train training examples
+
+
+@dataclass
+class MoonsData:
+    name: str = "moons"
+    n_samples: int = 1000
+    noise: float = 0.1
+    random_state: int = 0
+    test_size: float = 0.5
+    split_seed: int = 0
+    scale: str = "none"
+    n_train: int | None = None
+
+
+@dataclass
+class DigitsData:
+    name: str = "digits"
+    test_size: float = 0.25
+    split_seed: int = 0
+    scale: str = "max"  # pixel values 0..16 -> 0..1
+    n_train: int | None = None
+
+
+@dataclass
+class IdxData:
+    """A folder of the four standard IDX files; the given train/test split is kept."""
+
+    name: str = "fashion_mnist"
+    path: str | None = "/usr/share/datasets/fashion-mnist"
+    scale: str = "max"  # pixel values 0..255 -> 0..1, as seeds 003 and 004 do
+    n_train: int | None = None  # e.g. Nielsen's 1000-image runs
+    n_test: int | None = None
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def split(x: np.ndarray, y: np.ndarray, test_size: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Shuffle with ``seed`` and hold out ``round(test_size * n)`` examples for testing."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(test_size * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def scale(x_train: np.ndarray, x_test: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale inputs: ``none``; ``max`` divides by the training maximum (pixels -> [0, 1]);
+    ``standard`` subtracts the training mean and divides by the training std per feature."""
+    if how == "none":
+        return x_train, x_test
+    if how == "max":
+        top = float(np.abs(x_train).max()) or 1.0
+        return x_train / top, x_test / top
+    if how == "standard":
+        mean, std = x_train.mean(0), x_train.std(0)
+        std = np.where(std > 0, std, 1.0)
+        return (x_train - mean) / std, (x_test - mean) / std
+    raise ConfigError("data.scale", how, "none, max, standard")
+
+
+def _finish(x_tr, y_tr, x_te, y_te, cfg: Any) -> Dataset:
+    x_tr, x_te = scale(x_tr.astype(np.float32), x_te.astype(np.float32), cfg.scale)
+    if cfg.n_train is not None:
+        x_tr, y_tr = x_tr[: cfg.n_train], y_tr[: cfg.n_train]
+    if getattr(cfg, "n_test", None) is not None:
+        x_te, y_te = x_te[: cfg.n_test], y_te[: cfg.n_test]
+    n_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
+    return Dataset(
+        np.ascontiguousarray(x_tr, np.float32),
+        y_tr.astype(np.int32),
+        np.ascontiguousarray(x_te, np.float32),
+        y_te.astype(np.int32),
+        n_classes,
+    )
+
+
+# --- loaders -----------------------------------------------------------------------------------
+
+
+def circles(cfg: Any) -> Dataset:
+    from sklearn.datasets import make_circles
+
+    x, y = make_circles(cfg.n_samples, noise=cfg.noise, factor=cfg.factor,
+                        random_state=cfg.random_state)
+    return _finish(*split(x, y, cfg.test_size, cfg.split_seed), cfg)
+
+
+def moons(cfg: Any) -> Dataset:
+    from sklearn.datasets import make_moons
+
+    x, y = make_moons(cfg.n_samples, noise=cfg.noise, random_state=cfg.random_state)
+    return _finish(*split(x, y, cfg.test_size, cfg.split_seed), cfg)
+
+
+def digits(cfg: Any) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return _finish(*split(x, y, cfg.test_size, cfg.split_seed), cfg)
+
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read one IDX file (LeCun's MNIST format), gzipped or not."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = raw[0] * 256 + raw[1], raw[2], raw[3]
+    if zero != 0 or dtype_code not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim)
+    return data.reshape(shape)
+
+
+_IDX_STEMS = {
+    "x_train": "train-images", "y_train": "train-labels",
+    "x_test": "t10k-images", "y_test": "t10k-labels",
+}
+
+
+def find_idx_files(folder: Path) -> dict[str, Path]:
+    """Locate the four standard IDX files in ``folder`` (gz or plain, '-' or '.' before idx)."""
+    found = {}
+    for key, stem in _IDX_STEMS.items():
+        kind = "idx3" if key.startswith("x") else "idx1"
+        names = [f"{stem}-{kind}-ubyte", f"{stem}.{kind}-ubyte"]
+        hits = [folder / (n + gz) for n in names for gz in (".gz", "")
+                if (folder / (n + gz)).is_file()]
+        if hits:
+            found[key] = hits[0]
+    return found
+
+
+_HOW_TO_GET = {
+    "fashion_mnist": "install Debian's package: apt-get install dataset-fashion-mnist",
+    "mnist": "download MNIST's four IDX files (train-images-idx3-ubyte.gz, ...) into a folder "
+             "and pass data.path=FOLDER",
+}
+
+
+def idx(cfg: Any) -> Dataset:
+    folder = Path(cfg.path) if cfg.path else None
+    files = find_idx_files(folder) if folder is not None and folder.is_dir() else {}
+    if len(files) < 4:
+        missing = sorted(set(_IDX_STEMS) - set(files))
+        what = "not a folder" if folder is None or not folder.is_dir() else (
+            "missing " + ", ".join(_IDX_STEMS[m] for m in missing))
+        raise ConfigError("data.path", cfg.path, f"a folder with the four IDX files ({what}); "
+                          + _HOW_TO_GET.get(cfg.name, _HOW_TO_GET["mnist"]))
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    flat = {k: v.reshape(len(v), -1) if k.startswith("x") else v for k, v in arrays.items()}
+    return _finish(flat["x_train"], flat["y_train"], flat["x_test"], flat["y_test"], cfg)
+
+
+@dataclass(frozen=True)
+class Source:
+    schema: type
+    load: Callable[[Any], Dataset]
+
+
+DATASETS: dict[str, Source] = {
+    "circles": Source(CirclesData, circles),
+    "moons": Source(MoonsData, moons),
+    "digits": Source(DigitsData, digits),
+    "fashion_mnist": Source(IdxData, idx),
+    "mnist": Source(IdxData, idx),
+}
+
+
+def load(cfg: Any) -> Dataset:
+    """Load the dataset named by the ``data`` config node."""
+    return DATASETS[cfg.name].load(cfg)

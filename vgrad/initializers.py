@@ -1,0 +1,134 @@
+"""Weight initializers by name: the ``init`` (kernels) and ``bias_init`` (biases) axes.
+
+Each registry entry maps a config name to its schema (the fields of
+``conf/init/<name>.yaml``) and a factory returning a ``jax.nn.initializers``
+initializer ``(key, shape, dtype) -> Array``. Where jax has the initializer it is used
+as is; only Keras's ``RandomNormal(mean, stddev)`` and ``RandomUniform(minval, maxval)``
+need a two-line wrapper, because jax's ``normal`` has no mean and ``uniform`` no lower
+bound.
+
+Kernel shapes are ``[fan_in, fan_out]`` (Flax's Dense), so the variance-scaling family
+reads fans the same way Keras does: Glorot & Bengio (2010) scale by
+``2 / (fan_in + fan_out)``, He et al. (2015) by ``2 / fan_in``, LeCun et al. (1998) by
+``1 / fan_in``. ``he_*`` and ``lecun_normal``/``glorot_normal`` use a truncated normal
+with the variance corrected for the truncation, as Keras and jax both do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+
+def normal(mean: float, std: float) -> Initializer:
+    """N(mean, std^2), Keras ``RandomNormal(mean, stddev)``."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return mean + std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def uniform(low: float, high: float) -> Initializer:
+    """U[low, high), Keras ``RandomUniform(minval, maxval)``."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, low, high)
+
+    return init
+
+
+@dataclass
+class PlainInit:
+    """An initializer with no parameters."""
+
+    name: str = "glorot_uniform"
+
+
+@dataclass
+class NormalInit:
+    name: str = "normal"
+    mean: float = 0.0
+    std: float = 1.0  # seed 000: RandomNormal(0, 1)
+
+
+@dataclass
+class UniformInit:
+    name: str = "uniform"
+    min: float = -0.05  # Keras RandomUniform defaults
+    max: float = 0.05
+
+
+@dataclass
+class ConstantInit:
+    name: str = "constant"
+    value: float = 0.0
+
+
+@dataclass
+class OrthogonalInit:
+    name: str = "orthogonal"
+    gain: float = 1.0  # W^T W = gain^2 I (Saxe et al. 2014)
+
+
+@dataclass
+class VarianceScalingInit:
+    """Var(W) = scale / fan, so sigma_w^2 of mean-field theory can be swept directly."""
+
+    name: str = "variance_scaling"
+    scale: float = 1.0
+    mode: str = "fan_in"  # fan_in | fan_out | fan_avg
+    distribution: str = "normal"  # normal | truncated_normal | uniform
+
+
+@dataclass(frozen=True)
+class Init:
+    """A registry entry: config schema and initializer factory."""
+
+    schema: type
+    make: Callable[[Any], Initializer]
+
+
+KERNEL_INITIALIZERS: dict[str, Init] = {
+    "normal": Init(NormalInit, lambda c: normal(c.mean, c.std)),
+    "uniform": Init(UniformInit, lambda c: uniform(c.min, c.max)),
+    "glorot_uniform": Init(PlainInit, lambda c: jax.nn.initializers.glorot_uniform()),
+    "glorot_normal": Init(PlainInit, lambda c: jax.nn.initializers.glorot_normal()),
+    "he_uniform": Init(PlainInit, lambda c: jax.nn.initializers.he_uniform()),
+    "he_normal": Init(PlainInit, lambda c: jax.nn.initializers.he_normal()),
+    "lecun_uniform": Init(PlainInit, lambda c: jax.nn.initializers.lecun_uniform()),
+    "lecun_normal": Init(PlainInit, lambda c: jax.nn.initializers.lecun_normal()),
+    "orthogonal": Init(OrthogonalInit, lambda c: jax.nn.initializers.orthogonal(c.gain)),
+    "variance_scaling": Init(
+        VarianceScalingInit,
+        lambda c: jax.nn.initializers.variance_scaling(c.scale, c.mode, c.distribution),
+    ),
+    # Nielsen's network2 default_weight_initializer: W ~ N(0, 1/n_in) (untruncated);
+    # conf/init/nielsen.yaml also selects his bias init, N(0, 1).
+    "nielsen": Init(
+        PlainInit, lambda c: jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    ),
+}
+
+BIAS_INITIALIZERS: dict[str, Init] = {
+    "zeros": Init(PlainInit, lambda c: jax.nn.initializers.zeros),
+    "constant": Init(ConstantInit, lambda c: jax.nn.initializers.constant(c.value)),
+    "normal": Init(NormalInit, lambda c: normal(c.mean, c.std)),
+    "uniform": Init(UniformInit, lambda c: uniform(c.min, c.max)),
+}
+
+
+def kernel_init(cfg: Any) -> Initializer:
+    """The kernel initializer named by the ``init`` config node."""
+    return KERNEL_INITIALIZERS[cfg.name].make(cfg)
+
+
+def bias_init(cfg: Any) -> Initializer:
+    """The bias initializer named by the ``bias_init`` config node."""
+    return BIAS_INITIALIZERS[cfg.name].make(cfg)

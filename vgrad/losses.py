@@ -1,0 +1,51 @@
+"""Loss functions by name (the ``loss`` key) and the predictions they imply.
+
+Each loss maps logits ``[batch, out_dim]`` and integer labels ``[batch]`` to one loss
+per example; the training loss is their mean. All are computed from logits with
+optax's numerically stable forms (Keras's ``from_logits`` path), never from
+log(sigmoid(x)):
+
+- ``bce``: one logit per example, sigmoid binary cross-entropy (labels 0/1).
+- ``ce``: softmax cross-entropy over ``n_classes`` logits.
+- ``mse``: mean over classes of (softmax(logits) - one_hot)^2, Keras's
+  ``mean_squared_error`` on a softmax output as in seed 003, where it learns slower
+  than cross-entropy because the softmax's saturation enters its gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+
+
+def bce(logits: Array, labels: Array) -> Array:
+    return optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(logits.dtype))
+
+
+def ce(logits: Array, labels: Array) -> Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def mse(logits: Array, labels: Array) -> Array:
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return jnp.mean((jax.nn.softmax(logits) - one_hot) ** 2, axis=-1)
+
+
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {"bce": bce, "ce": ce, "mse": mse}
+
+
+def out_dim(loss: str, n_classes: int) -> int:
+    """Width of the output layer: one logit for ``bce``, one per class otherwise."""
+    return 1 if loss == "bce" else n_classes
+
+
+def predict(logits: Array) -> Array:
+    """Predicted class: logit > 0 for a single-logit output, argmax otherwise."""
+    if logits.shape[-1] == 1:
+        return (logits[:, 0] > 0).astype(jnp.int32)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)

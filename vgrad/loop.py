@@ -1,0 +1,461 @@
+"""The training loop: chunks of epochs as one compiled ``lax.scan``, vmapped over seeds.
+
+This is the only module with Python control flow around training. A run is cut into
+chunks of ``chunk_epochs`` epochs; one chunk is one call of one compiled program that
+
+  for each epoch:   shuffle (one sort of random keys), then lax.scan over its steps:
+                      train step -> probes -> write the step's row into a buffer
+                    epoch probes (full-set evaluation, weights, probe batch)
+
+for every seed at once (``jax.vmap``). Python sees only chunk boundaries, where it
+pulls the chunk's records to the host (the one device->host sync of a chunk), updates
+the progress bar and hands the records to the caller, which writes them.
+
+Every chunk has the same shapes, so the chunk program compiles once: the epoch index
+is a traced argument, epochs past the end of the run are skipped by a ``lax.cond`` on
+it, and statistics that are not due at a step (``record.every``) are skipped by a
+``lax.cond`` on the step index. Both predicates are the same for every seed, so under
+``vmap`` they remain real branches rather than computing both sides.
+
+``engine="python"`` runs the same vmapped step one dispatch per step: a debugging mode
+(and the reference the scanned engine is tested against), tens of times slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import OmegaConf
+
+from vgrad import losses, model, optim, probes
+from vgrad.data import Dataset
+from vgrad.step import TrainState, init_state, make_eval_fn, make_train_step
+
+Array = jax.Array
+
+#: Examples per block when evaluating on a full set (bounds activation memory).
+EVAL_BLOCK = 4096
+#: Work per chunk chosen by record.chunk_epochs=0, in multiply-adds (about a second on
+#: a laptop core): large enough to hide the per-chunk host sync, small enough for a
+#: live progress bar and frequent checkpoints.
+CHUNK_BUDGET = 2e10
+#: Fixed per-step overhead of a small network in the same units.
+STEP_OVERHEAD = 2e5
+
+
+# --- static plan ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How steps, epochs, chunks and recorded steps line up (all static)."""
+
+    steps_per_epoch: int
+    epochs: int
+    chunk_epochs: int
+    record_every: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.epochs / self.chunk_epochs)
+
+    def chunk_epochs_of(self, chunk: int) -> range:
+        """The epochs (0-based) that chunk ``chunk`` trains."""
+        first = chunk * self.chunk_epochs
+        return range(first, min(first + self.chunk_epochs, self.epochs))
+
+    def recorded_steps(self, epochs: range | None = None) -> np.ndarray:
+        """Global indices of the recorded steps: 0, K, 2K, ... (within ``epochs``)."""
+        epochs = epochs if epochs is not None else range(self.epochs)
+        start, stop = epochs.start * self.steps_per_epoch, epochs.stop * self.steps_per_epoch
+        first = -(-start // self.record_every) * self.record_every
+        return np.arange(first, stop, self.record_every, dtype=np.int64)
+
+
+def count_params(net: Any, n_features: int) -> int:
+    shapes = jax.eval_shape(lambda: net.init({"params": jax.random.key(0),
+                                               "rrelu": jax.random.key(0)},
+                                              jnp.zeros((1, n_features))))
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
+
+
+def make_plan(cfg: Any, n_train: int, n_params: int) -> Plan:
+    """The plan of a validated config.
+
+    ``record.chunk_epochs=0`` picks the largest divisor of ``epochs`` whose work fits
+    ``CHUNK_BUDGET``, so that every chunk has the same length and compiles once.
+    """
+    steps_per_epoch = n_train // cfg.batch_size  # the last partial batch is dropped
+    chunk = cfg.record.chunk_epochs
+    if chunk == 0:
+        epoch_cost = steps_per_epoch * cfg.seeds * (6 * cfg.batch_size * n_params + STEP_OVERHEAD)
+        fits = max(1, int(CHUNK_BUDGET // max(epoch_cost, 1)))
+        chunk = max(d for d in range(1, cfg.epochs + 1) if cfg.epochs % d == 0 and d <= fits)
+    return Plan(steps_per_epoch, cfg.epochs, min(chunk, cfg.epochs), cfg.record.every)
+
+
+# --- data on the device -----------------------------------------------------------------------
+
+
+class DeviceData(NamedTuple):
+    """Inputs as jit arguments (never baked into the program as constants).
+
+    Full sets are zero-padded to whole evaluation blocks; the padding is never trained
+    on (batches index the first n_train rows) and is masked out of evaluations.
+    """
+
+    x_train: Array
+    y_train: Array
+    x_test: Array
+    y_test: Array
+    x_probe: Array
+    y_probe: Array
+
+
+def _pad_to_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    n_pad = -len(x) % block if len(x) > block else 0
+    return np.concatenate([x, np.zeros((n_pad,) + x.shape[1:], x.dtype)]) if n_pad else x
+
+
+def device_data(ds: Dataset, probe_size: int) -> DeviceData:
+    return DeviceData(
+        jnp.asarray(_pad_to_blocks(ds.x_train, EVAL_BLOCK)),
+        jnp.asarray(_pad_to_blocks(ds.y_train, EVAL_BLOCK)),
+        jnp.asarray(_pad_to_blocks(ds.x_test, EVAL_BLOCK)),
+        jnp.asarray(_pad_to_blocks(ds.y_test, EVAL_BLOCK)),
+        jnp.asarray(ds.x_train[:probe_size]),
+        jnp.asarray(ds.y_train[:probe_size]),
+    )
+
+
+def shuffle(key: Array, n: int) -> Array:
+    """A random permutation of range(n) from one sort of random bits.
+
+    ``jax.random.permutation`` guarantees uniformity with extra rounds and was about a
+    third of the step time of small nets here; one argsort of 32 random bits is 5x
+    cheaper, and ties (probability ~ n^2 / 2^33) only keep two examples in order.
+    """
+    return jnp.argsort(jax.random.bits(key, (n,), jnp.uint32))
+
+
+def mean_over_set(eval_batch: Callable, params: Any, batch_stats: Any, x: Array, y: Array,
+                  n: int) -> tuple[Array, Array]:
+    """Mean loss and accuracy over the first n rows of a block-padded set."""
+    if n == 0:
+        return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
+    if x.shape[0] <= EVAL_BLOCK:
+        loss, correct = eval_batch(params, batch_stats, x[:n], y[:n])
+        return loss.mean(), correct.mean(dtype=jnp.float32)
+    blocks = x.shape[0] // EVAL_BLOCK
+    loss, correct = jax.lax.map(
+        lambda xy: eval_batch(params, batch_stats, *xy),
+        (x.reshape(blocks, EVAL_BLOCK, -1), y.reshape(blocks, EVAL_BLOCK)))
+    mask = jnp.arange(x.shape[0]).reshape(blocks, EVAL_BLOCK) < n
+    return (jnp.where(mask, loss, 0).sum() / n,
+            jnp.where(mask, correct, 0).sum(dtype=jnp.float32) / n)
+
+
+# --- the program ------------------------------------------------------------------------------
+
+
+class SeedKeys(NamedTuple):
+    """Per-seed random streams, derived once from the seed value."""
+
+    init: Array  # parameter initialisation
+    shuffle: Array  # epoch e's order: fold_in(shuffle, e)
+    noise: Array  # stochastic layers (RReLU) at step t: fold_in(noise, t)
+
+
+def seed_keys(seed: Array) -> SeedKeys:
+    return SeedKeys(*jax.random.split(jax.random.key(seed), 3))
+
+
+class Program:
+    """The functions of one run's configuration, batched over seeds, before jit.
+
+    ``vmap`` is applied to the per-seed pieces (step, probes, evaluation) inside the
+    scans, not around them: the control flow stays unbatched, so its predicates are
+    plainly shared by all seeds and tracing does not re-batch whole loop bodies.
+    """
+
+    def __init__(self, cfg: Any, ds: Dataset):
+        loss = cfg.loss.value
+        self.names = model.layer_names(cfg.depth)
+        self.net = model.build(cfg, losses.out_dim(loss, ds.n_classes))
+        self.n_params = count_params(self.net, ds.n_features)
+        self.plan = make_plan(cfg, len(ds.x_train), self.n_params)
+        self.tx = optim.make(cfg.clip, cfg.optim, len(ds.x_train), self.plan.total_steps)
+        self.n_train, self.n_test = len(ds.x_train), len(ds.x_test)
+        self.batch_size = cfg.batch_size
+        self.train_step = jax.vmap(make_train_step(self.net, self.tx, loss, self.names))
+        self.eval_batch = make_eval_fn(self.net, loss)
+
+    def start(self, seeds: Array, data: DeviceData
+              ) -> tuple[TrainState, SeedKeys, dict[str, Array]]:
+        """Initial states of all seeds, their random streams and the epoch-0 statistics."""
+        keys = jax.vmap(seed_keys)(seeds)
+        x = data.x_train[: self.batch_size]
+        state = jax.vmap(lambda k: init_state(self.net, self.tx, k, x, len(self.names)))(
+            keys.init)
+        return state, keys, self.epoch_stats(state, data)
+
+    def _epoch_stats_one(self, state: TrainState, data: DeviceData) -> dict[str, Array]:
+        train = mean_over_set(self.eval_batch, state.params, state.batch_stats,
+                              data.x_train, data.y_train, self.n_train)
+        test = mean_over_set(self.eval_batch, state.params, state.batch_stats,
+                             data.x_test, data.y_test, self.n_test)
+        view = probes.EpochView(state.params, *train, *test)
+        # A diverged seed's statistics are NaN from its divergence on.
+        return _nan_where(state.diverged_at >= 0, probes.epoch_stats(view, self.names))
+
+    def epoch_stats(self, state: TrainState, data: DeviceData) -> dict[str, Array]:
+        """Statistics at an epoch boundary, [S, ...]."""
+        return jax.vmap(self._epoch_stats_one, in_axes=(0, None))(state, data)
+
+    def permutations(self, keys: SeedKeys, epoch: Array) -> Array:
+        """Each seed's order of the training set in ``epoch``, [S, n_train]."""
+        return jax.vmap(lambda k: shuffle(jax.random.fold_in(k, epoch), self.n_train))(
+            keys.shuffle)
+
+    def step(self, state: TrainState, keys: SeedKeys, perms: Array, epoch: Array, i: Array,
+             data: DeviceData) -> tuple[TrainState, dict[str, Array]]:
+        """Step i of ``epoch`` for all seeds, and its statistics if the step is recorded
+        (rows of steps that are not recorded are NaN)."""
+        plan = self.plan
+        gstep = epoch * plan.steps_per_epoch + i
+        idx = jax.lax.dynamic_slice_in_dim(perms, i * self.batch_size, self.batch_size, axis=1)
+        noise = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys.noise, gstep)
+        alive = state.diverged_at < 0
+        state, out = self.train_step(state, data.x_train[idx], data.y_train[idx], noise)
+
+        def measure(o):
+            return jax.vmap(lambda oo: probes.step_stats(oo, self.names))(o)
+
+        if plan.record_every == 1:
+            stats = measure(out)
+        else:
+            template = jax.eval_shape(measure, out)
+            stats = jax.lax.cond(
+                gstep % plan.record_every == 0, measure,
+                lambda o: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
+                out)
+        return state, _nan_where(~alive, stats)
+
+    def chunk(self, state: TrainState, keys: SeedKeys, epoch0: Array, data: DeviceData,
+              n_epochs: int) -> tuple[TrainState, dict[str, Array], dict[str, Array]]:
+        """Train epochs epoch0 ... epoch0 + n_epochs - 1.
+
+        Returns the new state, the statistics of every step ([S, n_epochs * P, ...]; NaN
+        where a step is not recorded) and those after each epoch ([S, n_epochs, ...]).
+        """
+
+        def epoch_body(state, epoch):
+            perms = self.permutations(keys, epoch)
+
+            def step_body(state, i):
+                return self.step(state, keys, perms, epoch, i, data)
+
+            state, rows = jax.lax.scan(step_body, state,
+                                       jnp.arange(self.plan.steps_per_epoch))
+            return state, (rows, self.epoch_stats(state, data))
+
+        state, (rows, epochs) = jax.lax.scan(epoch_body, state, epoch0 + jnp.arange(n_epochs))
+        # [n_epochs, P, S, ...] -> [S, n_epochs * P, ...]; [n_epochs, S, ...] -> [S, n_epochs, ...]
+        rows = jax.tree.map(lambda r: jnp.moveaxis(r.reshape((-1,) + r.shape[2:]), 0, 1), rows)
+        epochs = jax.tree.map(lambda e: jnp.moveaxis(e, 0, 1), epochs)
+        return state, rows, epochs
+
+
+def _nan_where(cond: Array, stats: dict[str, Array]) -> dict[str, Array]:
+    """NaN where ``cond`` (per seed, broadcast over each statistic's trailing axes)."""
+    def mask(v):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            return v
+        c = jnp.reshape(cond, jnp.shape(cond) + (1,) * (v.ndim - jnp.ndim(cond)))
+        return jnp.where(c, jnp.nan, v)
+
+    return {k: mask(v) for k, v in stats.items()}
+
+
+# --- compiled programs (cached per configuration) ---------------------------------------------
+
+
+class Compiled:
+    """A :class:`Program` with its jitted entry points, compiled ahead of time.
+
+    The chunk program is compiled once per distinct chunk length (one, unless
+    ``record.chunk_epochs`` does not divide ``epochs``); ``compile_s`` accumulates.
+    """
+
+    def __init__(self, prog: Program, seeds: Array, data: DeviceData):
+        self.program = prog
+        self.compile_s = 0.0
+        self._chunk_jit = jax.jit(prog.chunk, static_argnums=4, donate_argnums=0)
+        self._chunks: dict[int, Any] = {}
+        self.start = self._compile(jax.jit(prog.start), seeds, data)
+        self._state, self._keys, _ = jax.eval_shape(prog.start, seeds, data)
+        self._data = data
+        self.chunk(prog.plan.chunk_epochs)
+        # The debugging engine's per-step pieces, compiled on first use.
+        self.permutations = jax.jit(prog.permutations)
+        self.step = jax.jit(prog.step, donate_argnums=0)
+        self.epoch_stats = jax.jit(prog.epoch_stats)
+
+    def _compile(self, jitted: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        self.compile_s += time.perf_counter() - t0
+        return compiled
+
+    def chunk(self, n_epochs: int) -> Any:
+        """The compiled chunk program for ``n_epochs`` epochs."""
+        if n_epochs not in self._chunks:
+            self._chunks[n_epochs] = self._compile(
+                self._chunk_jit, self._state, self._keys, jnp.int32(0), self._data, n_epochs)
+        return self._chunks[n_epochs]
+
+
+_CACHE: dict[str, Compiled] = {}
+
+
+def _cache_key(cfg: Any, ds: Dataset) -> str:
+    """Everything that shapes the program: the config except seed, progress and the data
+    values (only the data's shapes matter)."""
+    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for k in ("seed", "progress", "data"):
+        c.pop(k, None)
+    shapes = [ds.x_train.shape, ds.x_test.shape, ds.n_classes]
+    return json.dumps([c, shapes, jax.default_backend()], sort_keys=True, default=str)
+
+
+def compile_program(cfg: Any, ds: Dataset, data: DeviceData) -> Compiled:
+    """The compiled programs of a configuration, reused by later runs of this process
+    that share every shape-relevant setting (a sweep over seeds or data values)."""
+    key = _cache_key(cfg, ds)
+    if key not in _CACHE:
+        _CACHE[key] = Compiled(Program(cfg, ds), jnp.arange(cfg.seeds, dtype=jnp.int32), data)
+    return _CACHE[key]
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Records:
+    """Everything measured so far, as host numpy arrays (leading axis = seeds)."""
+
+    seeds: np.ndarray  # [S] seed values
+    layer_names: list[str]
+    n_params: int
+    plan: Plan
+    step: np.ndarray  # [T] global step of each recorded row
+    step_stats: dict[str, np.ndarray]  # [S, T, ...]
+    epoch: np.ndarray  # [E+1], 0 = initialisation
+    epoch_stats: dict[str, np.ndarray]  # [S, E+1, ...]
+    diverged_at: np.ndarray  # [S], -1 = never
+    nonfinite_at_divergence: np.ndarray  # [S, L]
+    compile_s: float
+    run_s: float
+    done: bool  # all epochs accounted for (trained, or skipped after every seed diverged)
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.epoch) - 1
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
+
+
+def _nan_rows(template: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: np.full((v.shape[0], n) + v.shape[2:], np.nan, v.dtype)
+            for k, v in template.items()}
+
+
+def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
+    """Train ``cfg.seeds`` seeds on ``ds``; yield the records at every chunk boundary.
+
+    The last yielded value has ``done=True``. The caller owns all I/O.
+    """
+    if engine not in ("scan", "python"):
+        raise ValueError(f"engine={engine!r}: expected scan or python")
+    data = device_data(ds, cfg.record.probe_size)
+    compiled = compile_program(cfg, ds, data)
+    prog, plan = compiled.program, compiled.program.plan
+    seeds = jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32)
+
+    t0 = time.perf_counter()
+    state, keys, stats0 = compiled.start(seeds, data)
+    epoch_parts = [{k: v[:, None] for k, v in jax.device_get(stats0).items()}]
+    step_parts: list[dict[str, np.ndarray]] = []
+    steps_done: list[np.ndarray] = []
+    run_s = time.perf_counter() - t0
+
+    def records(done: bool) -> Records:
+        diverged, nonfinite = jax.device_get((state.diverged_at, state.nonfinite_at_divergence))
+        return Records(
+            np.asarray(seeds), prog.names, prog.n_params, plan,
+            np.concatenate(steps_done) if steps_done else np.zeros(0, np.int64),
+            _concat(step_parts) if step_parts else {},
+            np.arange(sum(next(iter(p.values())).shape[1] for p in epoch_parts)),
+            _concat(epoch_parts), np.asarray(diverged), np.asarray(nonfinite),
+            compiled.compile_s, run_s, done)
+
+    for c in range(plan.n_chunks):
+        epochs = plan.chunk_epochs_of(c)
+        chunk = compiled.chunk(len(epochs))  # compiles only for a new chunk length
+        t0 = time.perf_counter()
+        if engine == "scan":
+            state, rows, epoch_rows = chunk(state, keys, jnp.int32(epochs.start), data)
+        else:
+            state, rows, epoch_rows = _python_chunk(compiled, state, keys, epochs, data)
+        # Host sync: the chunk's records come to the host.
+        rows, epoch_rows, diverged = jax.device_get((rows, epoch_rows, state.diverged_at))
+        steps = plan.recorded_steps(epochs)
+        local = steps - epochs.start * plan.steps_per_epoch
+        step_parts.append({k: v[:, local] for k, v in rows.items()})
+        steps_done.append(steps)
+        epoch_parts.append(epoch_rows)
+        run_s += time.perf_counter() - t0
+        last = c == plan.n_chunks - 1
+        if not last and bool(np.all(diverged >= 0)):
+            # Every seed has diverged: the rest of the run would only record NaN.
+            rest = range(epochs.stop, plan.epochs)
+            steps_left = plan.recorded_steps(rest)
+            step_parts.append(_nan_rows(step_parts[-1], len(steps_left)))
+            steps_done.append(steps_left)
+            epoch_parts.append(_nan_rows(epoch_parts[-1], len(rest)))
+            yield records(True)
+            return
+        yield records(last)
+
+
+def _python_chunk(compiled: Compiled, state: TrainState, keys: SeedKeys, epochs: range,
+                  data: DeviceData) -> tuple[TrainState, dict, dict]:
+    """The debugging engine: the same step, one jitted dispatch per step."""
+    plan = compiled.program.plan
+    rows: list[dict] = []
+    epoch_rows: list[dict] = []
+    for epoch in epochs:
+        perms = compiled.permutations(keys, jnp.int32(epoch))
+        for i in range(plan.steps_per_epoch):
+            state, stats = compiled.step(state, keys, perms, jnp.int32(epoch), jnp.int32(i), data)
+            rows.append(stats)
+        epoch_rows.append(compiled.epoch_stats(state, data))
+    return state, _stack_rows(rows), _stack_rows(epoch_rows)
+
+
+def _stack_rows(parts: list[dict[str, Array]]) -> dict[str, Array]:
+    return {k: jnp.stack([p[k] for p in parts], axis=1) for k in parts[0]}

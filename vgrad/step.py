@@ -1,0 +1,151 @@
+"""The pure training step: ``(state, x, y, key) -> (state, StepOut)``.
+
+Like the ``apply_model`` of Flax's MNIST example, the step returns its measurements
+as values: the loss, the gradient pytree exactly as the loss produced it (before
+clipping), the per-example backpropagated deltas, the clipped gradient and the update.
+There is no I/O and no global state, so the step can be scanned, vmapped over seeds
+and compared against a plain Python loop.
+
+Divergence is data: when the loss, a gradient or an updated parameter is not finite,
+the seed's state is frozen at its last finite value for good and the step index is
+kept in ``diverged_at``; the caller (the loop) goes on with the other seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from vgrad import losses
+from vgrad.optim import Transforms
+
+Array = jax.Array
+
+
+class TrainState(struct.PyTreeNode):
+    step: Array  # global step index of the next step (int32)
+    params: Any
+    batch_stats: Any  # BatchNorm running averages ({} without batch norm)
+    clip_state: Any
+    opt_state: Any
+    diverged_at: Array  # first step whose loss/gradients/params were not finite; -1 if none
+    nonfinite_at_divergence: Array  # [L] non-finite gradient entries per layer at that step
+
+
+class StepOut(NamedTuple):
+    loss: Array  # mean loss on the batch
+    grads: Any  # dL/dparams, before clipping
+    deltas: dict[str, Array]  # delta_l: [batch, units] per-example dl_n/dz_l, l = 0..L-1
+    clipped: Any  # the gradient after clipping
+    updates: Any  # the parameter change applied (new params - old params)
+    params: Any  # the parameters the gradient was taken at
+
+
+def tree_all_finite(tree: Any) -> Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def zero_perturbations(model: nn.Module, x: Array) -> Any:
+    """Zeros shaped like the ``perturbations`` collection for a batch ``x``."""
+    key = jax.random.key(0)
+    shapes = jax.eval_shape(lambda: model.init({"params": key, "rrelu": key}, x))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+
+
+def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers: int
+               ) -> TrainState:
+    """Initial parameters (from ``key``) and optimizer states for one seed.
+
+    ``lazy_init`` creates the variables without running the forward pass, so the
+    program depends on the shapes only (and compiles to the same code for every
+    parameter-free activation, which the persistent compilation cache shares).
+    """
+    variables = model.lazy_init({"params": key, "rrelu": key},
+                                jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        clip_state=tx.clip.init(params),
+        opt_state=tx.update.init(params),
+        diverged_at=jnp.full((), -1, jnp.int32),
+        nonfinite_at_divergence=jnp.zeros((n_layers,), jnp.int32),
+    )
+
+
+def make_loss_fn(model: nn.Module, loss: str) -> Callable[..., tuple[Array, Any]]:
+    """Mean batch loss as a function of (params, perturbations); aux = new batch_stats."""
+    per_example = losses.LOSSES[loss]
+
+    def loss_fn(params, perturbations, batch_stats, x, y, key):
+        variables = {"params": params, "perturbations": perturbations}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits, mutated = model.apply(variables, x, train=True, rngs={"rrelu": key},
+                                      mutable=["batch_stats"])
+        return per_example(logits, y).mean(), mutated.get("batch_stats", batch_stats)
+
+    return loss_fn
+
+
+def nonfinite_per_layer(grads: Any, names: list[str]) -> Array:
+    """Number of non-finite entries in each Dense layer's kernel and bias gradient."""
+    return jnp.stack([
+        sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads[n])) for n in names
+    ]).astype(jnp.int32)
+
+
+def make_train_step(model: nn.Module, tx: Transforms, loss: str, names: list[str]
+                    ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
+    """One optimisation step on a batch, with its gradient and deltas returned."""
+    grad_fn = jax.value_and_grad(make_loss_fn(model, loss), argnums=(0, 1), has_aux=True)
+
+    def train_step(state: TrainState, x: Array, y: Array, key: Array
+                   ) -> tuple[TrainState, StepOut]:
+        perturbations = zero_perturbations(model, x)
+        (loss_value, batch_stats), (grads, dperturb) = grad_fn(
+            state.params, perturbations, state.batch_stats, x, y, key)
+        # d(mean loss)/dz = delta_n / batch for example n: undo the mean.
+        deltas = jax.tree.map(lambda d: d * x.shape[0], dperturb)
+        clipped, clip_state = tx.clip.update(grads, state.clip_state, state.params)
+        updates, opt_state = tx.update.update(clipped, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        alive = state.diverged_at < 0
+        finite = jnp.isfinite(loss_value) & tree_all_finite(grads) & tree_all_finite(params)
+        keep = alive & finite
+        candidate = state.replace(params=params, batch_stats=batch_stats,
+                                  clip_state=clip_state, opt_state=opt_state)
+        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), candidate, state)
+        diverging = alive & ~finite
+        new = new.replace(
+            step=state.step + 1,
+            diverged_at=jnp.where(diverging, state.step, state.diverged_at),
+            nonfinite_at_divergence=jnp.where(
+                diverging, nonfinite_per_layer(grads, names), state.nonfinite_at_divergence),
+        )
+        return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params)
+
+    return train_step
+
+
+def make_eval_fn(model: nn.Module, loss: str) -> Callable[[Any, Any, Array, Array],
+                                                          tuple[Array, Array]]:
+    """Per-example loss and correctness on a batch (batch norm uses running averages)."""
+    per_example = losses.LOSSES[loss]
+
+    def eval_batch(params, batch_stats, x, y):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        logits = model.apply(variables, x, train=False)
+        return per_example(logits, y), (losses.predict(logits) == y)
+
+    return eval_batch

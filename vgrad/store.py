@@ -1,0 +1,171 @@
+"""The run-output contract (DESIGN.md section 4): ``summary.json`` and ``metrics.npz``.
+
+Every file is written atomically (a temporary file in the same folder, then
+``os.replace``), so a reader (or a killed run) never sees half a file; the run rewrites
+both at every chunk boundary, so a killed run keeps the chunks it finished, with
+``status: running`` telling that it did not end.
+
+``metrics.npz`` is byte-for-byte reproducible: numpy's ``savez`` stamps each member
+with the wall-clock time, so this writer uses a fixed zip timestamp instead. Arrays
+load with ``numpy.load(path, allow_pickle=False)``; strings are stored as unicode.
+JSON never holds NaN (not valid JSON): missing or non-finite numbers are ``null``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SUMMARY = "summary.json"
+METRICS = "metrics.npz"
+
+#: Statuses a run folder can hold. ``running`` marks chunks written by a run that has not
+#: ended (or was killed); the others are final.
+STATUSES = ("running", "completed", "diverged", "partial", "failed")
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(Path(path), (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """``numpy.savez`` with fixed member timestamps (identical arrays, identical bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
+    _atomic_write(Path(path), buf.getvalue())
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(Path(run_dir) / METRICS, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def is_complete(run_dir: Path) -> bool:
+    """True when the folder holds a run that ended (completed, diverged or partial)."""
+    try:
+        return read_summary(run_dir)["status"] in ("completed", "diverged", "partial")
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def versions() -> dict[str, str]:
+    names = ["vgrad", "jax", "jaxlib", "flax", "optax", "hydra-core", "numpy"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def status_of(diverged_at: np.ndarray) -> str:
+    """``completed`` if no seed diverged, ``diverged`` if all did, else ``partial``."""
+    diverged = np.asarray(diverged_at) >= 0
+    return "diverged" if diverged.all() else "partial" if diverged.any() else "completed"
+
+
+# --- from loop records to the contract ----------------------------------------------------
+
+
+def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
+    """The ``metrics.npz`` arrays of a :class:`vgrad.loop.Records`."""
+    arrays = {
+        "step": rec.step.astype(np.int64),
+        "epoch": rec.epoch.astype(np.int64),
+        "layer_names": np.array(rec.layer_names, dtype=np.str_),
+        "diverged_at_step": rec.diverged_at.astype(np.int64),
+    }
+    arrays.update(rec.step_stats)
+    arrays.update(rec.epoch_stats)
+    return arrays
+
+
+_EVAL_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+
+def seed_summaries(rec: Any) -> list[dict[str, Any]]:
+    """Per seed: its value, first non-finite step, and metrics at init and at the end."""
+    def at(s: int, e: int) -> dict[str, float]:
+        return {k: float(rec.epoch_stats[k][s, e]) for k in _EVAL_KEYS}
+
+    out = []
+    for s, seed in enumerate(rec.seeds):
+        diverged = int(rec.diverged_at[s])
+        out.append({
+            "seed": int(seed),
+            "diverged_at_step": diverged if diverged >= 0 else None,
+            "initial": at(s, 0),
+            "final": at(s, -1),
+        })
+    return out
+
+
+def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str, Any]
+                 ) -> dict[str, Any]:
+    """The ``summary.json`` of a run in progress (status running) or ended."""
+    steps = rec.plan.steps_per_epoch * rec.epochs_done
+    return {
+        "status": status,
+        "config": config,
+        "layers": list(rec.layer_names),
+        "seeds": [int(s) for s in rec.seeds],
+        "diverged_at_step": [d["diverged_at_step"] for d in seed_summaries(rec)],
+        "per_seed": seed_summaries(rec),
+        "epochs_done": rec.epochs_done,
+        "steps_per_epoch": rec.plan.steps_per_epoch,
+        "n_params": rec.n_params,
+        "timing": {
+            "compile_s": rec.compile_s,
+            "run_s": rec.run_s,
+            "steps_per_s": steps / rec.run_s if rec.run_s > 0 else None,
+            "seed_steps_per_s": steps * len(rec.seeds) / rec.run_s if rec.run_s > 0 else None,
+        },
+        "versions": versions(),
+        "device": device,
+    }

@@ -1,0 +1,101 @@
+"""Shared fixtures: compose the real Hydra config with tiny overrides, run it in-process."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from absl import logging as absl_logging
+from hydra import compose, initialize_config_dir
+
+from vgrad import config, data, loop
+from vgrad.train import CONF_DIR
+
+# Compile time dominates tiny test runs; XLA's optimisations only cost time here.
+jax.config.update("jax_disable_most_optimizations", True)
+
+config.register()
+
+# Hydra configures logging with dictConfig, which closes every existing handler. absl's
+# handler (absl comes with optax) holds the stream pytest's global capture had when it
+# was imported and closes it unless it is sys.stderr at that moment, which under capsys
+# it is not. Point it at the real stderr, which absl never closes.
+absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+#: Diverges at step 2 (loss 3e2, then 8e19, then inf): a deep linear net, lr too large.
+DIVERGENT_CLI = ["act=linear", "depth=10", "width=16", "init.std=0.5", "optim=sgd",
+                 "optim.lr=0.5", "data.n_samples=256", "epochs=3", "progress=false"]
+
+#: Overrides that make any preset tiny: a few epochs of a small circles problem.
+TINY = ["epochs=2", "data.n_samples=128", "progress=false"]
+
+
+def compose_cfg(*overrides: str):
+    """The real config composed from conf/ with ``overrides`` (as on the command line)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def run_to_end(cfg, engine: str = "scan") -> loop.Records:
+    """Train a composed config in-process; return the final records."""
+    config.validate(cfg)
+    ds = data.load(cfg.data)
+    config.validate_data(cfg, len(ds.x_train), ds.n_classes)
+    *_, last = loop.run(cfg, ds, engine)
+    assert last.done
+    return last
+
+
+class CompileCounter:
+    """Counts XLA backend compilations per jitted function name while active."""
+
+    def __init__(self) -> None:
+        self.events: collections.Counter[str] = collections.Counter()
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, name: str, duration: float, fun_name: str = "", **kwargs) -> None:
+        if self.active and name == "/jax/core/compile/backend_compile_duration":
+            self.events[fun_name] += 1
+
+    def compiles(self, *names: str) -> int:
+        """Compilations of jit(name) for each of ``names``."""
+        return sum(self.events[f"jit({n})"] for n in names)
+
+
+_COUNTER = CompileCounter()
+
+
+@pytest.fixture
+def compile_counter():
+    _COUNTER.events.clear()
+    _COUNTER.active = True
+    yield _COUNTER
+    _COUNTER.active = False
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run ``python -m vgrad.train ARGS`` in-process: returns (exit code, stdout, stderr)."""
+    from vgrad import train
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["vgrad.train", *args])
+        monkeypatch.setattr(train, "_FAILED", [])
+        code = 0
+        try:
+            train.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return invoke
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Every run folder (holding summary.json) under root."""
+    return sorted(p.parent for p in Path(root).rglob("summary.json"))

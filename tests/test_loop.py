@@ -1,0 +1,118 @@
+"""The scanned, vmapped engine: equivalence, determinism, compilation, records, divergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_to_end
+
+from vgrad import store
+
+
+def assert_same_records(a, b, exact: bool = True, rtol: float = 0.0) -> None:
+    np.testing.assert_array_equal(a.step, b.step)
+    for group in ("step_stats", "epoch_stats"):
+        da, db = getattr(a, group), getattr(b, group)
+        assert da.keys() == db.keys()
+        for k in da:
+            if exact:
+                np.testing.assert_array_equal(da[k], db[k], err_msg=k)
+            else:
+                np.testing.assert_allclose(da[k], db[k], rtol=rtol, atol=1e-7, err_msg=k)
+
+
+def test_scan_engine_equals_per_step_python_loop():
+    cfg = compose_cfg(*TINY, "act=tanh", "seeds=2", "record.chunk_epochs=1")
+    assert_same_records(run_to_end(cfg, "scan"), run_to_end(cfg, "python"))
+
+
+def test_same_config_gives_bitwise_identical_metrics_file(tmp_path):
+    cfg = compose_cfg(*TINY, "act=relu", "seeds=2")
+    first, second = run_to_end(cfg), run_to_end(cfg)
+    assert_same_records(first, second)
+    store.write_npz(tmp_path / "a.npz", store.metrics_arrays(first))
+    store.write_npz(tmp_path / "b.npz", store.metrics_arrays(second))
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+
+
+def test_chunks_reuse_one_compiled_program(compile_counter):
+    cfg = compose_cfg("epochs=4", "data.n_samples=64", "record.chunk_epochs=1", "depth=3",
+                      "progress=false")
+    rec = run_to_end(cfg)
+    assert rec.plan.n_chunks == 4
+    assert compile_counter.compiles("start") == 1
+    assert compile_counter.compiles("chunk") == 1  # four chunks, one compilation
+    compile_counter.events.clear()
+    run_to_end(compose_cfg("epochs=4", "data.n_samples=64", "record.chunk_epochs=1", "depth=3",
+                           "progress=false", "seed=7", "data.random_state=3"))
+    # Another seed and other data of the same shapes reuse both programs.
+    assert compile_counter.compiles("start", "chunk") == 0
+
+
+def test_seed_inside_a_vmapped_batch_matches_a_single_run():
+    together = run_to_end(compose_cfg(*TINY, "seed=3", "seeds=4"))
+    for s in (3, 5):
+        alone = run_to_end(compose_cfg(*TINY, f"seed={s}"))
+        for k, v in alone.step_stats.items():
+            np.testing.assert_allclose(together.step_stats[k][s - 3], v[0], rtol=2e-5, atol=1e-8,
+                                       err_msg=k)
+        for k, v in alone.epoch_stats.items():
+            np.testing.assert_allclose(together.epoch_stats[k][s - 3], v[0], rtol=2e-5,
+                                       atol=1e-7, err_msg=k)
+    # Different seeds: different initialisations and different shuffles.
+    assert not np.allclose(together.step_stats["loss"][0], together.step_stats["loss"][1])
+
+
+@pytest.mark.parametrize("every", [3, 7])
+def test_recording_every_k_steps_keeps_exactly_those_rows(every):
+    base = ["epochs=3", "data.n_samples=160", "batch_size=16", "progress=false"]
+    dense = run_to_end(compose_cfg(*base))
+    sparse = run_to_end(compose_cfg(*base, f"record.every={every}", "record.chunk_epochs=1"))
+    total = 3 * (160 // 16)
+    np.testing.assert_array_equal(sparse.step, np.arange(0, total, every))
+    for k, v in dense.step_stats.items():
+        np.testing.assert_allclose(sparse.step_stats[k], v[:, ::every], rtol=1e-5, atol=1e-9,
+                                   err_msg=k)
+        assert not np.isnan(sparse.step_stats[k]).any()
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_arrays_have_the_contract_shapes(seeds):
+    cfg = compose_cfg(*TINY, f"seeds={seeds}", "depth=3")
+    rec = run_to_end(cfg)
+    arrays = store.metrics_arrays(rec)
+    S, T, L, E = seeds, 2 * (128 // 32), 4, 2
+    assert arrays["step"].shape == (T,)
+    assert arrays["epoch"].tolist() == list(range(E + 1))
+    assert arrays["layer_names"].tolist() == ["dense_0", "dense_1", "dense_2", "dense_3"]
+    for k in ("grad_mean", "grad_std", "grad_norm", "grad_absmean", "grad_maxabs",
+              "bias_grad_norm"):
+        assert arrays[k].shape == (S, T, L), k
+    for k in ("loss", "grad_global_norm"):
+        assert arrays[k].shape == (S, T), k
+    for k in ("weight_mean", "weight_std"):
+        assert arrays[k].shape == (S, E + 1, L), k
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert arrays[k].shape == (S, E + 1), k
+    assert np.isnan(arrays["test_acc"]).all()  # circles trains on all points: no test set
+    assert np.isfinite(arrays["train_acc"]).all()
+
+
+def test_divergence_freezes_the_seed_and_records_its_step():
+    rec = run_to_end(compose_cfg(*DIVERGENT_CLI))
+    step = int(rec.diverged_at[0])
+    assert step == 2
+    loss = rec.step_stats["loss"][0]
+    assert np.isfinite(loss[:step]).all()  # finite up to the divergence
+    assert not np.isfinite(loss[step])  # the bad step itself is recorded as it was
+    assert np.isnan(loss[step + 1:]).all()  # nothing is measured after it
+    assert np.isnan(rec.epoch_stats["train_loss"][0, 1:]).all()
+    assert np.isfinite(rec.epoch_stats["train_loss"][0, 0])
+    assert rec.nonfinite_at_divergence[0].sum() > 0
+    assert store.status_of(rec.diverged_at) == "diverged"
+
+
+def test_status_distinguishes_all_some_and_no_seeds_diverged():
+    assert store.status_of(np.array([-1, -1])) == "completed"
+    assert store.status_of(np.array([-1, 40])) == "partial"
+    assert store.status_of(np.array([3, 40])) == "diverged"

@@ -85,15 +85,22 @@ def test_arrays_have_the_contract_shapes(seeds):
     assert arrays["step"].shape == (T,)
     assert arrays["epoch"].tolist() == list(range(E + 1))
     assert arrays["layer_names"].tolist() == ["dense_0", "dense_1", "dense_2", "dense_3"]
+    H, B = L - 1, len(arrays["hist_edges"]) - 1
     for k in ("grad_mean", "grad_std", "grad_norm", "grad_absmean", "grad_maxabs",
-              "bias_grad_norm"):
+              "bias_grad_norm", "delta_norm", "update_norm", "update_ratio"):
         assert arrays[k].shape == (S, T, L), k
-    for k in ("loss", "grad_global_norm"):
+    for k in ("loss", "grad_global_norm", "grad_global_norm_clipped", "clip_fired"):
         assert arrays[k].shape == (S, T), k
     for k in ("weight_mean", "weight_std"):
         assert arrays[k].shape == (S, E + 1, L), k
-    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc", "clip_frac"):
         assert arrays[k].shape == (S, E + 1), k
+    for k in ("act_mean", "act_std", "act_dead_frac", "act_sat_frac"):
+        assert arrays[k].shape == (S, E + 1, H), k
+    for k in ("grad_hist", "weight_hist"):
+        assert arrays[k].shape == (S, E + 1, L, B), k
+    assert arrays["nonfinite_grads"].shape == (S, L)
+    assert arrays["diverged_at_step"].shape == (S,)
     assert np.isnan(arrays["test_acc"]).all()  # circles trains on all points: no test set
     assert np.isfinite(arrays["train_acc"]).all()
 

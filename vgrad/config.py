@@ -81,6 +81,7 @@ class Config:
     seed: int = 0  # first seed; seeds = N trains seed, seed + 1, ..., seed + N - 1
     seeds: int = 1  # seeds trained together in one vmapped program
     record: Record = field(default_factory=Record)
+    tensorboard: bool = False  # also write TensorBoard events (the tensorboard extra)
     progress: bool = True  # tqdm bar over epochs (off automatically when not a terminal)
 
 

@@ -37,7 +37,14 @@ from omegaconf import OmegaConf
 
 from vgrad import losses, model, optim, probes
 from vgrad.data import Dataset
-from vgrad.step import TrainState, init_state, make_eval_fn, make_train_step
+from vgrad.step import (
+    TrainState,
+    init_state,
+    make_eval_fn,
+    make_loss_fn,
+    make_train_step,
+    perturbation_zeros,
+)
 
 Array = jax.Array
 
@@ -176,10 +183,20 @@ class SeedKeys(NamedTuple):
     init: Array  # parameter initialisation
     shuffle: Array  # epoch e's order: fold_in(shuffle, e)
     noise: Array  # stochastic layers (RReLU) at step t: fold_in(noise, t)
+    probe: Array  # stochastic layers in the probe-batch gradient at epoch boundaries
 
 
 def seed_keys(seed: Array) -> SeedKeys:
-    return SeedKeys(*jax.random.split(jax.random.key(seed), 3))
+    return SeedKeys(*jax.random.split(jax.random.key(seed), 4))
+
+
+class StepResult(NamedTuple):
+    """What one step of all seeds hands back to the loop."""
+
+    state: TrainState
+    stats: dict[str, Array]  # recorded statistics, [S, ...]; NaN if the step is not recorded
+    clip_fired: Array  # [S] 1.0 where clipping changed the gradient (every step)
+    grads: Any  # the gradient pytree, [S, ...] (kept only for full snapshots)
 
 
 class Program:
@@ -199,30 +216,62 @@ class Program:
         self.tx = optim.make(cfg.clip, cfg.optim, len(ds.x_train), self.plan.total_steps)
         self.n_train, self.n_test = len(ds.x_train), len(ds.x_test)
         self.batch_size = cfg.batch_size
+        self.sat_threshold = cfg.record.sat_threshold
+        self.snapshot_every = cfg.record.full_grads_every
         self.train_step = jax.vmap(make_train_step(self.net, self.tx, loss, self.names))
         self.eval_batch = make_eval_fn(self.net, loss)
+        self.loss_fn = make_loss_fn(self.net, loss)
+        self.zero_perturbations = perturbation_zeros(self.net)
 
-    def start(self, seeds: Array, data: DeviceData
-              ) -> tuple[TrainState, SeedKeys, dict[str, Array]]:
-        """Initial states of all seeds, their random streams and the epoch-0 statistics."""
+    def start(self, seeds: Array, data: DeviceData) -> tuple[TrainState, SeedKeys]:
+        """Initial states of all seeds and their random streams.
+
+        The statistics at initialisation come from the first chunk (see ``chunk``), so
+        that the epoch probes are compiled into one program only.
+        """
         keys = jax.vmap(seed_keys)(seeds)
         x = data.x_train[: self.batch_size]
         state = jax.vmap(lambda k: init_state(self.net, self.tx, k, x, len(self.names)))(
             keys.init)
-        return state, keys, self.epoch_stats(state, data)
+        return state, keys
 
-    def _epoch_stats_one(self, state: TrainState, data: DeviceData) -> dict[str, Array]:
-        train = mean_over_set(self.eval_batch, state.params, state.batch_stats,
+    def _epoch_view(self, state: TrainState, probe_key: Array, data: DeviceData
+                    ) -> probes.EpochView:
+        params, batch_stats = state.params, state.batch_stats
+        train = mean_over_set(self.eval_batch, params, batch_stats,
                               data.x_train, data.y_train, self.n_train)
-        test = mean_over_set(self.eval_batch, state.params, state.batch_stats,
+        test = mean_over_set(self.eval_batch, params, batch_stats,
                              data.x_test, data.y_test, self.n_test)
-        view = probes.EpochView(state.params, *train, *test)
-        # A diverged seed's statistics are NaN from its divergence on.
-        return _nan_where(state.diverged_at >= 0, probes.epoch_stats(view, self.names))
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+        _, captured = self.net.apply(variables, data.x_probe, train=False, capture=True,
+                                     mutable=["intermediates"])
+        sown = {k: v[0] for k, v in captured["intermediates"].items()}
+        hidden = range(len(self.names) - 1)
+        perturbations = self.zero_perturbations(data.x_probe)
+        probe_grads = jax.grad(lambda p: self.loss_fn(
+            p, perturbations, batch_stats, data.x_probe, data.y_probe, probe_key)[0])(params)
+        return probes.EpochView(
+            params, *train, *test,
+            acts=[sown[f"activation_{i}"] for i in hidden],
+            slopes=[sown[f"slope_{i}"] for i in hidden],
+            slope_max=[sown[f"slope_max_{i}"] for i in hidden],
+            probe_grads=probe_grads, sat_threshold=self.sat_threshold)
 
-    def epoch_stats(self, state: TrainState, data: DeviceData) -> dict[str, Array]:
-        """Statistics at an epoch boundary, [S, ...]."""
-        return jax.vmap(self._epoch_stats_one, in_axes=(0, None))(state, data)
+    def _epoch_stats_one(self, state: TrainState, probe_key: Array, data: DeviceData
+                         ) -> dict[str, Array]:
+        stats = probes.epoch_stats(self._epoch_view(state, probe_key, data), self.names)
+        # A diverged seed's statistics are NaN from its divergence on.
+        return _nan_where(state.diverged_at >= 0, stats)
+
+    def epoch_stats(self, state: TrainState, keys: SeedKeys, data: DeviceData,
+                    clipped_steps: Array | None = None) -> dict[str, Array]:
+        """Statistics at an epoch boundary, [S, ...]; ``clip_frac`` is the fraction of the
+        epoch's steps whose gradient clipping changed (NaN at initialisation)."""
+        stats = jax.vmap(self._epoch_stats_one, in_axes=(0, 0, None))(state, keys.probe, data)
+        clip_frac = (jnp.full(state.diverged_at.shape, jnp.nan) if clipped_steps is None
+                     else clipped_steps / self.plan.steps_per_epoch)
+        stats["clip_frac"] = jnp.where(state.diverged_at >= 0, jnp.nan, clip_frac)
+        return stats
 
     def permutations(self, keys: SeedKeys, epoch: Array) -> Array:
         """Each seed's order of the training set in ``epoch``, [S, n_train]."""
@@ -230,9 +279,8 @@ class Program:
             keys.shuffle)
 
     def step(self, state: TrainState, keys: SeedKeys, perms: Array, epoch: Array, i: Array,
-             data: DeviceData) -> tuple[TrainState, dict[str, Array]]:
-        """Step i of ``epoch`` for all seeds, and its statistics if the step is recorded
-        (rows of steps that are not recorded are NaN)."""
+             data: DeviceData) -> StepResult:
+        """Step i of ``epoch`` for all seeds, and its statistics if the step is recorded."""
         plan = self.plan
         gstep = epoch * plan.steps_per_epoch + i
         idx = jax.lax.dynamic_slice_in_dim(perms, i * self.batch_size, self.batch_size, axis=1)
@@ -251,31 +299,66 @@ class Program:
                 gstep % plan.record_every == 0, measure,
                 lambda o: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
                 out)
-        return state, _nan_where(~alive, stats)
+        fired = jax.vmap(lambda o: probes.clip_stats(o, self.names)["clip_fired"])(out)
+        return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, fired, 0.0),
+                          out.grads)
 
     def chunk(self, state: TrainState, keys: SeedKeys, epoch0: Array, data: DeviceData,
-              n_epochs: int) -> tuple[TrainState, dict[str, Array], dict[str, Array]]:
+              n_epochs: int) -> tuple[TrainState, dict[str, Array], dict[str, Array], Any]:
         """Train epochs epoch0 ... epoch0 + n_epochs - 1.
 
         Returns the new state, the statistics of every step ([S, n_epochs * P, ...]; NaN
-        where a step is not recorded) and those after each epoch ([S, n_epochs, ...]).
+        where a step is not recorded), those at the epoch boundaries ([S, n_epochs + 1,
+        ...]: before the first epoch, measured only when epoch0 = 0 and NaN otherwise,
+        then after each epoch) and, with ``record.full_grads_every=K``, the gradients of
+        the chunk's steps that are multiples of K ([S, n_snapshots, ...] per parameter;
+        None otherwise).
         """
+        P, K = self.plan.steps_per_epoch, self.snapshot_every
+        first_snap = -(-epoch0 * P // K) * K if K else 0
+        snaps = jax.tree.map(lambda p: jnp.zeros((-(-n_epochs * P // K),) + p.shape, p.dtype),
+                             state.params) if K else None
 
-        def epoch_body(state, epoch):
+        def keep_snapshot(snaps, gstep, grads):
+            def write(b):
+                row = (gstep - first_snap) // K
+                return jax.tree.map(lambda bb, g: bb.at[row].set(g), b, grads)
+            return jax.lax.cond(gstep % K == 0, write, lambda b: b, snaps)
+
+        def epoch_body(carry, epoch):
+            state, snaps = carry
             perms = self.permutations(keys, epoch)
 
-            def step_body(state, i):
-                return self.step(state, keys, perms, epoch, i, data)
+            def step_body(carry, i):
+                state, snaps, clipped = carry
+                res = self.step(state, keys, perms, epoch, i, data)
+                if K:
+                    snaps = keep_snapshot(snaps, epoch * P + i, res.grads)
+                return (res.state, snaps, clipped + res.clip_fired), res.stats
 
-            state, rows = jax.lax.scan(step_body, state,
-                                       jnp.arange(self.plan.steps_per_epoch))
-            return state, (rows, self.epoch_stats(state, data))
+            clipped = jnp.zeros(state.diverged_at.shape, jnp.float32)
+            (state, snaps, clipped), rows = jax.lax.scan(step_body, (state, snaps, clipped),
+                                                         jnp.arange(P))
+            return (state, snaps), (rows, self.epoch_stats(state, keys, data, clipped))
 
-        state, (rows, epochs) = jax.lax.scan(epoch_body, state, epoch0 + jnp.arange(n_epochs))
-        # [n_epochs, P, S, ...] -> [S, n_epochs * P, ...]; [n_epochs, S, ...] -> [S, n_epochs, ...]
+        def measure_initial(state):
+            return self.epoch_stats(state, keys, data)
+
+        template = jax.eval_shape(measure_initial, state)
+        initial = jax.lax.cond(
+            epoch0 == 0, measure_initial,
+            lambda _: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
+            state)
+        (state, snaps), (rows, epochs) = jax.lax.scan(epoch_body, (state, snaps),
+                                                      epoch0 + jnp.arange(n_epochs))
+        # [n_epochs, P, S, ...] -> [S, n_epochs * P, ...]
         rows = jax.tree.map(lambda r: jnp.moveaxis(r.reshape((-1,) + r.shape[2:]), 0, 1), rows)
-        epochs = jax.tree.map(lambda e: jnp.moveaxis(e, 0, 1), epochs)
-        return state, rows, epochs
+        # initial [S, ...] and [n_epochs, S, ...] -> [S, n_epochs + 1, ...]
+        epochs = jax.tree.map(lambda i, e: jnp.concatenate([i[:, None], jnp.moveaxis(e, 0, 1)],
+                                                           axis=1), initial, epochs)
+        if K:
+            snaps = jax.tree.map(lambda b: jnp.moveaxis(b, 0, 1), snaps)
+        return state, rows, epochs, snaps
 
 
 def _nan_where(cond: Array, stats: dict[str, Array]) -> dict[str, Array]:
@@ -305,7 +388,7 @@ class Compiled:
         self._chunk_jit = jax.jit(prog.chunk, static_argnums=4, donate_argnums=0)
         self._chunks: dict[int, Any] = {}
         self.start = self._compile(jax.jit(prog.start), seeds, data)
-        self._state, self._keys, _ = jax.eval_shape(prog.start, seeds, data)
+        self._state, self._keys = jax.eval_shape(prog.start, seeds, data)
         self._data = data
         self.chunk(prog.plan.chunk_epochs)
         # The debugging engine's per-step pieces, compiled on first use.
@@ -366,6 +449,8 @@ class Records:
     epoch_stats: dict[str, np.ndarray]  # [S, E+1, ...]
     diverged_at: np.ndarray  # [S], -1 = never
     nonfinite_at_divergence: np.ndarray  # [S, L]
+    snapshot_step: np.ndarray  # [N] steps of the full gradient snapshots (record.full_grads_every)
+    snapshots: dict[str, np.ndarray]  # "dense_0.kernel" -> [S, N, ...]
     compile_s: float
     run_s: float
     done: bool  # all epochs accounted for (trained, or skipped after every seed diverged)
@@ -384,6 +469,12 @@ def _nan_rows(template: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
             for k, v in template.items()}
 
 
+def flatten_params(tree: Any) -> dict[str, Any]:
+    """``{"dense_0": {"kernel": x}}`` -> ``{"dense_0.kernel": x}``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
+
+
 def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
     """Train ``cfg.seeds`` seeds on ``ds``; yield the records at every chunk boundary.
 
@@ -397,20 +488,23 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
     seeds = jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32)
 
     t0 = time.perf_counter()
-    state, keys, stats0 = compiled.start(seeds, data)
-    epoch_parts = [{k: v[:, None] for k, v in jax.device_get(stats0).items()}]
+    state, keys = compiled.start(seeds, data)
+    epoch_parts: list[dict[str, np.ndarray]] = []
     step_parts: list[dict[str, np.ndarray]] = []
     steps_done: list[np.ndarray] = []
+    snap_parts: list[dict[str, np.ndarray]] = []
+    snap_steps: list[np.ndarray] = []
     run_s = time.perf_counter() - t0
 
     def records(done: bool) -> Records:
         diverged, nonfinite = jax.device_get((state.diverged_at, state.nonfinite_at_divergence))
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         return Records(
-            np.asarray(seeds), prog.names, prog.n_params, plan,
-            np.concatenate(steps_done) if steps_done else np.zeros(0, np.int64),
+            np.asarray(seeds), prog.names, prog.n_params, plan, cat(steps_done),
             _concat(step_parts) if step_parts else {},
             np.arange(sum(next(iter(p.values())).shape[1] for p in epoch_parts)),
             _concat(epoch_parts), np.asarray(diverged), np.asarray(nonfinite),
+            cat(snap_steps), _concat(snap_parts) if snap_parts else {},
             compiled.compile_s, run_s, done)
 
     for c in range(plan.n_chunks):
@@ -418,16 +512,24 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
         chunk = compiled.chunk(len(epochs))  # compiles only for a new chunk length
         t0 = time.perf_counter()
         if engine == "scan":
-            state, rows, epoch_rows = chunk(state, keys, jnp.int32(epochs.start), data)
+            state, rows, epoch_rows, snaps = chunk(state, keys, jnp.int32(epochs.start), data)
         else:
-            state, rows, epoch_rows = _python_chunk(compiled, state, keys, epochs, data)
+            state, rows, epoch_rows, snaps = _python_chunk(compiled, state, keys, epochs, data)
         # Host sync: the chunk's records come to the host.
-        rows, epoch_rows, diverged = jax.device_get((rows, epoch_rows, state.diverged_at))
+        rows, epoch_rows, snaps, diverged = jax.device_get(
+            (rows, epoch_rows, snaps, state.diverged_at))
         steps = plan.recorded_steps(epochs)
         local = steps - epochs.start * plan.steps_per_epoch
         step_parts.append({k: v[:, local] for k, v in rows.items()})
         steps_done.append(steps)
-        epoch_parts.append(epoch_rows)
+        # Column 0 holds the statistics at initialisation (measured by the first chunk).
+        epoch_parts.append({k: v[:, (0 if c == 0 else 1):] for k, v in epoch_rows.items()})
+        if snaps is not None:
+            first, stop = (epochs.start * plan.steps_per_epoch, epochs.stop * plan.steps_per_epoch)
+            every = prog.snapshot_every
+            taken = np.arange(-(-first // every) * every, stop, every, dtype=np.int64)
+            snap_parts.append({k: v[:, : len(taken)] for k, v in flatten_params(snaps).items()})
+            snap_steps.append(taken)
         run_s += time.perf_counter() - t0
         last = c == plan.n_chunks - 1
         if not last and bool(np.all(diverged >= 0)):
@@ -443,18 +545,30 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
 
 
 def _python_chunk(compiled: Compiled, state: TrainState, keys: SeedKeys, epochs: range,
-                  data: DeviceData) -> tuple[TrainState, dict, dict]:
+                  data: DeviceData) -> tuple[TrainState, dict, dict, Any]:
     """The debugging engine: the same step, one jitted dispatch per step."""
-    plan = compiled.program.plan
+    prog = compiled.program
+    P, K = prog.plan.steps_per_epoch, prog.snapshot_every
     rows: list[dict] = []
     epoch_rows: list[dict] = []
+    snaps: list[Any] = []
+    initial = compiled.epoch_stats(state, keys, data)
+    if epochs.start > 0:
+        initial = jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), initial)
+    epoch_rows.append(initial)
     for epoch in epochs:
         perms = compiled.permutations(keys, jnp.int32(epoch))
-        for i in range(plan.steps_per_epoch):
-            state, stats = compiled.step(state, keys, perms, jnp.int32(epoch), jnp.int32(i), data)
-            rows.append(stats)
-        epoch_rows.append(compiled.epoch_stats(state, data))
-    return state, _stack_rows(rows), _stack_rows(epoch_rows)
+        clipped = 0.0
+        for i in range(P):
+            res = compiled.step(state, keys, perms, jnp.int32(epoch), jnp.int32(i), data)
+            state = res.state
+            rows.append(res.stats)
+            clipped = clipped + res.clip_fired
+            if K and (epoch * P + i) % K == 0:
+                snaps.append(res.grads)
+        epoch_rows.append(compiled.epoch_stats(state, keys, data, clipped))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *snaps) if K else None
+    return state, _stack_rows(rows), _stack_rows(epoch_rows), stacked
 
 
 def _stack_rows(parts: list[dict[str, Array]]) -> dict[str, Array]:

@@ -75,7 +75,7 @@ class MLP(nn.Module):
                 x, slope = _slopes(act, z, train)
                 grid = jnp.broadcast_to(SLOPE_GRID[:, None], (SLOPE_GRID.size, z.shape[-1]))
                 _, grid_slope = _slopes(act, grid, False)
-                self.sow("intermediates", f"act_{i}", x)
+                self.sow("intermediates", f"activation_{i}", x)
                 self.sow("intermediates", f"slope_{i}", slope)
                 self.sow("intermediates", f"slope_max_{i}", jnp.abs(grid_slope).max(axis=0))
             else:

@@ -63,10 +63,44 @@ def global_norms(out: StepOut, names: list[str]) -> dict[str, Array]:
             "grad_global_norm": optax.tree.norm(out.grads).astype(jnp.float32)}
 
 
+def delta_norm(out: StepOut, names: list[str]) -> dict[str, Array]:
+    """Batch mean of ||delta_l^(n)||, delta_l^(n) = dl_n/dz_l the backpropagated gradient
+    of example n's loss at layer l's pre-activation z_l = W_l a_{l-1} + b_l.
+
+    The quantity signal-propagation theory predicts (Schoenholz et al. 2017): its ratio
+    between consecutive layers is the depth-wise gradient gain, which the weight gradient
+    ||a_{l-1} delta_l^T|| can hide when the activations a_{l-1} shrink or grow instead.
+    """
+    return {"delta_norm": _stack([
+        jnp.linalg.norm(out.deltas[f"delta_{i}"], axis=-1).mean() for i in range(len(names))])}
+
+
+def update_stats(out: StepOut, names: list[str]) -> dict[str, Array]:
+    """||Delta theta_l|| and ||Delta theta_l|| / ||theta_l|| over layer l's kernel and bias.
+
+    Delta theta is the change the optimizer applied at this step (after clipping, weight
+    decay and the learning rate); the ratio is the relative speed of each layer.
+    """
+    update = _stack([optax.tree.norm(out.updates[n]) for n in names])
+    weight = _stack([optax.tree.norm(out.params[n]) for n in names])
+    return {"update_norm": update, "update_ratio": update / weight}
+
+
+def clip_stats(out: StepOut, names: list[str]) -> dict[str, Array]:
+    """Global gradient norm after clipping, and 1.0 where clipping changed the gradient."""
+    pairs = zip(jax.tree.leaves(out.clipped), jax.tree.leaves(out.grads), strict=True)
+    changed = jnp.stack([jnp.any(c != g) for c, g in pairs]).any()
+    return {"grad_global_norm_clipped": optax.tree.norm(out.clipped).astype(jnp.float32),
+            "clip_fired": changed.astype(jnp.float32)}
+
+
 STEP_PROBES: dict[str, Callable[[StepOut, list[str]], dict[str, Array]]] = {
     "global_norms": global_norms,
     "kernel_grad_stats": kernel_grad_stats,
     "bias_grad_norm": bias_grad_norm,
+    "delta_norm": delta_norm,
+    "update_stats": update_stats,
+    "clip_stats": clip_stats,
 }
 
 
@@ -94,6 +128,11 @@ class EpochView(NamedTuple):
     train_acc: Array
     test_loss: Array  # NaN when there is no test set
     test_acc: Array
+    acts: list[Array]  # per hidden layer: a = f(z) on the probe batch, [probe, units]
+    slopes: list[Array]  # per hidden layer: f'(z) on the probe batch, [probe, units]
+    slope_max: list[Array]  # per hidden layer: max |f'| over z in [-10, 10], [units]
+    probe_grads: Any  # gradient of the loss on the probe batch (training mode)
+    sat_threshold: float
 
 
 def weight_stats(view: EpochView, names: list[str]) -> dict[str, Array]:
@@ -109,9 +148,55 @@ def evaluation(view: EpochView, names: list[str]) -> dict[str, Array]:
             "test_loss": view.test_loss, "test_acc": view.test_acc}
 
 
+def activation_stats(view: EpochView, names: list[str]) -> dict[str, Array]:
+    """Per hidden layer, on the fixed probe batch (examples n, units j):
+
+    - ``act_mean``, ``act_std``: mean and std of a_nj = f(z_nj) over n and j;
+    - ``act_dead_frac``: fraction of units with f'(z_nj) = 0 for every example n
+      (dead ReLUs: no gradient reaches their inputs whatever the example);
+    - ``act_sat_frac``: fraction of pairs (n, j) in the saturated regime,
+      |f'(z_nj)| < sat_threshold * max_z |f'(z)| (sigmoid and tanh tails; for ReLU the
+      whole negative side, so dead units count as saturated too).
+    """
+    dead = [jnp.all(d == 0, axis=0).mean() for d in view.slopes]
+    sat = [(jnp.abs(d) < view.sat_threshold * m).mean()
+           for d, m in zip(view.slopes, view.slope_max, strict=True)]
+    return {"act_mean": _stack([a.mean() for a in view.acts]),
+            "act_std": _stack([a.std() for a in view.acts]),
+            "act_dead_frac": _stack(dead),
+            "act_sat_frac": _stack(sat)}
+
+
+def log10_hists(xs: list[Array]) -> Array:
+    """Counts of log10|x| in the fixed bins ``HIST_EDGES``, one row per array, [len(xs), B].
+
+    The bins are uniform, so an entry's bin is arithmetic, and one ``bincount`` over all
+    arrays (offset by row) replaces a search per array. Values below the first edge (exact
+    zeros included) count in the first bin, above the last (inf included) in the last;
+    NaN entries are not counted.
+    """
+    bins = HIST_EDGES.size - 1
+    low, width = HIST_EDGES[0], HIST_EDGES[1] - HIST_EDGES[0]
+    logs = jnp.concatenate([jnp.log10(jnp.abs(x.ravel())) for x in xs])
+    row = jnp.concatenate([jnp.full(x.size, i, jnp.int32) for i, x in enumerate(xs)])
+    col = jnp.clip(jnp.floor((logs - low) / width), 0, bins - 1)
+    idx = row * bins + jnp.where(jnp.isnan(col), 0, col).astype(jnp.int32)
+    counts = jnp.bincount(idx, weights=(~jnp.isnan(logs)).astype(jnp.float32),
+                          length=len(xs) * bins)
+    return counts.reshape(len(xs), bins)
+
+
+def histograms(view: EpochView, names: list[str]) -> dict[str, Array]:
+    """Fixed-bin histograms of log10|dL/dW_l| (probe batch) and of log10|W_l|, [L, B]."""
+    return {"grad_hist": log10_hists(_kernels(view.probe_grads, names)),
+            "weight_hist": log10_hists(_kernels(view.params, names))}
+
+
 EPOCH_PROBES: dict[str, Callable[[EpochView, list[str]], dict[str, Array]]] = {
     "evaluation": evaluation,
     "weight_stats": weight_stats,
+    "activation_stats": activation_stats,
+    "histograms": histograms,
 }
 
 

@@ -51,11 +51,23 @@ def tree_all_finite(tree: Any) -> Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def zero_perturbations(model: nn.Module, x: Array) -> Any:
-    """Zeros shaped like the ``perturbations`` collection for a batch ``x``."""
-    key = jax.random.key(0)
-    shapes = jax.eval_shape(lambda: model.init({"params": key, "rrelu": key}, x))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["perturbations"])
+def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:
+    """A function from a batch ``x`` to zeros shaped like the ``perturbations`` collection.
+
+    The shapes come from one abstract ``init`` per batch shape, remembered, so that
+    tracing a step does not trace the whole initialisation again.
+    """
+    shapes: dict[tuple, Any] = {}
+
+    def zeros(x: Array) -> Any:
+        if x.shape not in shapes:
+            key = jax.random.key(0)
+            init = jax.eval_shape(lambda: model.init({"params": key, "rrelu": key},
+                                                     jnp.zeros(x.shape, x.dtype)))
+            shapes[x.shape] = init["perturbations"]
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[x.shape])
+
+    return zeros
 
 
 def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers: int
@@ -106,10 +118,11 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, names: list[str
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
     """One optimisation step on a batch, with its gradient and deltas returned."""
     grad_fn = jax.value_and_grad(make_loss_fn(model, loss), argnums=(0, 1), has_aux=True)
+    zero_perturbations = perturbation_zeros(model)
 
     def train_step(state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, StepOut]:
-        perturbations = zero_perturbations(model, x)
+        perturbations = zero_perturbations(x)
         (loss_value, batch_stats), (grads, dperturb) = grad_fn(
             state.params, perturbations, state.batch_stats, x, y, key)
         # d(mean loss)/dz = delta_n / batch for example n: undo the mean.

@@ -29,6 +29,7 @@ import numpy as np
 
 SUMMARY = "summary.json"
 METRICS = "metrics.npz"
+GRADS = "grads.npz"
 
 #: Statuses a run folder can hold. ``running`` marks chunks written by a run that has not
 #: ended (or was killed); the others are final.
@@ -115,11 +116,15 @@ def status_of(diverged_at: np.ndarray) -> str:
 
 def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
     """The ``metrics.npz`` arrays of a :class:`vgrad.loop.Records`."""
+    from vgrad.probes import HIST_EDGES
+
     arrays = {
         "step": rec.step.astype(np.int64),
         "epoch": rec.epoch.astype(np.int64),
         "layer_names": np.array(rec.layer_names, dtype=np.str_),
         "diverged_at_step": rec.diverged_at.astype(np.int64),
+        "nonfinite_grads": rec.nonfinite_at_divergence.astype(np.int64),
+        "hist_edges": np.asarray(HIST_EDGES, dtype=np.float32),
     }
     arrays.update(rec.step_stats)
     arrays.update(rec.epoch_stats)
@@ -140,10 +145,20 @@ def seed_summaries(rec: Any) -> list[dict[str, Any]]:
         out.append({
             "seed": int(seed),
             "diverged_at_step": diverged if diverged >= 0 else None,
+            # Non-finite gradient entries per layer at that step: where the blow-up started.
+            "nonfinite_grads_at_divergence": (
+                dict(zip(rec.layer_names, rec.nonfinite_at_divergence[s].tolist(), strict=True))
+                if diverged >= 0 else None),
             "initial": at(s, 0),
             "final": at(s, -1),
         })
     return out
+
+
+def grads_arrays(rec: Any) -> dict[str, np.ndarray]:
+    """The ``grads.npz`` arrays: ``step`` [N] and one [S, N, ...] array per parameter,
+    keyed ``<layer>.<parameter>`` (``dense_0.kernel``, ``dense_0.bias``, ``bn_0.scale``)."""
+    return {"step": rec.snapshot_step.astype(np.int64), **rec.snapshots}
 
 
 def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str, Any]

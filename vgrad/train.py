@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from vgrad import config, data, loop, store
 from vgrad.errors import ConfigError, describe
+from vgrad.tensorboard import TensorBoardExport
 
 log = logging.getLogger("vgrad")
 
@@ -76,16 +77,24 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
     log.info("data %s: %d train / %d test examples, %d classes; %d seed(s) from %d on %s",
              cfg.data.name, len(ds.x_train), len(ds.x_test), ds.n_classes, cfg.seeds,
              cfg.seed, device["kind"])
+    board = (TensorBoardExport(run_dir, list(range(cfg.seed, cfg.seed + cfg.seeds)))
+             if cfg.tensorboard else None)
     bar = tqdm(total=cfg.epochs, unit="epoch", disable=not cfg.progress or None,
                desc=run_dir.name, leave=False)
     status = "running"
     for rec in loop.run(cfg, ds):
         status = store.status_of(rec.diverged_at) if rec.done else "running"
         store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
+        if rec.snapshots:
+            store.write_npz(run_dir / store.GRADS, store.grads_arrays(rec))
         store.write_json(run_dir / store.SUMMARY,
                          store.make_summary(rec, resolved, status, device))
+        if board is not None:
+            board.update(rec)
         bar.update(rec.epochs_done - bar.n)
     bar.close()
+    if board is not None:
+        board.close()
     return status
 
 

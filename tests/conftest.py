@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import logging as absl_logging
 from hydra import compose, initialize_config_dir
 
-from vgrad import config, data, loop
+from vgrad import config, data, loop, losses, model, optim
+from vgrad.step import init_state, make_train_step
 from vgrad.train import CONF_DIR
 
 # Compile time dominates tiny test runs; XLA's optimisations only cost time here.
@@ -47,6 +50,21 @@ def run_to_end(cfg, engine: str = "scan") -> loop.Records:
     *_, last = loop.run(cfg, ds, engine)
     assert last.done
     return last
+
+
+def step_once(*overrides: str, batch: int = 8, seed: int = 0):
+    """One real training step of a small MLP; returns its parts and the batch."""
+    cfg = compose_cfg("depth=2", "width=3", *overrides)
+    net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
+    tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
+    names = model.layer_names(cfg.depth)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 2)).astype(np.float32)
+    y = rng.integers(0, 2, size=batch).astype(np.int32)
+    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(names))
+    step = jax.jit(make_train_step(net, tx, cfg.loss.value, names))
+    new_state, out = step(state, jnp.asarray(x), jnp.asarray(y), jax.random.key(1))
+    return names, state, new_state, out, x, y
 
 
 class CompileCounter:
@@ -85,6 +103,7 @@ def cli(monkeypatch, capsys):
     def invoke(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["vgrad.train", *args])
         monkeypatch.setattr(train, "_FAILED", [])
+        monkeypatch.setattr(train.callback, "FAILED_SWEEPS", [])
         code = 0
         try:
             train.main()

@@ -36,12 +36,22 @@ GRADS = "grads.npz"
 STATUSES = ("running", "completed", "diverged", "partial", "failed")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -131,6 +141,25 @@ def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
+def array_axes(rec: Any) -> dict[str, list[str]]:
+    """The axis names of every array of ``metrics.npz``, so that readers need not guess
+    from shapes: seed, step, epoch, layer (all Dense layers), hidden (hidden layers),
+    bin (histogram bins), edge (histogram edges)."""
+    n_layers = len(rec.layer_names)
+
+    def trailing(shape: tuple[int, ...]) -> list[str]:
+        names = {n_layers: "layer", n_layers - 1: "hidden"}
+        return [names[shape[0]], *(["bin"] if len(shape) == 2 else [])] if shape else []
+
+    axes = {"step": ["step"], "epoch": ["epoch"], "layer_names": ["layer"],
+            "hist_edges": ["edge"], "diverged_at_step": ["seed"],
+            "nonfinite_grads": ["seed", "layer"]}
+    for time, stats in (("step", rec.step_stats), ("epoch", rec.epoch_stats)):
+        for name, value in stats.items():
+            axes[name] = ["seed", time, *trailing(value.shape[2:])]
+    return axes
+
+
 _EVAL_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
@@ -173,6 +202,7 @@ def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str
         "diverged_at_step": [d["diverged_at_step"] for d in seed_summaries(rec)],
         "per_seed": seed_summaries(rec),
         "epochs_done": rec.epochs_done,
+        "arrays": array_axes(rec),  # axis names of each array of metrics.npz
         "steps_per_epoch": rec.plan.steps_per_epoch,
         "n_params": rec.n_params,
         "timing": {

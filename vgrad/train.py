@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from vgrad import config, data, loop, store
+from vgrad.analysis import callback
 from vgrad.errors import ConfigError, describe
 from vgrad.tensorboard import TensorBoardExport
 
@@ -151,8 +152,14 @@ def main() -> None:
             del os.environ["HYDRA_FULL_ERROR"]
     for run_dir, error, _ in _FAILED:
         print(f"vgrad: error: {error} (run folder {run_dir})", file=sys.stderr)
-    if _FAILED:
-        sys.exit(2 if all(bad_input for *_, bad_input in _FAILED) else 1)
+    reported = {run_dir.parent for run_dir, *_ in _FAILED}
+    for sweep_dir in set(callback.FAILED_SWEEPS) - reported:  # jobs of other processes
+        print(f"vgrad: error: jobs of the sweep failed or did not end; see "
+              f"{sweep_dir / 'runs.csv'}", file=sys.stderr)
+    if _FAILED or callback.FAILED_SWEEPS:
+        bad_input_only = _FAILED and all(bad for *_, bad in _FAILED) and not (
+            set(callback.FAILED_SWEEPS) - reported)
+        sys.exit(2 if bad_input_only else 1)
 
 
 if __name__ == "__main__":

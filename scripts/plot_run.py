@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Draw one run's figures (gradients, weights, learning speed, histograms, saturation).
+
+    python scripts/plot_run.py outputs/runs/DATE/TIME [--out DIR]
+
+Writes PNG and PDF files to DIR (default: RUN/figures/). Figures whose statistics the
+run did not record are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vgrad.analysis import figures, load_run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run folder (holding summary.json)")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN/figures)")
+    args = parser.parse_args(argv)
+    if not (args.run / "summary.json").is_file():
+        parser.error(f"{args.run}: not a run folder (no summary.json)")
+    run = load_run(args.run)
+    if run.status in ("failed", "running"):
+        parser.error(f"{args.run}: status {run.status!r}, nothing to plot")
+    out = args.out or args.run / "figures"
+    for kind, make in figures.RUN_FIGURES.items():
+        fig = make(run)
+        if fig is None:
+            print(f"{kind}: not recorded in this run, skipped")
+            continue
+        for path in figures.save(fig, out / kind):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

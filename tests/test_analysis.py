@@ -1,0 +1,205 @@
+"""Analysis: tables, figures and the report, on a real tiny sweep made here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from conftest import DIVERGENT_CLI
+
+from vgrad import store
+from vgrad.analysis import figures, load_run, load_sweep, write_report
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = ["-m", "act=tanh,relu", "depth=1,2", "seeds=2", "epochs=2", "data.n_samples=64",
+         "batch_size=16", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    """A real multirun: 2 activations x 2 depths x 2 seeds, 2 epochs of 4 steps."""
+    import sys as _sys
+
+    from vgrad import train
+
+    out = tmp_path_factory.mktemp("sweep")
+    argv, failed = _sys.argv, list(train._FAILED)
+    _sys.argv = ["vgrad.train", *SWEEP, f"hydra.sweep.dir={out}"]
+    try:
+        train.main()
+    finally:
+        _sys.argv = argv
+        train._FAILED[:] = failed
+    return out
+
+
+def test_runs_table_has_a_row_per_run_and_seed_with_config_columns(sweep_dir):
+    runs = load_sweep(sweep_dir).runs
+    assert len(runs) == 8
+    assert set(runs["act.name"]) == {"tanh", "relu"} and set(runs["depth"]) == {1, 2}
+    assert sorted(runs["seed"].unique()) == [0, 1]
+    assert (runs["status"] == "completed").all() and not runs["diverged"].any()
+    assert runs.groupby(["act.name", "depth"]).size().eq(2).all()
+    for _, row in runs.iterrows():  # values come from the run's own files
+        summary = store.read_summary(Path(row["run_dir"]))
+        seed = next(s for s in summary["per_seed"] if s["seed"] == row["seed"])
+        assert row["final_train_acc"] == pytest.approx(seed["final"]["train_acc"])
+        assert row["optim.lr"] == summary["config"]["optim"]["lr"]
+
+
+def test_the_callback_wrote_the_runs_table(sweep_dir):
+    import pandas as pd
+
+    written = pd.read_csv(sweep_dir / "runs.csv")
+    assert len(written) == 8 and {"act.name", "depth", "final_train_acc"} <= set(written)
+
+
+def test_series_tables_equal_the_metrics_arrays(sweep_dir):
+    sweep = load_sweep(sweep_dir)
+    steps, epochs = sweep.steps(), sweep.epochs()
+    for run in sweep.runs_list:
+        m = store.read_metrics(run.path)
+        S, T, L = m["grad_std"].shape
+        rows = steps[steps["run"] == run.name]
+        assert len(rows) == S * T * L
+        for s, seed in enumerate(sorted(rows["seed"].unique())):
+            for layer in range(L):
+                sel = rows[(rows["seed"] == seed) & (rows["layer_index"] == layer)]
+                np.testing.assert_array_equal(sel["step"], m["step"])
+                np.testing.assert_array_equal(sel["grad_std"], m["grad_std"][s, :, layer])
+                np.testing.assert_array_equal(sel["loss"], m["loss"][s])
+        erows = epochs[epochs["run"] == run.name]
+        assert len(erows) == S * len(m["epoch"]) * L
+        out_layer = erows[erows["layer_index"] == L - 1]
+        assert out_layer["act_sat_frac"].isna().all()  # hidden-layer statistic
+        first = erows[(erows["seed"] == erows["seed"].min()) & (erows["layer_index"] == 0)]
+        np.testing.assert_array_equal(first["weight_std"], m["weight_std"][0, :, 0])
+        np.testing.assert_array_equal(first["act_dead_frac"], m["act_dead_frac"][0, :, 0])
+
+
+def lines_of(fig) -> list[int]:
+    return [len(ax.get_lines()) for ax in fig.axes if ax.get_visible()]
+
+
+def labels_of(fig) -> str:
+    return " ".join([ax.get_title() + ax.get_xlabel() + ax.get_ylabel() for ax in fig.axes]
+                    + [fig._suptitle.get_text() if fig._suptitle else ""])
+
+
+def test_run_figures_have_the_expected_panels_lines_and_labels(sweep_dir, tmp_path):
+    sweep = load_sweep(sweep_dir)
+    run = next(r for r in sweep.runs_list if r.config["depth"] == 2)  # L = 3 layers
+    fig = figures.gradients(run)
+    assert lines_of(fig) == [3, 3, 1]
+    assert "std ∂L/∂W" in labels_of(fig) and "step" in labels_of(fig)
+    assert fig.axes[1].get_yscale() == "log"
+    assert lines_of(figures.weights(run)) == [3, 3]
+    assert lines_of(figures.learning_speed(run)) == [3, 3]
+    assert lines_of(figures.saturation(run)) == [2, 2]  # hidden layers only
+    hist = figures.histograms(run)
+    assert sum(len(ax.collections) for ax in hist.axes) >= 3
+    plt.close("all")
+    for name, make in figures.RUN_FIGURES.items():
+        png = figures.save(make(run), tmp_path / name)[0]
+        assert png.stat().st_size > 5000 and png.with_suffix(".pdf").stat().st_size > 1000
+    assert not plt.get_fignums()  # save() closes
+
+
+def test_sweep_figures(sweep_dir, tmp_path):
+    sweep = load_sweep(sweep_dir)
+    profile = figures.profile(sweep, "act")
+    # 2 activations x 2 depths (nets of different depths get their own lines), 4 panels
+    assert lines_of(profile) == [4, 4, 4, 4]
+    assert "layer (0 = next to the input)" in labels_of(profile)
+    assert "δ" in labels_of(profile)
+    bars = figures.bars(sweep, "act")
+    assert len(bars.axes[0].patches) == 2  # train accuracy per activation (no test set)
+    assert lines_of(figures.curves(sweep, "depth")) == [2]
+    heat = figures.heatmap(sweep, "act", "depth")
+    assert heat.axes[0].get_xlabel() == "act" and heat.axes[0].get_ylabel() == "depth"
+    assert len(heat.axes[0].texts) == 4
+    for fig in (profile, bars, heat):
+        assert figures.save(fig, tmp_path / "f")[0].stat().st_size > 5000
+    with pytest.raises(KeyError, match="no sweep axis 'colour'"):
+        figures.bars(sweep, "colour")
+
+
+def test_report_references_every_figure_and_the_runs_table(sweep_dir, tmp_path):
+    index = write_report(sweep_dir, tmp_path / "report")
+    page = index.read_text()
+    images = sorted(p.relative_to(index.parent).as_posix()
+                    for p in (index.parent / "figures").glob("*.png"))
+    assert images and all(f'src="{img}"' in page for img in images)
+    assert 'href="runs.csv"' in page and (index.parent / "runs.csv").is_file()
+    assert "python -m vgrad.train -m" in page and "act=tanh,relu" in page
+    assert page.count("<h3>Run ") == 4
+    assert "heatmap" not in page or "act × depth" in page
+
+
+def test_scripts_run_from_the_command_line(sweep_dir, tmp_path):
+    run = sweep_dir / "0"
+    for cmd in (["scripts/plot_run.py", str(run), "--out", str(tmp_path / "run")],
+                ["scripts/plot_sweep.py", str(sweep_dir), "--x", "act", "--y", "depth",
+                 "--out", str(tmp_path / "sweep")],
+                ["scripts/report.py", str(sweep_dir), "--out", str(tmp_path / "report")]):
+        proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "sweep" / "heatmap_act_depth.png").is_file()
+    assert (tmp_path / "report" / "index.html").is_file()
+    bad = subprocess.run([sys.executable, "scripts/plot_sweep.py", str(sweep_dir), "--x",
+                          "colour"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no sweep axis 'colour'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_diverged_runs_are_marked_and_unfinished_runs_skipped_with_a_warning(
+        sweep_dir, tmp_path, cli):
+    root = tmp_path / "mixed"
+    shutil.copytree(sweep_dir / "0", root / "done")
+    code, _, err = cli(*DIVERGENT_CLI, f"hydra.run.dir={root / 'exploded'}")
+    assert code == 0, err
+    killed = root / "killed"
+    shutil.copytree(sweep_dir / "1", killed)  # a run killed between two chunks
+    summary = json.loads((killed / "summary.json").read_text())
+    summary["status"] = "running"
+    (killed / "summary.json").write_text(json.dumps(summary))
+    with pytest.warns(UserWarning, match="killed.*did not end"):
+        sweep = load_sweep(root)
+    runs = sweep.runs
+    assert sorted(runs["run"].unique()) == ["done", "exploded"]
+    exploded = runs[runs["run"] == "exploded"].iloc[0]
+    assert exploded["status"] == "diverged" and exploded["diverged"]
+    assert exploded["diverged_at_step"] == 2
+    fig = figures.heatmap(sweep, "act", "depth", "final_train_loss")
+    assert any("diverged" in t.get_text() for t in fig.axes[0].texts)
+    plt.close(fig)
+    with pytest.warns(UserWarning, match="killed"):
+        index = write_report(root, tmp_path / "report")
+    assert "killed" in index.read_text()  # the page lists what it skipped
+
+
+def test_missing_statistics_leave_the_panel_out_with_a_note(sweep_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(sweep_dir / "0", old)
+    m = store.read_metrics(old)
+    for key in ("delta_norm", "probe_bias_grad_norm", "grad_hist", "act_sat_frac"):
+        m.pop(key)
+    store.write_npz(old / "metrics.npz", m)
+    run = load_run(old)
+    assert figures.histograms(run) is None and figures.saturation(run) is None
+    speed = figures.learning_speed(run)
+    assert any("not recorded" in t.get_text() for ax in speed.axes for t in ax.texts)
+    sweep = load_sweep(old)
+    profile = figures.profile(sweep, "act")
+    assert any("delta_norm was not recorded" in t.get_text()
+               for ax in profile.axes for t in ax.texts)
+    plt.close("all")
+    page = write_report(old, tmp_path / "report").read_text()
+    assert "Not recorded in this run: histograms, saturation" in page

@@ -1,0 +1,51 @@
+"""A Hydra callback that summarises a sweep when its last job ends.
+
+Configured in ``conf/config.yaml`` (``hydra.callbacks.vgrad_sweep``), it runs in the
+launching process whatever the launcher (basic, joblib, submitit): it writes the sweep's
+runs table to ``<sweep dir>/runs.csv`` and logs the one command that draws the report.
+A sweep in which a job failed makes ``python -m vgrad.train`` exit with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("vgrad")
+
+#: Sweep folders whose last summary found failed jobs (read by vgrad.train.main).
+FAILED_SWEEPS: list[Path] = []
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from vgrad.analysis.tables import load_sweep
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sweep = load_sweep(sweep_dir)
+                runs = sweep.runs
+        except Exception as exc:  # a summary must never turn a finished sweep into a crash
+            log.warning("could not summarise the sweep %s: %s", sweep_dir, exc)
+            return
+        for w in caught:
+            log.warning("%s", w.message)
+        if runs.empty:
+            log.warning("no run of the sweep %s ended", sweep_dir)
+            return
+        runs.to_csv(sweep_dir / "runs.csv", index=False)
+        per_run = runs.drop_duplicates("run")
+        failed = per_run[per_run["status"] == "failed"]
+        if len(failed) or sweep.skipped:
+            FAILED_SWEEPS.append(sweep_dir)
+        log.info("sweep: %d runs (%s); runs table: %s", len(per_run),
+                 ", ".join(f"{k} {v}" for k, v in per_run["status"].value_counts().items()),
+                 sweep_dir / "runs.csv")
+        log.info("report: python scripts/report.py %s", sweep_dir)

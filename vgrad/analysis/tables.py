@@ -1,0 +1,224 @@
+"""Run folders into tidy pandas tables.
+
+``load_sweep(path)`` finds every run folder under ``path`` (a single run, a Hydra
+multirun folder, or any tree of them: a run folder is one holding ``summary.json``) and
+returns a :class:`Sweep` with
+
+- ``runs``: one row per run x seed: ``run`` (the folder relative to ``path``), ``seed``,
+  ``status``, ``diverged_at_step``, ``initial_*``/``final_*`` train and test loss and
+  accuracy, timing, and the resolved config flattened to dotted columns (``act.name``,
+  ``init.std``, ``depth``, ...). Configs are read from the run's files, never from
+  folder names.
+- ``steps()`` / ``epochs()``: one row per run x seed x step (or epoch) x layer, with
+  every per-layer statistic of ``metrics.npz`` as a column; per-step (or per-epoch)
+  scalars such as ``loss`` repeat on each layer's row, and statistics of hidden layers
+  only (``act_*``) are NaN on the output layer's row.
+
+Runs that did not end (``status: running``: killed or still going) or whose files are
+unreadable are skipped with a warning naming them; failed runs are kept in ``runs``
+(status ``failed``, metrics NaN) and have no series.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from vgrad import store
+
+_EVAL = ("train_loss", "train_acc", "test_loss", "test_acc")
+ENDED = ("completed", "diverged", "partial", "failed")
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"act": {"name": "relu"}}`` -> ``{"act.name": "relu"}``; lists become strings."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, list) else value
+    return out
+
+
+def find_runs(path: Path) -> list[Path]:
+    """Every folder under ``path`` (itself included) that holds a ``summary.json``."""
+    path = Path(path)
+    return sorted({p.parent for p in path.rglob(store.SUMMARY)},
+                  key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+
+
+@dataclass
+class Run:
+    """One run folder: its summary, and its metrics loaded on first use."""
+
+    path: Path
+    name: str
+    summary: dict[str, Any]
+    _metrics: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    @property
+    def metrics(self) -> dict[str, np.ndarray]:
+        if self._metrics is None:
+            self._metrics = store.read_metrics(self.path) if self.status != "failed" else {}
+        return self._metrics
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.summary.get("config", {})
+
+    def rows(self) -> list[dict[str, Any]]:
+        """This run's rows of the runs table (one per seed)."""
+        base = {k: v for k, v in flatten(self.config).items() if k not in ("seed", "seeds")}
+        timing = self.summary.get("timing", {})
+        per_seed = self.summary.get("per_seed") or [
+            {"seed": s, "diverged_at_step": None, "initial": {}, "final": {}}
+            for s in _seeds_of(self.config)]
+        rows = []
+        for s in per_seed:
+            row = {"run": self.name, "run_dir": str(self.path), "seed": s["seed"],
+                   "status": self.status, "diverged": s["diverged_at_step"] is not None,
+                   "diverged_at_step": s["diverged_at_step"], "error": self.summary.get("error")}
+            for when in ("initial", "final"):
+                for k in _EVAL:
+                    value = s[when].get(k)
+                    row[f"{when}_{k}"] = np.nan if value is None else value
+            row.update({k: timing.get(k) for k in ("compile_s", "run_s", "steps_per_s")})
+            row.update(base)
+            rows.append(row)
+        return rows
+
+
+def _seeds_of(config: dict[str, Any]) -> list[int]:
+    first, n = config.get("seed", 0), config.get("seeds", 1)
+    return list(range(first, first + n))
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """One run folder (raises if it holds no readable summary)."""
+    path = Path(path)
+    summary = json.loads((path / store.SUMMARY).read_text())
+    return Run(path, name if name is not None else path.name, summary)
+
+
+@dataclass
+class Sweep:
+    """Every ended run under a folder, as tables."""
+
+    root: Path
+    runs_list: list[Run]
+    skipped: list[tuple[Path, str]]
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        rows = [row for run in self.runs_list for row in run.rows()]
+        return pd.DataFrame(rows)
+
+    def run(self, name: str) -> Run:
+        return next(r for r in self.runs_list if r.name == name)
+
+    def steps(self, every: int = 1) -> pd.DataFrame:
+        """Per-step statistics, one row per run x seed x recorded step x layer
+        (``every`` keeps every n-th recorded step, to bound memory on big sweeps)."""
+        return self._series("step", every)
+
+    def epochs(self) -> pd.DataFrame:
+        """Per-epoch statistics, one row per run x seed x epoch boundary x layer."""
+        return self._series("epoch", 1)
+
+    def _series(self, axis: str, every: int) -> pd.DataFrame:
+        frames = [series(run, axis, every) for run in self.runs_list if run.status != "failed"]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def command(self) -> str | None:
+        """The command line that made a Hydra multirun folder (from its multirun.yaml)."""
+        return sweep_command(self.root)
+
+
+def series(run: Run, axis: str = "step", every: int = 1) -> pd.DataFrame:
+    """One run's per-``axis`` statistics ("step" or "epoch") as a long table.
+
+    Which arrays are per step or per epoch, per layer or per hidden layer, is read from
+    the axis names the run recorded (``summary.json``'s ``arrays``).
+    """
+    m, axes = run.metrics, run.summary.get("arrays", {})
+    if axis not in m:
+        return pd.DataFrame()
+    index = m[axis][::every]
+    names = [str(n) for n in m["layer_names"]]
+    seeds = [r["seed"] for r in run.rows()]
+    S, T, L = len(seeds), len(index), len(names)
+    columns: dict[str, np.ndarray] = {}
+    for key, dims in axes.items():
+        if key not in m or dims[:2] != ["seed", axis] or "bin" in dims:
+            continue
+        value = m[key][:, ::every].astype(np.float64)
+        if len(dims) == 2:  # a scalar per step or epoch: repeat on each layer's row
+            value = np.repeat(value[:, :, None], L, axis=2)
+        elif dims[2] == "hidden":  # the output layer has no activation
+            value = np.concatenate([value, np.full((S, T, 1), np.nan)], axis=2)
+        columns[key] = value.reshape(-1)
+    return pd.DataFrame({
+        "run": run.name,
+        "seed": np.repeat(seeds, T * L),
+        axis: np.tile(np.repeat(index, L), S),
+        "layer": np.tile(names, S * T),
+        "layer_index": np.tile(np.arange(L), S * T),
+        **columns,
+    })
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Every run under ``path``; runs that did not end are skipped with a warning."""
+    root = Path(path)
+    runs, skipped = [], []
+    for folder in find_runs(root):
+        name = str(folder.relative_to(root)) if folder != root else folder.name
+        try:
+            run = load_run(folder, name)
+        except (OSError, ValueError) as exc:
+            skipped.append((folder, f"unreadable summary.json ({exc})"))
+            continue
+        if run.status not in ENDED:
+            skipped.append((folder, f"status {run.status!r}: the run did not end"))
+            continue
+        if run.status != "failed" and not (folder / store.METRICS).is_file():
+            skipped.append((folder, "no metrics.npz"))
+            continue
+        runs.append(run)
+    for folder, why in skipped:
+        warnings.warn(f"skipping run {folder}: {why}", stacklevel=2)
+    return Sweep(root, runs, skipped)
+
+
+def sweep_command(root: Path) -> str | None:
+    """``python -m vgrad.train -m ...`` rebuilt from a multirun folder's multirun.yaml."""
+    from omegaconf import OmegaConf
+
+    path = Path(root) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    overrides = OmegaConf.load(path).hydra.overrides
+    hydra_args = [o for o in overrides.hydra if not o.startswith("hydra.mode=")]
+    return " ".join(["python -m vgrad.train -m", *overrides.task, *hydra_args])
+
+
+def axis_column(frame: pd.DataFrame, axis: str) -> str:
+    """The column of a sweep axis: ``act`` means ``act.name``; ``depth`` is ``depth``."""
+    for candidate in (axis, f"{axis}.name"):
+        if candidate in frame.columns:
+            return candidate
+    options = sorted(c for c in frame.columns if "." in c or c.isidentifier())
+    raise KeyError(f"no sweep axis {axis!r}; columns are {', '.join(options)}")

@@ -3,29 +3,12 @@ clipping, snapshots; each against numpy or a property that must hold."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, compose_cfg, run_to_end
+from conftest import TINY, compose_cfg, run_to_end, step_once
 
-from vgrad import losses, model, optim, probes, store
-from vgrad.step import init_state, make_train_step
-
-
-def step_once(*overrides: str, batch: int = 8, seed: int = 0):
-    """One real training step of a small MLP; returns its parts and the batch."""
-    cfg = compose_cfg("depth=2", "width=3", *overrides)
-    net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
-    tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    names = model.layer_names(cfg.depth)
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, 2)).astype(np.float32)
-    y = rng.integers(0, 2, size=batch).astype(np.int32)
-    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(names))
-    step = jax.jit(make_train_step(net, tx, cfg.loss.value, names))
-    new_state, out = step(state, jnp.asarray(x), jnp.asarray(y), jax.random.key(1))
-    return names, state, new_state, out, x, y
+from vgrad import probes, store
 
 
 def numpy_backprop(params, x, y, act, dact):

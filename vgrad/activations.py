@@ -64,13 +64,13 @@ class PReLU(nn.Module):
     ``shared=False`` learns one slope per unit, ``shared=True`` one per layer.
     """
 
-    init: float = 0.25
+    initial: float = 0.25  # (not ``init``: that would shadow Module.init)
     shared: bool = False
 
     @nn.compact
     def __call__(self, z: Array, train: bool = False) -> Array:
         shape = () if self.shared else (z.shape[-1],)
-        alpha = self.param("alpha", nn.initializers.constant(self.init), shape)
+        alpha = self.param("alpha", nn.initializers.constant(self.initial), shape)
         return jnp.where(z >= 0, z, alpha * z)
 
 
@@ -201,7 +201,7 @@ ACTIVATIONS: dict[str, Activation] = {
     ),
     "elu": Activation(ELUAct, lambda c: partial(Fixed, fn=partial(jax.nn.elu, alpha=c.alpha))),
     "swish": Activation(SwishAct, lambda c: partial(Swish, beta=c.beta, learnable=c.learnable)),
-    "prelu": Activation(PReLUAct, lambda c: partial(PReLU, init=c.init, shared=c.shared)),
+    "prelu": Activation(PReLUAct, lambda c: partial(PReLU, initial=c.init, shared=c.shared)),
     "rrelu": Activation(RReLUAct, lambda c: partial(RReLU, lower=c.lower, upper=c.upper)),
     "maxout": Activation(
         MaxoutAct, lambda c: partial(Maxout, pieces=c.pieces), pieces=lambda c: c.pieces

@@ -40,6 +40,7 @@ class Loss(Enum):
     bce = "bce"  # binary cross-entropy on one logit (labels 0/1), Keras from_logits
     ce = "ce"  # softmax cross-entropy over n_classes logits
     mse = "mse"  # mean squared error between softmax probabilities and one-hot labels
+    bce_onehot = "bce_onehot"  # per-class sigmoid BCE summed over classes (Nielsen)
 
 
 @dataclass

@@ -98,6 +98,10 @@ class Init:
 KERNEL_INITIALIZERS: dict[str, Init] = {
     "normal": Init(NormalInit, lambda c: normal(c.mean, c.std)),
     "uniform": Init(UniformInit, lambda c: uniform(c.min, c.max)),
+    # Seed 002's deliberately poor U(0, 1): a named choice, so a preset can select it
+    # and a sweep can still swap it for he_uniform (a preset cannot patch init.min/max
+    # without breaking every other choice of init).
+    "uniform01": Init(UniformInit, lambda c: uniform(c.min, c.max)),
     "glorot_uniform": Init(PlainInit, lambda c: jax.nn.initializers.glorot_uniform()),
     "glorot_normal": Init(PlainInit, lambda c: jax.nn.initializers.glorot_normal()),
     "he_uniform": Init(PlainInit, lambda c: jax.nn.initializers.he_uniform()),

@@ -10,6 +10,9 @@ log(sigmoid(x)):
 - ``mse``: mean over classes of (softmax(logits) - one_hot)^2, Keras's
   ``mean_squared_error`` on a softmax output as in seed 003, where it learns slower
   than cross-entropy because the softmax's saturation enters its gradient.
+- ``bce_onehot``: one sigmoid output per class and the binary cross-entropy of each
+  against the one-hot target, summed over classes: the ``CrossEntropyCost`` of
+  Nielsen's network2 (seed 004), whose output error is a - y.
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ def mse(logits: Array, labels: Array) -> Array:
     return jnp.mean((jax.nn.softmax(logits) - one_hot) ** 2, axis=-1)
 
 
-LOSSES: dict[str, Callable[[Array, Array], Array]] = {"bce": bce, "ce": ce, "mse": mse}
+def bce_onehot(logits: Array, labels: Array) -> Array:
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    return optax.sigmoid_binary_cross_entropy(logits, one_hot).sum(axis=-1)
+
+
+LOSSES: dict[str, Callable[[Array, Array], Array]] = {
+    "bce": bce, "ce": ce, "mse": mse, "bce_onehot": bce_onehot}
 
 
 def out_dim(loss: str, n_classes: int) -> int:

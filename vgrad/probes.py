@@ -186,6 +186,17 @@ def log10_hists(xs: list[Array]) -> Array:
     return counts.reshape(len(xs), bins)
 
 
+def probe_bias_grad_norm(view: EpochView, names: list[str]) -> dict[str, Array]:
+    """||dC/db_l|| of the loss averaged over the whole probe batch, [L].
+
+    Nielsen's measurement (seed 004): with ``record.probe_size=1000`` it is the norm of
+    the bias gradient averaged over 1,000 training images, at initialisation (epoch 0)
+    and after every epoch, free of the noise of a 10-example mini-batch.
+    """
+    return {"probe_bias_grad_norm": _stack(
+        [jnp.linalg.norm(view.probe_grads[n]["bias"]) for n in names])}
+
+
 def histograms(view: EpochView, names: list[str]) -> dict[str, Array]:
     """Fixed-bin histograms of log10|dL/dW_l| (probe batch) and of log10|W_l|, [L, B]."""
     return {"grad_hist": log10_hists(_kernels(view.probe_grads, names)),
@@ -196,6 +207,7 @@ EPOCH_PROBES: dict[str, Callable[[EpochView, list[str]], dict[str, Array]]] = {
     "evaluation": evaluation,
     "weight_stats": weight_stats,
     "activation_stats": activation_stats,
+    "probe_bias_grad_norm": probe_bias_grad_norm,
     "histograms": histograms,
 }
 

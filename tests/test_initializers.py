@@ -1,0 +1,94 @@
+"""Every registered initializer: empirical mean and variance against its formula on a
+256 x 512 kernel (tests generated from the registry), orthogonality, bias inits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import compose_cfg
+
+from vgrad import initializers
+
+FAN_IN, FAN_OUT = 256, 512
+
+#: (mean, variance) of each kernel initializer at its default config.
+MOMENTS = {
+    "normal": (0.0, 1.0),
+    "uniform": (0.0, 0.1 ** 2 / 12),
+    "uniform01": (0.5, 1 / 12),
+    "glorot_uniform": (0.0, 2 / (FAN_IN + FAN_OUT)),
+    "glorot_normal": (0.0, 2 / (FAN_IN + FAN_OUT)),
+    "he_uniform": (0.0, 2 / FAN_IN),
+    "he_normal": (0.0, 2 / FAN_IN),
+    "lecun_uniform": (0.0, 1 / FAN_IN),
+    "lecun_normal": (0.0, 1 / FAN_IN),
+    "orthogonal": (0.0, 1 / FAN_OUT),  # orthonormal rows of a 256 x 512 matrix
+    "variance_scaling": (0.0, 1 / FAN_IN),
+    "nielsen": (0.0, 1 / FAN_IN),
+}
+
+
+def draw(group: str, name: str, shape, *overrides: str) -> np.ndarray:
+    cfg = compose_cfg(f"{group}={name}", *overrides)[group]
+    make = (initializers.kernel_init if group == "init" else initializers.bias_init)(cfg)
+    return np.asarray(make(jax.random.key(0), shape, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("name", sorted(initializers.KERNEL_INITIALIZERS))
+def test_kernel_initializer_moments(name):
+    assert name in MOMENTS, "add the formula of the new initializer to MOMENTS"
+    mean, var = MOMENTS[name]
+    w = draw("init", name, (FAN_IN, FAN_OUT))
+    n = w.size
+    assert abs(w.mean() - mean) < 5 * np.sqrt(var / n) + 1e-12
+    np.testing.assert_allclose(w.var(), var, rtol=0.03)
+
+
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_orthogonal_kernels(gain):
+    w = draw("init", "orthogonal", (FAN_IN, FAN_IN), f"init.gain={gain}")
+    np.testing.assert_allclose(w.T @ w, gain ** 2 * np.eye(FAN_IN), atol=1e-4 * gain ** 2)
+    wide = draw("init", "orthogonal", (FAN_IN, FAN_OUT), f"init.gain={gain}")
+    np.testing.assert_allclose(wide @ wide.T, gain ** 2 * np.eye(FAN_IN), atol=1e-4 * gain ** 2)
+
+
+def test_variance_scaling_sweeps_sigma_w_squared():
+    for scale, mode, fan in [(2.0, "fan_in", FAN_IN), (3.0, "fan_out", FAN_OUT),
+                             (1.5, "fan_avg", (FAN_IN + FAN_OUT) / 2)]:
+        for dist in ("normal", "truncated_normal", "uniform"):
+            w = draw("init", "variance_scaling", (FAN_IN, FAN_OUT), f"init.scale={scale}",
+                     f"init.mode={mode}", f"init.distribution={dist}")
+            np.testing.assert_allclose(w.var(), scale / fan, rtol=0.03)
+
+
+def test_normal_and_uniform_parameters_are_wired():
+    w = draw("init", "normal", (FAN_IN, FAN_OUT), "init.mean=0.3", "init.std=0.2")
+    np.testing.assert_allclose([w.mean(), w.std()], [0.3, 0.2], atol=3e-3)
+    u = draw("init", "uniform", (FAN_IN, FAN_OUT), "init.min=0", "init.max=1")
+    assert u.min() >= 0 and u.max() < 1
+    np.testing.assert_allclose(u.var(), 1 / 12, rtol=0.03)
+
+
+@pytest.mark.parametrize("name,mean,var,overrides", [
+    ("zeros", 0.0, 0.0, []),
+    ("constant", -2.0, 0.0, ["bias_init.value=-2"]),
+    ("normal", 0.0, 1.0, []),
+    ("uniform", 0.0, 0.1 ** 2 / 12, []),
+])
+def test_bias_initializers(name, mean, var, overrides):
+    b = draw("bias_init", name, (200_000,), *overrides)
+    np.testing.assert_allclose(b.mean(), mean, atol=5 * np.sqrt(var / b.size) + 1e-12)
+    np.testing.assert_allclose(b.var(), var, rtol=0.03, atol=1e-12)
+
+
+def test_nielsen_init_draws_kernels_and_biases_as_network2():
+    cfg = compose_cfg("init=nielsen", "depth=1", "width=30")
+    from vgrad import model
+
+    net = model.build(cfg, 10)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    np.testing.assert_allclose(np.var(params["dense_0"]["kernel"]), 1 / 784, rtol=0.05)
+    np.testing.assert_allclose(np.var(params["dense_1"]["kernel"]), 1 / 30, rtol=0.3)
+    assert 0.5 < np.std(params["dense_0"]["bias"]) < 1.5  # N(0, 1) on 30 units

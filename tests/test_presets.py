@@ -1,0 +1,68 @@
+"""Every preset: each command written in its file composes and validates for every job
+of its sweep, and its first command runs as a (tiny) multirun."""
+
+from __future__ import annotations
+
+import itertools
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import compose_cfg, run_dirs
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from vgrad import config, store
+from vgrad.train import CONF_DIR
+
+PRESETS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+#: What makes each preset's data tiny.
+TINY_DATA = {
+    "circles": ["data.n_samples=64"],
+    "fashion_mnist": ["data.n_train=64", "data.n_test=32", "record.probe_size=32"],
+}
+
+
+def commands(preset: str) -> list[list[str]]:
+    """The ``python -m vgrad.train ...`` lines of the preset's header comment."""
+    text = (Path(CONF_DIR) / "experiment" / f"{preset}.yaml").read_text()
+    return [shlex.split(line.split("vgrad.train", 1)[1]) for line in text.splitlines()
+            if line.startswith("#") and "python -m vgrad.train" in line]
+
+
+def jobs(args: list[str]) -> list[list[str]]:
+    """The override lists of every job of a sweep command (cartesian, as Hydra's)."""
+    parsed = OverridesParser.create().parse_overrides([a for a in args if a != "-m"])
+    values = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+              if o.is_sweep_override() else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*values)]
+
+
+def test_there_is_a_preset_per_source():
+    assert PRESETS == ["exploding", "mnist_losses", "nielsen", "relu_fix", "visualize"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_command_of_the_preset_composes_and_validates(preset):
+    cmds = commands(preset)
+    assert cmds and cmds[0][0] == "-m" and f"+experiment={preset}" in cmds[0]
+    for cmd in cmds:
+        for job in jobs(cmd):
+            config.validate(compose_cfg(*job))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_first_command_runs_as_a_tiny_multirun(cli, tmp_path, preset):
+    data = compose_cfg(f"+experiment={preset}").data.name
+    if data == "fashion_mnist" and not FASHION.is_dir():
+        pytest.skip("apt-get install dataset-fashion-mnist")
+    cmd = commands(preset)[0]
+    tiny = ["epochs=1", "seeds=1", "batch_size=16", "record.every=1", "progress=false",
+            *TINY_DATA[data], f"hydra.sweep.dir={tmp_path}"]
+    code, _, err = cli(*cmd, *tiny)
+    assert code == 0, err
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == len(jobs(cmd))
+    for d in dirs:
+        assert store.read_summary(d)["status"] in ("completed", "diverged", "partial")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +18,13 @@ from vgrad import config, data, loop, losses, model, optim
 from vgrad.step import init_state, make_train_step
 from vgrad.train import CONF_DIR
 
-# Compile time dominates tiny test runs; XLA's optimisations only cost time here.
+# Compile time dominates tiny test runs; XLA's optimisations only cost time here (the
+# environment variable carries this to the subprocesses the CLI tests start).
 jax.config.update("jax_disable_most_optimizations", True)
+os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# No persistent compilation cache: tests see real compilations (and leave no files in
+# the user's cache); subprocesses inherit this.
+os.environ["VGRAD_COMPILE_CACHE"] = ""
 
 config.register()
 
@@ -93,6 +99,15 @@ def compile_counter():
     _COUNTER.active = True
     yield _COUNTER
     _COUNTER.active = False
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for ``python -m vgrad.train`` subprocesses: one persistent compilation
+    cache shared by them all (the tests of launchers, resuming and devices are about
+    those, not about compiling the same tiny programs again in every process)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, VGRAD_COMPILE_CACHE=str(cache), PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture

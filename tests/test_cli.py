@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,8 @@ from vgrad import store
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_module_entry_point_runs_and_says_where_outputs_are(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def test_module_entry_point_runs_and_says_where_outputs_are(tmp_path, subprocess_env):
+    env = subprocess_env
     proc = subprocess.run(
         [sys.executable, "-m", "vgrad.train", "epochs=2", f"hydra.run.dir={tmp_path}/run"],
         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
@@ -100,3 +99,17 @@ def test_missing_dataset_message_says_how_to_get_it(cli, tmp_path):
     code, _, err = cli("data=mnist", f"hydra.run.dir={tmp_path}")
     assert code == 2
     assert "IDX" in err and "data.path=" in err
+
+
+@pytest.mark.parametrize("save_every_s,writes", [(0, 4), (3600, 2)])
+def test_save_every_s_sets_how_often_a_running_run_is_written(cli, tmp_path, monkeypatch,
+                                                              save_every_s, writes):
+    calls = []
+    real = store.write_npz
+    monkeypatch.setattr(store, "write_npz", lambda path, arrays: (calls.append(path),
+                                                                  real(path, arrays)))
+    code, _, err = cli("epochs=4", "record.chunk_epochs=1", f"record.save_every_s={save_every_s}",
+                       "data.n_samples=64", "progress=false", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    assert len(calls) == writes  # every chunk, or the first and the last
+    assert store.read_metrics(tmp_path)["epoch"].tolist() == [0, 1, 2, 3, 4]

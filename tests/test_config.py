@@ -52,3 +52,25 @@ def test_validate_rejects_out_of_range_values_naming_the_key(override, key):
     assert err.value.key == key
     assert str(err.value).startswith(f"{key}=") and "expected" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_config_yaml_lists_every_registered_probe():
+    from vgrad import probes
+
+    cfg = compose_cfg()
+    assert list(cfg.record.step_probes) == list(probes.STEP_PROBES)
+    assert list(cfg.record.epoch_probes) == list(probes.EPOCH_PROBES)
+    with pytest.raises(ConfigError, match="record.step_probes=nope"):
+        config.validate(compose_cfg("record.step_probes=[nope]"))
+
+
+@pytest.mark.parametrize("launcher,key,value", [("slurm", "gpus_per_node", 1),
+                                                ("parallel", "n_jobs", 2)])
+def test_launcher_examples_compose_over_hydras_plugins(launcher, key, value):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher[key] == value
+    assert "hydra_plugins" in cfg.hydra.launcher._target_

@@ -123,3 +123,15 @@ def test_status_distinguishes_all_some_and_no_seeds_diverged():
     assert store.status_of(np.array([-1, -1])) == "completed"
     assert store.status_of(np.array([-1, 40])) == "partial"
     assert store.status_of(np.array([3, 40])) == "diverged"
+
+
+def test_choosing_probes_records_only_those_and_the_same_values():
+    full = run_to_end(compose_cfg(*TINY))
+    core = run_to_end(compose_cfg(*TINY, "record.step_probes=[kernel_grad_stats]",
+                                  "record.epoch_probes=[weight_stats]"))
+    assert set(core.step_stats) == {"grad_mean", "grad_std", "grad_norm", "grad_absmean",
+                                    "grad_maxabs"}
+    assert set(core.epoch_stats) == {"train_loss", "train_acc", "test_loss", "test_acc",
+                                     "weight_mean", "weight_std", "clip_frac"}
+    for k, v in core.step_stats.items():
+        np.testing.assert_allclose(v, full.step_stats[k], rtol=1e-5, atol=1e-9)

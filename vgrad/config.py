@@ -24,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from vgrad import activations, data, initializers, optim
+from vgrad import activations, data, initializers, optim, probes
 from vgrad.errors import ConfigError
 
 
@@ -57,9 +57,16 @@ class Record:
     sat_threshold: float = 0.1
     # Save the whole gradient pytree every K steps to grads.npz (0 = off).
     full_grads_every: int = 0
-    # Epochs per compiled chunk; outputs are written at each chunk boundary.
-    # 0 = automatic (about a second of work per chunk).
+    # Epochs per compiled chunk (0 = automatic: about a second of work per chunk).
     chunk_epochs: int = 0
+    # Seconds between writes of the run folder while a run goes (it is always written
+    # after the first chunk and at the end). Each write holds everything so far, so
+    # writing after every chunk would cost time quadratic in the run's length.
+    save_every_s: float = 30.0
+    # Which probes run (vgrad/probes.py registries); fewer probes, faster steps and
+    # compilation. The evaluation probe (losses and accuracies) always runs.
+    step_probes: list[str] = field(default_factory=lambda: list(probes.STEP_PROBES))
+    epoch_probes: list[str] = field(default_factory=lambda: list(probes.EPOCH_PROBES))
 
 
 @dataclass
@@ -83,6 +90,15 @@ class Config:
     seeds: int = 1  # seeds trained together in one vmapped program
     record: Record = field(default_factory=Record)
     tensorboard: bool = False  # also write TensorBoard events (the tensorboard extra)
+    # Persistent JAX compilation cache (null: off). A repeated or resumed sweep, and any
+    # run whose programs were compiled before, loads them instead of compiling.
+    compile_cache: str | None = "~/.cache/vgrad/jax"
+    # A job whose folder already holds an ended run of the same config is skipped
+    # (re-running a sweep into its folder resumes it); false: always train again.
+    resume: bool = True
+    # Float32 matrix products: highest = true float32 everywhere; default lets GPUs use
+    # TF32 (10-bit mantissa), faster but coarse for the small gradients measured here.
+    matmul_precision: str = "highest"
     progress: bool = True  # tqdm bar over epochs (off automatically when not a terminal)
 
 
@@ -171,6 +187,7 @@ def validate(cfg: Any) -> None:
     if cfg.act.name == "rrelu" and not cfg.act.lower <= cfg.act.upper:
         raise ConfigError("act.lower", cfg.act.lower, f"<= act.upper ({cfg.act.upper})")
     _one_of("data.scale", cfg.data.scale, ("none", "max", "standard"))
+    _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
     if "test_size" in cfg.data and not 0 <= cfg.data.test_size < 1:
         raise ConfigError("data.test_size", cfg.data.test_size, "a fraction in [0, 1)")
     if cfg.data.get("n_train") is not None:
@@ -180,8 +197,13 @@ def validate(cfg: Any) -> None:
     _at_least("record.probe_size", r.probe_size, 1)
     _at_least("record.full_grads_every", r.full_grads_every, 0)
     _at_least("record.chunk_epochs", r.chunk_epochs, 0)
+    _at_least("record.save_every_s", r.save_every_s, 0)
     if not 0 < r.sat_threshold < 1:
         raise ConfigError("record.sat_threshold", r.sat_threshold, "a fraction in (0, 1)")
+    for key, registry in (("record.step_probes", probes.STEP_PROBES),
+                          ("record.epoch_probes", probes.EPOCH_PROBES)):
+        for name in r[key.split(".")[1]]:
+            _one_of(key, name, registry)
 
 
 def _validate_init(node: Any, key: str) -> None:

@@ -24,6 +24,7 @@ it, and statistics that are not due at a step (``record.every``) are skipped by 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -33,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import OmegaConf
 
 from vgrad import losses, model, optim, probes
@@ -136,15 +138,33 @@ def _pad_to_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n_pad,) + x.shape[1:], x.dtype)]) if n_pad else x
 
 
-def device_data(ds: Dataset, probe_size: int) -> DeviceData:
-    return DeviceData(
-        jnp.asarray(_pad_to_blocks(ds.x_train, EVAL_BLOCK)),
-        jnp.asarray(_pad_to_blocks(ds.y_train, EVAL_BLOCK)),
-        jnp.asarray(_pad_to_blocks(ds.x_test, EVAL_BLOCK)),
-        jnp.asarray(_pad_to_blocks(ds.y_test, EVAL_BLOCK)),
-        jnp.asarray(ds.x_train[:probe_size]),
-        jnp.asarray(ds.y_train[:probe_size]),
-    )
+def device_data(ds: Dataset, probe_size: int, mesh: Mesh) -> DeviceData:
+    """The dataset on every device of ``mesh`` (each holds a whole copy)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    arrays = (_pad_to_blocks(ds.x_train, EVAL_BLOCK), _pad_to_blocks(ds.y_train, EVAL_BLOCK),
+              _pad_to_blocks(ds.x_test, EVAL_BLOCK), _pad_to_blocks(ds.y_test, EVAL_BLOCK),
+              ds.x_train[:probe_size], ds.y_train[:probe_size])
+    return DeviceData(*(jax.device_put(a, replicated) for a in arrays))
+
+
+def seed_mesh(n_seeds: int) -> Mesh:
+    """The devices the seed axis is split across: as many as divide ``n_seeds`` evenly
+    (all of them when they do), so each device trains an equal share of the seeds."""
+    devices = jax.devices()
+    count = max(d for d in range(1, len(devices) + 1) if n_seeds % d == 0)
+    return Mesh(np.array(devices[:count]), ("seeds",))
+
+
+def shard_seeds(tree: Any, mesh: Mesh) -> Any:
+    """Place (or, for ShapeDtypeStructs, describe) a [S, ...] pytree split along seeds."""
+    sharding = NamedSharding(mesh, PartitionSpec("seeds"))
+
+    def place(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
+
+    return jax.tree.map(place, tree)
 
 
 def shuffle(key: Array, n: int) -> Array:
@@ -218,6 +238,8 @@ class Program:
         self.batch_size = cfg.batch_size
         self.sat_threshold = cfg.record.sat_threshold
         self.snapshot_every = cfg.record.full_grads_every
+        self.step_probes = tuple(cfg.record.step_probes)
+        self.epoch_probes = tuple(cfg.record.epoch_probes)
         self.train_step = jax.vmap(make_train_step(self.net, self.tx, loss, self.names))
         self.eval_batch = make_eval_fn(self.net, loss)
         self.loss_fn = make_loss_fn(self.net, loss)
@@ -242,14 +264,20 @@ class Program:
                               data.x_train, data.y_train, self.n_train)
         test = mean_over_set(self.eval_batch, params, batch_stats,
                              data.x_test, data.y_test, self.n_test)
-        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-        _, captured = self.net.apply(variables, data.x_probe, train=False, capture=True,
-                                     mutable=["intermediates"])
-        sown = {k: v[0] for k, v in captured["intermediates"].items()}
         hidden = range(len(self.names) - 1)
-        perturbations = self.zero_perturbations(data.x_probe)
-        probe_grads = jax.grad(lambda p: self.loss_fn(
-            p, perturbations, batch_stats, data.x_probe, data.y_probe, probe_key)[0])(params)
+        sown = dict.fromkeys(f"{k}_{i}" for k in ("activation", "slope", "slope_max")
+                             for i in hidden)
+        if "activation_stats" in self.epoch_probes:  # (only traced when asked for)
+            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                              else {})}
+            _, captured = self.net.apply(variables, data.x_probe, train=False, capture=True,
+                                         mutable=["intermediates"])
+            sown = {k: v[0] for k, v in captured["intermediates"].items()}
+        probe_grads = None
+        if {"histograms", "probe_bias_grad_norm"} & set(self.epoch_probes):
+            perturbations = self.zero_perturbations(data.x_probe)
+            probe_grads = jax.grad(lambda p: self.loss_fn(
+                p, perturbations, batch_stats, data.x_probe, data.y_probe, probe_key)[0])(params)
         return probes.EpochView(
             params, *train, *test,
             acts=[sown[f"activation_{i}"] for i in hidden],
@@ -259,18 +287,21 @@ class Program:
 
     def _epoch_stats_one(self, state: TrainState, probe_key: Array, data: DeviceData
                          ) -> dict[str, Array]:
-        stats = probes.epoch_stats(self._epoch_view(state, probe_key, data), self.names)
+        stats = probes.epoch_stats(self._epoch_view(state, probe_key, data), self.names,
+                                   self.epoch_probes)
         # A diverged seed's statistics are NaN from its divergence on.
         return _nan_where(state.diverged_at >= 0, stats)
 
     def epoch_stats(self, state: TrainState, keys: SeedKeys, data: DeviceData,
                     clipped_steps: Array | None = None) -> dict[str, Array]:
         """Statistics at an epoch boundary, [S, ...]; ``clip_frac`` is the fraction of the
-        epoch's steps whose gradient clipping changed (NaN at initialisation)."""
+        epoch's steps whose gradient clipping changed (NaN at initialisation: pass None
+        or NaN ``clipped_steps``)."""
         stats = jax.vmap(self._epoch_stats_one, in_axes=(0, 0, None))(state, keys.probe, data)
         clip_frac = (jnp.full(state.diverged_at.shape, jnp.nan) if clipped_steps is None
                      else clipped_steps / self.plan.steps_per_epoch)
-        stats["clip_frac"] = jnp.where(state.diverged_at >= 0, jnp.nan, clip_frac)
+        stats["clip_frac"] = jnp.where(state.diverged_at >= 0, jnp.nan,
+                                       clip_frac).astype(jnp.float32)
         return stats
 
     def permutations(self, keys: SeedKeys, epoch: Array) -> Array:
@@ -289,7 +320,7 @@ class Program:
         state, out = self.train_step(state, data.x_train[idx], data.y_train[idx], noise)
 
         def measure(o):
-            return jax.vmap(lambda oo: probes.step_stats(oo, self.names))(o)
+            return jax.vmap(lambda oo: probes.step_stats(oo, self.names, self.step_probes))(o)
 
         if plan.record_every == 1:
             stats = measure(out)
@@ -308,11 +339,15 @@ class Program:
         """Train epochs epoch0 ... epoch0 + n_epochs - 1.
 
         Returns the new state, the statistics of every step ([S, n_epochs * P, ...]; NaN
-        where a step is not recorded), those at the epoch boundaries ([S, n_epochs + 1,
-        ...]: before the first epoch, measured only when epoch0 = 0 and NaN otherwise,
-        then after each epoch) and, with ``record.full_grads_every=K``, the gradients of
-        the chunk's steps that are multiples of K ([S, n_snapshots, ...] per parameter;
-        None otherwise).
+        where a step is not recorded), those at the chunk's n_epochs + 1 epoch boundaries
+        ([S, n_epochs + 1, ...]: the first, before any training, is measured only when
+        epoch0 = 0 and NaN otherwise, as the previous chunk measured it) and, with
+        ``record.full_grads_every=K``, the gradients of the chunk's steps that are
+        multiples of K ([S, n_snapshots, ...] per parameter; None otherwise).
+
+        The scan runs over the n_epochs + 1 boundaries: measure, then train the next
+        epoch unless it is the last boundary. Each of the two appears once in the program,
+        so XLA compiles the epoch probes and the training step once each.
         """
         P, K = self.plan.steps_per_epoch, self.snapshot_every
         first_snap = -(-epoch0 * P // K) * K if K else 0
@@ -325,8 +360,7 @@ class Program:
                 return jax.tree.map(lambda bb, g: bb.at[row].set(g), b, grads)
             return jax.lax.cond(gstep % K == 0, write, lambda b: b, snaps)
 
-        def epoch_body(carry, epoch):
-            state, snaps = carry
+        def train_epoch(state, snaps, epoch):
             perms = self.permutations(keys, epoch)
 
             def step_body(carry, i):
@@ -339,26 +373,39 @@ class Program:
             clipped = jnp.zeros(state.diverged_at.shape, jnp.float32)
             (state, snaps, clipped), rows = jax.lax.scan(step_body, (state, snaps, clipped),
                                                          jnp.arange(P))
-            return (state, snaps), (rows, self.epoch_stats(state, keys, data, clipped))
+            return state, snaps, clipped, rows
 
-        def measure_initial(state):
-            return self.epoch_stats(state, keys, data)
+        rows_template = jax.eval_shape(lambda s, b: train_epoch(s, b, epoch0)[3], state, snaps)
 
-        template = jax.eval_shape(measure_initial, state)
-        initial = jax.lax.cond(
-            epoch0 == 0, measure_initial,
-            lambda _: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
-            state)
-        (state, snaps), (rows, epochs) = jax.lax.scan(epoch_body, (state, snaps),
-                                                      epoch0 + jnp.arange(n_epochs))
-        # [n_epochs, P, S, ...] -> [S, n_epochs * P, ...]
-        rows = jax.tree.map(lambda r: jnp.moveaxis(r.reshape((-1,) + r.shape[2:]), 0, 1), rows)
-        # initial [S, ...] and [n_epochs, S, ...] -> [S, n_epochs + 1, ...]
-        epochs = jax.tree.map(lambda i, e: jnp.concatenate([i[:, None], jnp.moveaxis(e, 0, 1)],
-                                                           axis=1), initial, epochs)
+        def measure(state, clipped):
+            return self.epoch_stats(state, keys, data, clipped)
+
+        stats_template = jax.eval_shape(measure, state, jnp.zeros(state.diverged_at.shape))
+
+        def boundary(carry, k):
+            state, snaps, clipped = carry  # clipped: steps clipped in the epoch just ended
+            stats = jax.lax.cond((k > 0) | (epoch0 == 0), measure,
+                                 lambda *_: _nan_like(stats_template), state, clipped)
+            state, snaps, clipped, rows = jax.lax.cond(
+                k < n_epochs, train_epoch,
+                lambda s, b, _: (s, b, jnp.zeros_like(clipped), _nan_like(rows_template)),
+                state, snaps, epoch0 + k)
+            return (state, snaps, clipped), (rows, stats)
+
+        no_steps = jnp.full(state.diverged_at.shape, jnp.nan, jnp.float32)  # at boundary 0
+        (state, snaps, _), (rows, epochs) = jax.lax.scan(
+            boundary, (state, snaps, no_steps), jnp.arange(n_epochs + 1))
+        # [n_epochs + 1, P, S, ...] (the last boundary trains nothing) -> [S, n_epochs * P, ...]
+        rows = jax.tree.map(lambda r: jnp.moveaxis(r[:-1].reshape((-1,) + r.shape[2:]), 0, 1),
+                            rows)
+        epochs = jax.tree.map(lambda e: jnp.moveaxis(e, 0, 1), epochs)  # -> [S, n_epochs + 1]
         if K:
             snaps = jax.tree.map(lambda b: jnp.moveaxis(b, 0, 1), snaps)
         return state, rows, epochs, snaps
+
+
+def _nan_like(template: Any) -> Any:
+    return jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template)
 
 
 def _nan_where(cond: Array, stats: dict[str, Array]) -> dict[str, Array]:
@@ -382,19 +429,24 @@ class Compiled:
     ``record.chunk_epochs`` does not divide ``epochs``); ``compile_s`` accumulates.
     """
 
-    def __init__(self, prog: Program, seeds: Array, data: DeviceData):
+    def __init__(self, prog: Program, seeds: Array, data: DeviceData, mesh: Mesh):
         self.program = prog
+        self.mesh = mesh
         self.compile_s = 0.0
-        self._chunk_jit = jax.jit(prog.chunk, static_argnums=4, donate_argnums=0)
+        # Every output has the seed axis first and stays split along it (without this,
+        # XLA may replicate outputs that do not depend on the seed, such as zero biases).
+        by_seed = NamedSharding(mesh, PartitionSpec("seeds"))
+        self._chunk_jit = jax.jit(prog.chunk, static_argnums=4, donate_argnums=0,
+                                  out_shardings=by_seed)
         self._chunks: dict[int, Any] = {}
-        self.start = self._compile(jax.jit(prog.start), seeds, data)
-        self._state, self._keys = jax.eval_shape(prog.start, seeds, data)
+        self.start = self._compile(jax.jit(prog.start, out_shardings=by_seed), seeds, data)
+        self._state, self._keys = shard_seeds(jax.eval_shape(prog.start, seeds, data), mesh)
         self._data = data
         self.chunk(prog.plan.chunk_epochs)
         # The debugging engine's per-step pieces, compiled on first use.
-        self.permutations = jax.jit(prog.permutations)
-        self.step = jax.jit(prog.step, donate_argnums=0)
-        self.epoch_stats = jax.jit(prog.epoch_stats)
+        self.permutations = jax.jit(prog.permutations, out_shardings=by_seed)
+        self.step = jax.jit(prog.step, donate_argnums=0, out_shardings=by_seed)
+        self.epoch_stats = jax.jit(prog.epoch_stats, out_shardings=by_seed)
 
     def _compile(self, jitted: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -417,18 +469,19 @@ def _cache_key(cfg: Any, ds: Dataset) -> str:
     """Everything that shapes the program: the config except seed, progress and the data
     values (only the data's shapes matter)."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in ("seed", "progress", "data"):
+    for k in ("seed", "progress", "data", "compile_cache", "tensorboard", "resume"):
         c.pop(k, None)
     shapes = [ds.x_train.shape, ds.x_test.shape, ds.n_classes]
     return json.dumps([c, shapes, jax.default_backend()], sort_keys=True, default=str)
 
 
-def compile_program(cfg: Any, ds: Dataset, data: DeviceData) -> Compiled:
+def compile_program(cfg: Any, ds: Dataset, data: DeviceData, mesh: Mesh) -> Compiled:
     """The compiled programs of a configuration, reused by later runs of this process
     that share every shape-relevant setting (a sweep over seeds or data values)."""
-    key = _cache_key(cfg, ds)
+    key = _cache_key(cfg, ds) + repr(mesh.devices.tolist())
     if key not in _CACHE:
-        _CACHE[key] = Compiled(Program(cfg, ds), jnp.arange(cfg.seeds, dtype=jnp.int32), data)
+        seeds = shard_seeds(jnp.arange(cfg.seeds, dtype=jnp.int32), mesh)
+        _CACHE[key] = Compiled(Program(cfg, ds), seeds, data, mesh)
     return _CACHE[key]
 
 
@@ -437,30 +490,69 @@ def compile_program(cfg: Any, ds: Dataset, data: DeviceData) -> Compiled:
 
 @dataclasses.dataclass
 class Records:
-    """Everything measured so far, as host numpy arrays (leading axis = seeds)."""
+    """Everything measured so far, as host numpy arrays (leading axis = seeds).
+
+    The chunks' pieces are joined only when an array is first read, so that following a
+    run chunk by chunk costs nothing until its records are written.
+    """
 
     seeds: np.ndarray  # [S] seed values
     layer_names: list[str]
     n_params: int
     plan: Plan
-    step: np.ndarray  # [T] global step of each recorded row
-    step_stats: dict[str, np.ndarray]  # [S, T, ...]
-    epoch: np.ndarray  # [E+1], 0 = initialisation
-    epoch_stats: dict[str, np.ndarray]  # [S, E+1, ...]
+    step_parts: list[np.ndarray]  # global steps of the recorded rows, per chunk
+    step_stat_parts: list[dict[str, np.ndarray]]  # [S, T_chunk, ...] per chunk
+    epoch_parts: list[dict[str, np.ndarray]]  # [S, E_chunk, ...] per chunk
     diverged_at: np.ndarray  # [S], -1 = never
     nonfinite_at_divergence: np.ndarray  # [S, L]
-    snapshot_step: np.ndarray  # [N] steps of the full gradient snapshots (record.full_grads_every)
-    snapshots: dict[str, np.ndarray]  # "dense_0.kernel" -> [S, N, ...]
+    snapshot_step_parts: list[np.ndarray]
+    snapshot_parts: list[dict[str, np.ndarray]]  # "dense_0.kernel" -> [S, N_chunk, ...]
+    seed_devices: int  # devices the seed axis was split across
     compile_s: float
     run_s: float
     done: bool  # all epochs accounted for (trained, or skipped after every seed diverged)
 
+    @functools.cached_property
+    def step(self) -> np.ndarray:
+        """[T] global step of each recorded row."""
+        return _cat(self.step_parts)
+
+    @functools.cached_property
+    def step_stats(self) -> dict[str, np.ndarray]:
+        """Per-step statistics, [S, T, ...]."""
+        return _concat(self.step_stat_parts)
+
+    @functools.cached_property
+    def epoch_stats(self) -> dict[str, np.ndarray]:
+        """Per-epoch statistics, [S, E+1, ...] (0 = initialisation)."""
+        return _concat(self.epoch_parts)
+
+    @property
+    def epoch(self) -> np.ndarray:
+        return np.arange(self.epochs_done + 1)
+
+    @functools.cached_property
+    def snapshot_step(self) -> np.ndarray:
+        """[N] steps of the full gradient snapshots (record.full_grads_every)."""
+        return _cat(self.snapshot_step_parts)
+
+    @functools.cached_property
+    def snapshots(self) -> dict[str, np.ndarray]:
+        """Full gradient snapshots: "dense_0.kernel" -> [S, N, ...]."""
+        return _concat(self.snapshot_parts)
+
     @property
     def epochs_done(self) -> int:
-        return len(self.epoch) - 1
+        return sum(next(iter(p.values())).shape[1] for p in self.epoch_parts) - 1
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {}
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
@@ -482,10 +574,12 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
     """
     if engine not in ("scan", "python"):
         raise ValueError(f"engine={engine!r}: expected scan or python")
-    data = device_data(ds, cfg.record.probe_size)
-    compiled = compile_program(cfg, ds, data)
+    mesh = seed_mesh(cfg.seeds)
+    data = device_data(ds, cfg.record.probe_size, mesh)
+    with jax.default_matmul_precision(cfg.matmul_precision):
+        compiled = compile_program(cfg, ds, data, mesh)
     prog, plan = compiled.program, compiled.program.plan
-    seeds = jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32)
+    seeds = shard_seeds(jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32), mesh)
 
     t0 = time.perf_counter()
     state, keys = compiled.start(seeds, data)
@@ -498,14 +592,11 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
 
     def records(done: bool) -> Records:
         diverged, nonfinite = jax.device_get((state.diverged_at, state.nonfinite_at_divergence))
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         return Records(
-            np.asarray(seeds), prog.names, prog.n_params, plan, cat(steps_done),
-            _concat(step_parts) if step_parts else {},
-            np.arange(sum(next(iter(p.values())).shape[1] for p in epoch_parts)),
-            _concat(epoch_parts), np.asarray(diverged), np.asarray(nonfinite),
-            cat(snap_steps), _concat(snap_parts) if snap_parts else {},
-            compiled.compile_s, run_s, done)
+            np.asarray(seeds), prog.names, prog.n_params, plan, list(steps_done),
+            list(step_parts), list(epoch_parts), np.asarray(diverged), np.asarray(nonfinite),
+            list(snap_steps), list(snap_parts), mesh.devices.size, compiled.compile_s, run_s,
+            done)
 
     for c in range(plan.n_chunks):
         epochs = plan.chunk_epochs_of(c)

@@ -25,12 +25,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vgrad import activations, initializers
 from vgrad.config import hidden_widths
 
 #: Where the activation's maximum slope is searched (includes 0, where sigmoid peaks).
-SLOPE_GRID = jnp.linspace(-10.0, 10.0, 2001)
+SLOPE_GRID = np.linspace(-10.0, 10.0, 2001, dtype=np.float32)
 
 
 def layer_names(depth: int) -> list[str]:

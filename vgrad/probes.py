@@ -15,11 +15,12 @@ Statistics use the kernel (weight matrix) of each Dense layer unless the name sa
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vgrad.step import StepOut
@@ -29,7 +30,7 @@ Array = jax.Array
 #: Fixed bin edges of log10|value| histograms: identical for every run and layer, so a
 #: sweep compares bin for bin. 0.25 decade bins from 1e-12 to 1e4; smaller values
 #: (exact zeros included) count in the first bin, larger (inf included) in the last.
-HIST_EDGES = jnp.linspace(-12.0, 4.0, 65)
+HIST_EDGES = np.linspace(-12.0, 4.0, 65, dtype=np.float32)
 
 
 def _stack(values: list[Array]) -> Array:
@@ -105,16 +106,18 @@ STEP_PROBES: dict[str, Callable[[StepOut, list[str]], dict[str, Array]]] = {
 
 
 def _collect(registry: dict[str, Callable[..., dict[str, Array]]], view: Any,
-             names: list[str]) -> dict[str, Array]:
+             names: list[str], which: Sequence[str] | None) -> dict[str, Array]:
     stats: dict[str, Array] = {}
-    for probe in registry.values():
-        stats.update(probe(view, names))
+    for name, probe in registry.items():
+        if which is None or name in which:
+            stats.update(probe(view, names))
     return stats
 
 
-def step_stats(out: StepOut, names: list[str]) -> dict[str, Array]:
-    """Every registered per-step statistic of one step."""
-    return _collect(STEP_PROBES, out, names)
+def step_stats(out: StepOut, names: list[str], which: Sequence[str] | None = None
+               ) -> dict[str, Array]:
+    """The per-step statistics of one step: every registered probe, or those in ``which``."""
+    return _collect(STEP_PROBES, out, names, which)
 
 
 # --- epoch-boundary probes ---------------------------------------------------------------
@@ -212,6 +215,10 @@ EPOCH_PROBES: dict[str, Callable[[EpochView, list[str]], dict[str, Array]]] = {
 }
 
 
-def epoch_stats(view: EpochView, names: list[str]) -> dict[str, Array]:
-    """Every registered per-epoch statistic at one epoch boundary."""
-    return {k: jnp.asarray(v, jnp.float32) for k, v in _collect(EPOCH_PROBES, view, names).items()}
+def epoch_stats(view: EpochView, names: list[str], which: Sequence[str] | None = None
+                ) -> dict[str, Array]:
+    """The per-epoch statistics at one epoch boundary: every registered probe, or those in
+    ``which`` (the evaluation always runs: the run's summary needs it)."""
+    which = None if which is None else {"evaluation", *which}
+    stats = _collect(EPOCH_PROBES, view, names, which)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}

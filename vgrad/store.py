@@ -13,6 +13,7 @@ JSON never holds NaN (not valid JSON): missing or non-finite numbers are ``null`
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -104,7 +105,9 @@ def is_complete(run_dir: Path) -> bool:
         return False
 
 
+@functools.cache
 def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run's numbers depend on (read once)."""
     names = ["vgrad", "jax", "jaxlib", "flax", "optax", "hydra-core", "numpy"]
     out = {"python": platform.python_version()}
     for n in names:
@@ -211,6 +214,6 @@ def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str
             "steps_per_s": steps / rec.run_s if rec.run_s > 0 else None,
             "seed_steps_per_s": steps * len(rec.seeds) / rec.run_s if rec.run_s > 0 else None,
         },
-        "versions": versions(),
-        "device": device,
+        "versions": dict(versions()),
+        "device": {**device, "seed_devices": rec.seed_devices},
     }

@@ -48,32 +48,37 @@ class TensorBoardExport:
         writer = _writer_class()
         self.writers = [writer(str(Path(run_dir) / "tensorboard" / f"seed_{s}"))
                         for s in seeds]
-        self.steps_written = 0  # recorded rows already exported
+        self.chunks_written = 0  # chunks of the records already exported
         self.epochs_written = 0  # epoch boundaries already exported
 
     def update(self, rec: Any) -> None:
-        edges = None
+        """Export the chunks of ``rec`` not exported yet."""
+        from vgrad.probes import HIST_EDGES
+
+        edges = np.asarray(HIST_EDGES, np.float64)
+        new = range(self.chunks_written, len(rec.step_parts))
         for s, w in enumerate(self.writers):
-            for t in range(self.steps_written, len(rec.step)):
-                step = int(rec.step[t])
-                _scalar(w, "loss", rec.step_stats["loss"][s, t], step)
-                _scalar(w, "grad_global_norm", rec.step_stats["grad_global_norm"][s, t], step)
-                for key in STEP_SCALARS:
-                    for layer, name in enumerate(rec.layer_names):
-                        _scalar(w, f"{key}/{name}", rec.step_stats[key][s, t, layer], step)
-            for e in range(self.epochs_written, len(rec.epoch)):
-                step = e * rec.plan.steps_per_epoch
-                for key, tag in EPOCH_SCALARS.items():
-                    _scalar(w, tag, rec.epoch_stats[key][s, e], step)
-                if edges is None:
-                    from vgrad.probes import HIST_EDGES
-                    edges = np.asarray(HIST_EDGES, np.float64)
-                for key in ("grad_hist", "weight_hist"):
-                    for layer, name in enumerate(rec.layer_names):
-                        _histogram(w, f"{key}/{name}", rec.epoch_stats[key][s, e, layer], edges,
-                                   step)
+            for c in new:
+                steps, stats = rec.step_parts[c], rec.step_stat_parts[c]
+                for t, step in enumerate(steps.tolist()):
+                    _scalar(w, "loss", stats["loss"][s, t], step)
+                    _scalar(w, "grad_global_norm", stats["grad_global_norm"][s, t], step)
+                    for key in (k for k in STEP_SCALARS if k in stats):
+                        for layer, name in enumerate(rec.layer_names):
+                            _scalar(w, f"{key}/{name}", stats[key][s, t, layer], step)
+            epoch = self.epochs_written
+            for c in new:
+                stats = rec.epoch_parts[c]
+                for i in range(next(iter(stats.values())).shape[1]):
+                    step = (epoch + i) * rec.plan.steps_per_epoch
+                    for key, tag in EPOCH_SCALARS.items():
+                        _scalar(w, tag, stats[key][s, i], step)
+                    for key in (k for k in ("grad_hist", "weight_hist") if k in stats):
+                        for layer, name in enumerate(rec.layer_names):
+                            _histogram(w, f"{key}/{name}", stats[key][s, i, layer], edges, step)
+                epoch += next(iter(stats.values())).shape[1]
             w.flush()
-        self.steps_written, self.epochs_written = len(rec.step), len(rec.epoch)
+        self.chunks_written, self.epochs_written = len(rec.step_parts), rec.epochs_done + 1
 
     def close(self) -> None:
         for w in self.writers:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,37 @@ def _write_failure(run_dir: Path, cfg: DictConfig, error: str) -> None:
         "status": "failed",
         "error": error,
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "versions": store.versions(),
+        "versions": dict(store.versions()),
     })
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``path`` (None: leave it off).
+
+    Every program is cached, however fast it compiled: vgrad's compile in seconds, and
+    JAX's default (only programs slower than 1 s) would skip most of them.
+    """
+    if not path:
+        return
+    folder = Path(path).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: Config keys that do not change what a run computes (ignored when resuming).
+VOLATILE = ("progress", "resume", "compile_cache", "tensorboard")
+
+
+def finished_before(run_dir: Path, cfg: DictConfig) -> str | None:
+    """The status of an ended run of the same config already in ``run_dir``, else None."""
+    if not (store.is_complete(run_dir) and (run_dir / store.METRICS).is_file()):
+        return None
+    summary = store.read_summary(run_dir)
+    current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    same = all(summary["config"].get(k) == v for k, v in current.items() if k not in VOLATILE)
+    return summary["status"] if same else None
 
 
 def train(cfg: DictConfig, run_dir: Path) -> str:
@@ -73,6 +103,7 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         _write_failure(run_dir, cfg, str(exc))
         raise
 
+    use_compile_cache(cfg.compile_cache)
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     device = device_info()
     log.info("data %s: %d train / %d test examples, %d classes; %d seed(s) from %d on %s",
@@ -82,14 +113,17 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
              if cfg.tensorboard else None)
     bar = tqdm(total=cfg.epochs, unit="epoch", disable=not cfg.progress or None,
                desc=run_dir.name, leave=False)
-    status = "running"
+    status, saved = "running", None
     for rec in loop.run(cfg, ds):
         status = store.status_of(rec.diverged_at) if rec.done else "running"
-        store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
-        if rec.snapshots:
-            store.write_npz(run_dir / store.GRADS, store.grads_arrays(rec))
-        store.write_json(run_dir / store.SUMMARY,
-                         store.make_summary(rec, resolved, status, device))
+        now = time.monotonic()
+        if rec.done or saved is None or now - saved >= cfg.record.save_every_s:
+            store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
+            if rec.snapshot_parts:
+                store.write_npz(run_dir / store.GRADS, store.grads_arrays(rec))
+            store.write_json(run_dir / store.SUMMARY,
+                             store.make_summary(rec, resolved, status, device))
+            saved = now
         if board is not None:
             board.update(rec)
         bar.update(rec.epochs_done - bar.n)
@@ -119,6 +153,10 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> str:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.resume and (status := finished_before(run_dir, cfg)) is not None:
+        log.info("%s already holds an ended run of this config (%s): skipped (resume=false "
+                 "trains it again)", run_dir, status)
+        return status
     try:
         status = train(cfg, run_dir)
     except ConfigError as exc:

@@ -1,0 +1,70 @@
+"""Seed 000's experiment as an idiomatic PyTorch training loop, with the same work as
+``plain_jax.py``: per step, the loss and every kernel gradient's mean, std, L2 norm,
+mean |g| and max |g|, every bias gradient's norm and the global gradient norm; per
+epoch, loss and accuracy on all points and each kernel's mean and std.
+
+One run trains one seed: a PyTorch loop has no vmap over whole training runs, so S
+seeds are S runs, one after the other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+SIZES = (2, 5, 5, 5, 5, 1)
+
+
+def make_model(act: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:], strict=True)):
+        dense = nn.Linear(n_in, n_out)
+        nn.init.normal_(dense.weight, 0.0, 1.0)  # Keras RandomNormal(0, 1)
+        nn.init.zeros_(dense.bias)
+        layers.append(dense)
+        if i < len(SIZES) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int
+          ) -> dict[str, np.ndarray]:
+    torch.manual_seed(seed)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    model = make_model()
+    dense = [m for m in model if isinstance(m, nn.Linear)]
+    # Keras's defaults; PyTorch adds eps outside the square root, Keras inside.
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+    loss_fn = nn.BCEWithLogitsLoss()
+    n, steps = len(xt), len(xt) // batch
+    L = len(dense)
+    step_stats = torch.zeros(epochs * steps, 6 * L + 2)
+    epoch_stats = torch.zeros(epochs, 2 + 2 * L)
+    t = 0
+    for e in range(epochs):
+        perm = torch.randperm(n)
+        for i in range(steps):
+            idx = perm[i * batch:(i + 1) * batch]
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx])[:, 0], yt[idx])
+            loss.backward()
+            with torch.no_grad():
+                rows = []
+                for d in dense:
+                    g = d.weight.grad
+                    rows.append(torch.stack([g.mean(), g.std(unbiased=False), g.norm(),
+                                             g.abs().mean(), g.abs().max(), d.bias.grad.norm()]))
+                grads = [p.grad for p in model.parameters()]
+                total = torch.sqrt(sum((g * g).sum() for g in grads))
+                step_stats[t] = torch.cat([loss.detach()[None], total[None], *rows])
+            opt.step()
+            t += 1
+        with torch.no_grad():
+            logits = model(xt)[:, 0]
+            weights = torch.stack([torch.stack([d.weight.mean(), d.weight.std(unbiased=False)])
+                                   for d in dense]).ravel()
+            epoch_stats[e] = torch.cat([loss_fn(logits, yt)[None],
+                                        ((logits > 0) == (yt > 0.5)).float().mean()[None],
+                                        weights])
+    return {"steps": step_stats.numpy(), "epochs": epoch_stats.numpy()}

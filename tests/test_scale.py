@@ -1,0 +1,161 @@
+"""Scale and robustness: resuming a killed sweep, crashes recorded as failed jobs,
+Hydra's launchers, seeds split across host devices, the benchmark's bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_dirs
+
+from vgrad import loop, store
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SWEEP = ["-m", "act=tanh,relu", "epochs=2", "data.n_samples=128", "progress=false"]
+
+
+def vgrad_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vgrad.train", *args]
+
+
+@pytest.fixture
+def run(subprocess_env):
+    def run(cmd: list[str], env: dict | None = None, timeout: int = 300):
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout, env=env or subprocess_env)
+    return run
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_jobs(tmp_path, run, subprocess_env):
+    sweep = tmp_path / "sweep"
+    cmd = vgrad_cmd("-m", "epochs=1,300,300", "data.n_samples=128", "progress=false",
+                   f"hydra.sweep.dir={sweep}")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=subprocess_env)
+    first = sweep / "0"
+    deadline = time.time() + 240
+    while not store.is_complete(first):  # kill right after the first job ends
+        assert time.time() < deadline and proc.poll() is None, "first job did not finish"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    unfinished = [d for d in (sweep / "1", sweep / "2") if not store.is_complete(d)]
+    assert unfinished, "the sweep ended before it could be killed"
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in
+              (first / store.SUMMARY, first / store.METRICS)}
+
+    again = run(cmd)
+    assert again.returncode == 0, again.stderr
+    assert "already holds an ended run of this config" in again.stdout + again.stderr
+    for f, (mtime, content) in before.items():  # the finished job was not re-run
+        assert f.stat().st_mtime_ns == mtime and f.read_bytes() == content
+    for d in (sweep / "0", sweep / "1", sweep / "2"):
+        assert store.read_summary(d)["status"] == "completed"
+    assert len(json.loads(json.dumps(store.read_summary(sweep / "2")))["per_seed"]) == 1
+
+    forced = run(vgrad_cmd("epochs=1", "data.n_samples=128", "progress=false", "resume=false",
+                           f"hydra.run.dir={first}"))
+    assert forced.returncode == 0, forced.stderr
+    assert (first / store.METRICS).stat().st_mtime_ns != before[first / store.METRICS][0]
+
+
+def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path, monkeypatch):
+    real_run = loop.run
+
+    def crash_on_relu(cfg, ds, engine="scan"):
+        if cfg.act.name == "relu":
+            raise RuntimeError("simulated crash")
+        return real_run(cfg, ds, engine)
+
+    monkeypatch.setattr(loop, "run", crash_on_relu)
+    code, _, err = cli("-m", "act=tanh,relu,sigmoid", "epochs=1", "data.n_samples=64",
+                       "progress=false", f"hydra.sweep.dir={tmp_path}")
+    assert code == 1
+    assert "simulated crash" in err
+    statuses = {store.read_summary(d)["config"]["act"]["name"]: store.read_summary(d)
+                for d in run_dirs(tmp_path)}
+    assert statuses["relu"]["status"] == "failed"
+    assert statuses["relu"]["error"] == "RuntimeError: simulated crash"
+    assert statuses["tanh"]["status"] == statuses["sigmoid"]["status"] == "completed"
+    runs = (tmp_path / "runs.csv").read_text()
+    assert "failed" in runs and "simulated crash" in runs
+
+
+def metrics_of(sweep: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {d.name: store.read_metrics(d) for d in run_dirs(sweep)}
+
+
+def test_joblib_and_submitit_local_launchers_give_the_basic_launchers_metrics(tmp_path, run):
+    results = {}
+    for launcher in ("basic", "joblib", "submitit_local"):
+        out = tmp_path / launcher
+        proc = run(vgrad_cmd(*TINY_SWEEP, f"hydra/launcher={launcher}",
+                             f"hydra.sweep.dir={out}"))
+        assert proc.returncode == 0, proc.stderr
+        assert (out / "runs.csv").is_file()
+        results[launcher] = metrics_of(out)
+    assert sorted(results["basic"]) == ["0", "1"]
+    for launcher in ("joblib", "submitit_local"):
+        assert results[launcher].keys() == results["basic"].keys()
+        for job, arrays in results["basic"].items():
+            for key, value in arrays.items():
+                np.testing.assert_array_equal(results[launcher][job][key], value,
+                                              err_msg=f"{launcher} {job} {key}")
+    assert (tmp_path / "submitit_local" / ".submitit").is_dir()
+
+
+def test_seeds_split_across_two_host_devices_give_one_devices_numbers(
+        tmp_path, run, subprocess_env):
+    arrays = {}
+    for devices in (1, 2):
+        env = {k: v for k, v in subprocess_env.items() if k != "XLA_FLAGS"}
+        env["VGRAD_HOST_DEVICES"] = str(devices)
+        out = tmp_path / f"d{devices}"
+        proc = run(vgrad_cmd("seeds=4", "epochs=2", "data.n_samples=128", "progress=false",
+                             f"hydra.run.dir={out}"), env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert store.read_summary(out)["device"]["seed_devices"] == devices
+        arrays[devices] = store.read_metrics(out)
+    for key, value in arrays[1].items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(arrays[2][key], value, rtol=2e-5, atol=1e-7,
+                                       err_msg=key)
+        else:
+            np.testing.assert_array_equal(arrays[2][key], value, err_msg=key)
+
+
+def test_seed_mesh_uses_the_devices_that_divide_the_seeds():
+    import jax
+
+    n = len(jax.devices())
+    assert loop.seed_mesh(1).devices.size == 1
+    assert loop.seed_mesh(2 * n).devices.size == n
+    assert loop.seed_mesh(7).devices.size in (1, 7)
+
+
+def test_benchmark_tiny_mode_keeps_its_books(tmp_path, run):
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "benchmarks/bench.py", "--tiny", "--json", str(out)],
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["seeds"] for r in result["rows"]] == [1, 2]
+    steps = result["steps_per_run"]
+    assert steps == 2 * (1000 // 32)
+    for row in result["rows"]:
+        for key in ("plain_jax", "vgrad_same_work", "vgrad_all_instruments"):
+            r = row[key]
+            assert r["compile_s"] > 0 and r["run_s"] > 0 and r["peak_rss_mb"] > 0
+            assert r["runs_per_s"] == pytest.approx(row["seeds"] / r["run_s"])
+            assert r["seed_steps_per_s"] == pytest.approx(steps * row["seeds"] / r["run_s"])
+        assert row["ratio_vgrad_same_work_to_plain_jax"] == pytest.approx(
+            row["plain_jax"]["run_s"] / row["vgrad_same_work"]["run_s"])
+        if "torch" in row:
+            assert row["ratio_vgrad_same_work_to_torch"] == pytest.approx(
+                row["torch"]["run_s"] / row["vgrad_same_work"]["run_s"])
+    assert "plain JAX" in proc.stdout and "same/plain" in proc.stdout

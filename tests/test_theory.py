@@ -1,0 +1,79 @@
+"""Mean-field theory, and vgrad's measured delta norms against it at initialisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import compose_cfg, run_to_end
+from scipy.optimize import brentq
+
+from vgrad import data, theory
+
+
+def act(name: str) -> theory.Activation:
+    return theory.activation(compose_cfg(f"act={name}").act)
+
+
+def test_relu_chi_is_half_sigma_w_squared_whatever_the_variance():
+    relu = act("relu")
+    for q in (0.01, 1.0, 30.0):
+        assert theory.chi(relu, q, 2.0) == pytest.approx(1.0, abs=1e-6)  # He: critical
+        assert theory.chi(relu, q, 1.0) == pytest.approx(0.5, abs=1e-6)
+    # The ReLU length map is linear: q' = sigma_w^2 q / 2 + sigma_b^2.
+    assert theory.length_map(relu, 3.0, 1.5, 0.1) == pytest.approx(1.5 * 3.0 / 2 + 0.1, rel=1e-5)
+
+
+def test_tanh_order_to_chaos_boundary_matches_the_published_phase_diagram():
+    tanh = act("tanh")
+    # Poole et al. 2016 / Schoenholz et al. 2017: at sigma_b^2 = 0.05 the critical line
+    # chi_1 = 1 crosses sigma_w^2 = 1.76.
+    critical = brentq(lambda s2: theory.chi(tanh, theory.q_star(tanh, s2, 0.05), s2) - 1,
+                      1.0, 3.0)
+    assert critical == pytest.approx(1.76, abs=0.01)
+    # Without biases, sigma_w^2 = 1 is critical (q* = 0, tanh'(0) = 1); the length map
+    # creeps to q* = 0 there (q_l ~ 1 / l), below it quickly.
+    assert theory.chi(tanh, 1e-9, 1.0) == pytest.approx(1.0, abs=1e-6)
+    assert theory.q_star(tanh, 1.0, 0.0) < 0.01
+    assert theory.q_star(tanh, 0.5, 0.0) < 1e-9
+    assert theory.gradient_depth_scale(tanh, 1.2, 0.05) > theory.gradient_depth_scale(
+        tanh, 3.0, 0.05)  # deeper into chaos, gradients explode over fewer layers
+
+
+def test_sigma_w2_of_initializers():
+    assert theory.sigma_w2_of(compose_cfg("init=he_normal").init) == 2.0
+    assert theory.sigma_w2_of(compose_cfg("init=variance_scaling", "init.scale=1.5").init) == 1.5
+    with pytest.raises(ValueError, match="glorot_uniform"):
+        theory.sigma_w2_of(compose_cfg("init=glorot_uniform").init)
+    assert theory.sigma_b2_of(compose_cfg("bias_init=normal", "bias_init.std=0.2").bias_init) \
+        == pytest.approx(0.04)
+
+
+WIDE = ["data=digits", "data.scale=standard", "loss=ce", "depth=6", "width=512",
+        "batch_size=256", "epochs=1", "seeds=2", "init=variance_scaling",
+        "record.step_probes=[delta_norm]", "record.epoch_probes=[]", "progress=false"]
+
+
+@pytest.mark.parametrize("name,sigma_w2,sigma_b", [("relu", 1.0, 0.0), ("relu", 2.0, 0.0),
+                                                   ("tanh", 1.5, 0.0), ("tanh", 3.0, 0.3)])
+def test_measured_delta_profile_at_initialisation_follows_mean_field_theory(
+        name, sigma_w2, sigma_b):
+    overrides = [*WIDE, f"act={name}", f"init.scale={sigma_w2}"]
+    if sigma_b:
+        overrides += ["bias_init=normal", f"bias_init.std={sigma_b}"]
+    cfg = compose_cfg(*overrides)
+    rec = run_to_end(cfg)
+    measured = rec.step_stats["delta_norm"][:, 0]  # step 0: the initial parameters
+    measured = measured / measured[:, -1:]
+    ds = data.load(cfg.data)
+    predicted = theory.mean_delta_profile(act(name), cfg.depth, theory.sigma_w2_of(cfg.init),
+                                          theory.sigma_b2_of(cfg.bias_init), ds.x_train)
+    # Width 512 and a 256-example batch: within 6% of the infinite-width prediction,
+    # also where gradients change by orders of magnitude across the net.
+    np.testing.assert_allclose(measured, np.broadcast_to(predicted, measured.shape),
+                               rtol=0.06)
+    # The cruder prediction from the mean input is visibly worse where q_0 matters.
+    crude = theory.delta_profile(act(name), cfg.depth, theory.sigma_w2_of(cfg.init),
+                                 theory.sigma_b2_of(cfg.bias_init),
+                                 float(np.mean(ds.x_train ** 2)))
+    assert np.abs(np.log(measured.mean(0) / predicted)).max() <= \
+        np.abs(np.log(measured.mean(0) / crude)).max() + 1e-3

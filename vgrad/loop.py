@@ -436,17 +436,19 @@ class Compiled:
         # Every output has the seed axis first and stays split along it (without this,
         # XLA may replicate outputs that do not depend on the seed, such as zero biases).
         by_seed = NamedSharding(mesh, PartitionSpec("seeds"))
-        self._chunk_jit = jax.jit(prog.chunk, static_argnums=4, donate_argnums=0,
-                                  out_shardings=by_seed)
+        jit = functools.partial(jax.jit, out_shardings=by_seed,
+                                compiler_options=compiler_options())
+        self._chunk_jit = jit(prog.chunk, static_argnums=4, donate_argnums=0)
         self._chunks: dict[int, Any] = {}
-        self.start = self._compile(jax.jit(prog.start, out_shardings=by_seed), seeds, data)
+        self.start = self._compile(jit(prog.start), seeds, data)
         self._state, self._keys = shard_seeds(jax.eval_shape(prog.start, seeds, data), mesh)
         self._data = data
         self.chunk(prog.plan.chunk_epochs)
-        # The debugging engine's per-step pieces, compiled on first use.
-        self.permutations = jax.jit(prog.permutations, out_shardings=by_seed)
-        self.step = jax.jit(prog.step, donate_argnums=0, out_shardings=by_seed)
-        self.epoch_stats = jax.jit(prog.epoch_stats, out_shardings=by_seed)
+        # The debugging engine's per-step pieces, compiled on first use (with the same
+        # options, so that both engines give the same numbers).
+        self.permutations = jit(prog.permutations)
+        self.step = jit(prog.step, donate_argnums=0)
+        self.epoch_stats = jit(prog.epoch_stats)
 
     def _compile(self, jitted: Any, *args: Any) -> Any:
         t0 = time.perf_counter()
@@ -460,6 +462,18 @@ class Compiled:
             self._chunks[n_epochs] = self._compile(
                 self._chunk_jit, self._state, self._keys, jnp.int32(0), self._data, n_epochs)
         return self._chunks[n_epochs]
+
+
+def compiler_options() -> dict[str, Any]:
+    """XLA options for vgrad's programs.
+
+    On CPU, LLVM optimisation level 1 instead of XLA's default 2: it compiles vgrad's
+    programs 15-30% faster and they run as fast (measured on seed 000's net at 1 and
+    100 seeds, and a 64-512x4-10 ReLU net: run times within 1%, while level 0 runs
+    2.5x slower). Matrix products call Eigen/oneDNN kernels either way, and the rest
+    is small fused loops. Other backends keep XLA's defaults.
+    """
+    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
 
 
 _CACHE: dict[str, Compiled] = {}

@@ -102,6 +102,11 @@ class Config:
     progress: bool = True  # tqdm bar over epochs (off automatically when not a terminal)
 
 
+#: Top-level keys that do not change what a run computes: a resumed job ignores them
+#: when it compares configs, and compiled programs are shared across them.
+VOLATILE = ("progress", "resume", "compile_cache", "tensorboard")
+
+
 GROUPS: dict[str, dict[str, Any]] = {
     "act": activations.ACTIVATIONS,
     "init": initializers.KERNEL_INITIALIZERS,

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from omegaconf import OmegaConf
 
-from vgrad import losses, model, optim, probes
+from vgrad import config, losses, model, optim, probes
 from vgrad.data import Dataset
 from vgrad.step import (
     TrainState,
@@ -480,10 +480,10 @@ _CACHE: dict[str, Compiled] = {}
 
 
 def _cache_key(cfg: Any, ds: Dataset) -> str:
-    """Everything that shapes the program: the config except seed, progress and the data
-    values (only the data's shapes matter)."""
+    """Everything that shapes the program: the config except the seed, the data values
+    (only the data's shapes matter) and the keys that change nothing computed."""
     c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in ("seed", "progress", "data", "compile_cache", "tensorboard", "resume"):
+    for k in ("seed", "data", *config.VOLATILE):
         c.pop(k, None)
     shapes = [ds.x_train.shape, ds.x_test.shape, ds.n_classes]
     return json.dumps([c, shapes, jax.default_backend()], sort_keys=True, default=str)

@@ -76,17 +76,14 @@ def use_compile_cache(path: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-#: Config keys that do not change what a run computes (ignored when resuming).
-VOLATILE = ("progress", "resume", "compile_cache", "tensorboard")
-
-
 def finished_before(run_dir: Path, cfg: DictConfig) -> str | None:
     """The status of an ended run of the same config already in ``run_dir``, else None."""
     if not (store.is_complete(run_dir) and (run_dir / store.METRICS).is_file()):
         return None
     summary = store.read_summary(run_dir)
     current = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    same = all(summary["config"].get(k) == v for k, v in current.items() if k not in VOLATILE)
+    same = all(summary["config"].get(k) == v for k, v in current.items()
+               if k not in config.VOLATILE)
     return summary["status"] if same else None
 
 

@@ -238,6 +238,7 @@ class Program:
         self.batch_size = cfg.batch_size
         self.sat_threshold = cfg.record.sat_threshold
         self.snapshot_every = cfg.record.full_grads_every
+        self.matmul_precision = cfg.matmul_precision
         self.step_probes = tuple(cfg.record.step_probes)
         self.epoch_probes = tuple(cfg.record.epoch_probes)
         self.train_step = jax.vmap(make_train_step(self.net, self.tx, loss, self.names))
@@ -436,8 +437,10 @@ class Compiled:
         # Every output has the seed axis first and stays split along it (without this,
         # XLA may replicate outputs that do not depend on the seed, such as zero biases).
         by_seed = NamedSharding(mesh, PartitionSpec("seeds"))
-        jit = functools.partial(jax.jit, out_shardings=by_seed,
-                                compiler_options=compiler_options())
+        def jit(fn: Callable, **kwargs: Any) -> Any:
+            return jax.jit(_traced_at(prog.matmul_precision, fn), out_shardings=by_seed,
+                           compiler_options=compiler_options(), **kwargs)
+
         self._chunk_jit = jit(prog.chunk, static_argnums=4, donate_argnums=0)
         self._chunks: dict[int, Any] = {}
         self.start = self._compile(jit(prog.start), seeds, data)
@@ -462,6 +465,17 @@ class Compiled:
             self._chunks[n_epochs] = self._compile(
                 self._chunk_jit, self._state, self._keys, jnp.int32(0), self._data, n_epochs)
         return self._chunks[n_epochs]
+
+
+def _traced_at(precision: str, fn: Callable) -> Callable:
+    """``fn`` traced under ``jax.default_matmul_precision(precision)``: a jitted function
+    keeps the matrix-product precision of its tracing, whenever it is first called."""
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.default_matmul_precision(precision):
+            return fn(*args, **kwargs)
+
+    return traced
 
 
 def compiler_options() -> dict[str, Any]:
@@ -590,8 +604,7 @@ def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
         raise ValueError(f"engine={engine!r}: expected scan or python")
     mesh = seed_mesh(cfg.seeds)
     data = device_data(ds, cfg.record.probe_size, mesh)
-    with jax.default_matmul_precision(cfg.matmul_precision):
-        compiled = compile_program(cfg, ds, data, mesh)
+    compiled = compile_program(cfg, ds, data, mesh)
     prog, plan = compiled.program, compiled.program.plan
     seeds = shard_seeds(jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32), mesh)
 

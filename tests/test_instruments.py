@@ -185,3 +185,17 @@ def test_tensorboard_events_are_written_and_readable(cli, tmp_path):
         hist = events.Histograms("weight_hist/dense_1")
         assert len(hist) == 3  # initialisation and two epochs
         assert hist[0].histogram_value.num == 25  # a 5x5 kernel
+
+
+def test_tensorboard_exports_what_the_chosen_probes_recorded(cli, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code, _, err = cli(*TINY, "tensorboard=true", "record.step_probes=[kernel_grad_stats]",
+                       "record.epoch_probes=[]", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    events = EventAccumulator(str(tmp_path / "tensorboard" / "seed_0"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"grad_std/dense_0", "grad_norm/dense_4", "train/acc"} <= scalars
+    assert not {"loss", "grad_global_norm", "delta_norm/dense_0"} & scalars
+    assert not events.Tags()["histograms"]

@@ -3,7 +3,8 @@
 Writes, under ``<run folder>/tensorboard/seed_<s>/`` (one TensorBoard run per seed, so
 ``tensorboard --logdir outputs/`` lists every seed of every run of a sweep):
 
-- scalars at every recorded step: ``loss``, ``grad_global_norm`` and, per Dense layer,
+- scalars at every recorded step (those the chosen probes record): ``loss``,
+  ``grad_global_norm`` and, per Dense layer,
   ``grad_norm/<layer>``, ``delta_norm/<layer>``, ``grad_std/<layer>``,
   ``update_ratio/<layer>``;
 - scalars at every epoch end (x axis: the global step): ``train/loss``, ``train/acc``,
@@ -27,7 +28,8 @@ import numpy as np
 
 from vgrad.errors import ConfigError
 
-STEP_SCALARS = ("grad_norm", "delta_norm", "grad_std", "update_ratio")
+GLOBAL_STEP_SCALARS = ("loss", "grad_global_norm")
+STEP_SCALARS = ("grad_norm", "delta_norm", "grad_std", "update_ratio")  # per layer
 EPOCH_SCALARS = {"train_loss": "train/loss", "train_acc": "train/acc",
                  "test_loss": "test/loss", "test_acc": "test/acc"}
 
@@ -60,9 +62,9 @@ class TensorBoardExport:
         for s, w in enumerate(self.writers):
             for c in new:
                 steps, stats = rec.step_parts[c], rec.step_stat_parts[c]
-                for t, step in enumerate(steps.tolist()):
-                    _scalar(w, "loss", stats["loss"][s, t], step)
-                    _scalar(w, "grad_global_norm", stats["grad_global_norm"][s, t], step)
+                for t, step in enumerate(steps.tolist()):  # (what the probes recorded)
+                    for key in (k for k in GLOBAL_STEP_SCALARS if k in stats):
+                        _scalar(w, key, stats[key][s, t], step)
                     for key in (k for k in STEP_SCALARS if k in stats):
                         for layer, name in enumerate(rec.layer_names):
                             _scalar(w, f"{key}/{name}", stats[key][s, t, layer], step)

@@ -189,13 +189,15 @@ def test_missing_statistics_leave_the_panel_out_with_a_note(sweep_dir, tmp_path)
     old = tmp_path / "old"
     shutil.copytree(sweep_dir / "0", old)
     m = store.read_metrics(old)
-    for key in ("delta_norm", "probe_bias_grad_norm", "grad_hist", "act_sat_frac"):
+    for key in ("delta_norm", "probe_bias_grad_norm", "grad_hist", "act_sat_frac", "loss"):
         m.pop(key)
     store.write_npz(old / "metrics.npz", m)
     run = load_run(old)
     assert figures.histograms(run) is None and figures.saturation(run) is None
     speed = figures.learning_speed(run)
     assert any("not recorded" in t.get_text() for ax in speed.axes for t in ax.texts)
+    grads = figures.gradients(run)
+    assert any("loss was not recorded" in t.get_text() for t in grads.axes[2].texts)
     sweep = load_sweep(old)
     profile = figures.profile(sweep, "act")
     assert any("delta_norm was not recorded" in t.get_text()

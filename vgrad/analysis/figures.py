@@ -171,7 +171,10 @@ def gradients(run: Run) -> Figure | None:
         _band(ax[0, 0], step, m["grad_mean"][:, :, layer], colors[layer], name, band=bands)
         block = _band(ax[1, 0], step, m["grad_std"][:, :, layer], colors[layer], name,
                       log=True, band=bands)
-    _band(ax[2, 0], step, m["loss"], OKABE_ITO[0], "batch loss")
+    if "loss" in m:
+        _band(ax[2, 0], step, m["loss"], OKABE_ITO[0], "batch loss")
+    else:
+        _note(ax[2, 0], "the batch loss was not recorded in this run (probe global_norms)")
     ax[0, 0].set(title="Mean of the kernel gradient ∂L/∂W", ylabel="mean ∂L/∂W")
     ax[1, 0].set(title="Standard deviation of the kernel gradient", yscale="log",
                  ylabel="std ∂L/∂W")

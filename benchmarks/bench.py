@@ -47,7 +47,7 @@ from hydra import compose, initialize_config_dir
 # (vgrad sets up one host device per core on import; JAX starts its backend lazily,
 # after that, so the import order does not matter.)
 from vgrad import data, store
-from vgrad.loop import seed_mesh, shard_seeds
+from vgrad.loop import member_mesh, shard_members
 from vgrad.train import CONF_DIR, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -83,8 +83,8 @@ def bench_vgrad(seeds: int, epochs: int, repeats: int, extra: list[str], out: Pa
 
 def bench_plain(x, y, seeds: int, epochs: int, repeats: int) -> dict:
     fn = plain_jax.make_train(x, y, epochs, 32)
-    mesh = seed_mesh(seeds)
-    args = shard_seeds(jnp.arange(seeds), mesh)
+    mesh = member_mesh(seeds)
+    args = shard_members(jnp.arange(seeds), mesh)
     t0 = time.perf_counter()
     compiled = fn.lower(args).compile()
     compile_s = time.perf_counter() - t0

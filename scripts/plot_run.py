@@ -23,9 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.run / "summary.json").is_file():
         parser.error(f"{args.run}: not a run folder (no summary.json)")
-    run = load_run(args.run)
+    try:
+        run = load_run(args.run)
+    except ValueError as exc:
+        parser.error(str(exc))
     if run.status in ("failed", "running"):
         parser.error(f"{args.run}: status {run.status!r}, nothing to plot")
+    if run.status == "interrupted":
+        print(f"{args.run}: interrupted after {run.summary.get('epochs_done')} epoch(s); "
+              "plotting what it trained")
     out = args.out or args.run / "figures"
     for kind, make in figures.RUN_FIGURES.items():
         fig = make(run)

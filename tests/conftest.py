@@ -14,7 +14,7 @@ import pytest
 from absl import logging as absl_logging
 from hydra import compose, initialize_config_dir
 
-from vgrad import config, data, loop, losses, model, optim
+from vgrad import config, group, loop, losses, model, optim, runner
 from vgrad.step import init_state, make_train_step
 from vgrad.train import CONF_DIR
 
@@ -26,7 +26,6 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 # the user's cache); subprocesses inherit this.
 os.environ["VGRAD_COMPILE_CACHE"] = ""
 
-config.register()
 
 # Hydra configures logging with dictConfig, which closes every existing handler. absl's
 # handler (absl comes with optax) holds the stream pytest's global capture had when it
@@ -49,12 +48,17 @@ def compose_cfg(*overrides: str):
 
 
 def run_to_end(cfg, engine: str = "scan") -> loop.Records:
-    """Train a composed config in-process; return the final records."""
-    config.validate(cfg)
-    ds = data.load(cfg.data)
-    config.validate_data(cfg, len(ds.x_train), ds.n_classes)
-    *_, last = loop.run(cfg, ds, engine)
-    assert last.done
+    """Train a composed config in-process (a group of one job); return the final records."""
+    return run_group([cfg], engine)[0]
+
+
+def run_group(cfgs, engine: str = "scan") -> list[loop.Records]:
+    """Train composed configs of one structure as one group; each job's final records."""
+    jobs = [runner.prepare(cfg, Path("unused")) for cfg in cfgs]
+    groups = group.group_jobs(jobs)
+    assert len(groups) == 1, "the configs do not share one structure"
+    *_, last = loop.run(groups[0], engine)
+    assert all(r.done for r in last)
     return last
 
 
@@ -63,14 +67,14 @@ def step_once(*overrides: str, batch: int = 8, seed: int = 0):
     cfg = compose_cfg("depth=2", "width=3", *overrides)
     net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
     tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    names = model.layer_names(cfg.depth)
+    layout = model.layout(config.hidden_widths(cfg))
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 2)).astype(np.float32)
     y = rng.integers(0, 2, size=batch).astype(np.int32)
-    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(names))
-    step = jax.jit(make_train_step(net, tx, cfg.loss.value, names))
+    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(layout.names))
+    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout))
     new_state, out = step(state, jnp.asarray(x), jnp.asarray(y), jax.random.key(1))
-    return names, state, new_state, out, x, y
+    return layout, state, new_state, out, x, y
 
 
 class CompileCounter:
@@ -117,7 +121,7 @@ def cli(monkeypatch, capsys):
 
     def invoke(*args: str) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", ["vgrad.train", *args])
-        monkeypatch.setattr(train, "_FAILED", [])
+        monkeypatch.setattr(runner, "OUTCOMES", runner.Outcomes())
         monkeypatch.setattr(train.callback, "FAILED_SWEEPS", [])
         code = 0
         try:

@@ -87,7 +87,7 @@ def test_maxout_takes_the_max_over_each_units_pieces_with_k_times_the_parameters
 
 
 def test_prelu_slope_is_learned_per_unit():
-    names, state, new_state, out, _, _ = step_once("act=prelu", "optim=sgd", "optim.lr=1.0",
+    layout, state, new_state, out, _, _ = step_once("act=prelu", "optim=sgd", "optim.lr=1.0",
                                                    "init.std=3", batch=32)
     alpha = state.params["act_0"]["alpha"]
     assert alpha.shape == (3,) and np.allclose(alpha, 0.25)

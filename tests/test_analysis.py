@@ -26,16 +26,17 @@ def sweep_dir(tmp_path_factory):
     """A real multirun: 2 activations x 2 depths x 2 seeds, 2 epochs of 4 steps."""
     import sys as _sys
 
-    from vgrad import train
+    from vgrad import runner, train
 
     out = tmp_path_factory.mktemp("sweep")
-    argv, failed = _sys.argv, list(train._FAILED)
+    argv, outcomes = _sys.argv, runner.OUTCOMES
     _sys.argv = ["vgrad.train", *SWEEP, f"hydra.sweep.dir={out}"]
+    runner.OUTCOMES = runner.Outcomes()
     try:
         train.main()
     finally:
         _sys.argv = argv
-        train._FAILED[:] = failed
+        runner.OUTCOMES = outcomes
     return out
 
 

@@ -41,11 +41,11 @@ ACTS = {
 
 @pytest.mark.parametrize("act", sorted(ACTS))
 def test_delta_norm_matches_a_numpy_backward_pass(act):
-    names, state, _, out, x, y = step_once(f"act={act}", "bias_init=normal",
+    layout, state, _, out, x, y = step_once(f"act={act}", "bias_init=normal",
                                            "bias_init.std=0.5")
     delta, kernel_grads = numpy_backprop(state.params, x, y, *ACTS[act])
-    stats = probes.delta_norm(out, names)["delta_norm"]
-    for layer, name in enumerate(names):
+    stats = probes.delta_norm(out, layout)["delta_norm"]
+    for layer, name in enumerate(layout.names):
         expected = np.linalg.norm(delta[layer], axis=1).mean()
         np.testing.assert_allclose(stats[layer], expected, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(out.deltas[f"delta_{layer}"], delta[layer], rtol=1e-4,
@@ -55,9 +55,9 @@ def test_delta_norm_matches_a_numpy_backward_pass(act):
 
 
 def test_update_ratio_matches_numpy_for_one_sgd_step():
-    names, state, new_state, out, _, _ = step_once("optim=sgd", "optim.lr=0.3")
-    stats = probes.update_stats(out, names)
-    for layer, name in enumerate(names):
+    layout, state, new_state, out, _, _ = step_once("optim=sgd", "optim.lr=0.3")
+    stats = probes.update_stats(out, layout)
+    for layer, name in enumerate(layout.names):
         g = np.concatenate([np.ravel(out.grads[name][k]) for k in ("kernel", "bias")])
         w = np.concatenate([np.ravel(state.params[name][k]) for k in ("kernel", "bias")])
         w_new = np.concatenate([np.ravel(new_state.params[name][k]) for k in ("kernel", "bias")])
@@ -70,9 +70,9 @@ def test_update_ratio_matches_numpy_for_one_sgd_step():
 
 @pytest.mark.parametrize("max_norm", [1e-3, 1e3])
 def test_global_norm_clipping_leaves_min_of_norm_and_threshold(max_norm):
-    names, _, _, out, _, _ = step_once("clip=global_norm", f"clip.max={max_norm}")
-    stats = probes.clip_stats(out, names)
-    norm = float(probes.global_norms(out, names)["grad_global_norm"])
+    layout, _, _, out, _, _ = step_once("clip=global_norm", f"clip.max={max_norm}")
+    stats = probes.clip_stats(out, layout)
+    norm = float(probes.global_norms(out, layout)["grad_global_norm"])
     np.testing.assert_allclose(stats["grad_global_norm_clipped"], min(norm, max_norm), rtol=1e-5)
     assert stats["clip_fired"] == float(norm > max_norm)
 
@@ -120,7 +120,7 @@ def test_histograms_count_every_kernel_entry_in_shared_bins():
 
 def test_histogram_bins_place_values_by_decade():
     x = jnp.array([0.0, 1e-20, 1e-3, 2e-3, 1.0, 1e10, jnp.inf, jnp.nan])
-    counts = np.asarray(probes.log10_hists([x]))[0]
+    counts = np.asarray(probes.log10_hists([x[None]]))[0]  # one layer: one row
     edges = np.asarray(probes.HIST_EDGES)
     assert counts.sum() == 7  # NaN is not counted
     assert counts[0] == 2  # 0 and 1e-20 fall below the first edge

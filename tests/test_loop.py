@@ -37,22 +37,24 @@ def test_same_config_gives_bitwise_identical_metrics_file(tmp_path):
 
 @pytest.mark.parametrize("precision,marks", [("highest", True), ("default", False)])
 def test_matmul_precision_reaches_both_engines_programs(precision, marks):
+    from pathlib import Path
+
     import jax.numpy as jnp
 
-    from vgrad import data, loop
+    from vgrad import group, loop, runner
 
     cfg = compose_cfg(*TINY, f"matmul_precision={precision}")
-    ds = data.load(cfg.data)
-    mesh = loop.seed_mesh(1)
-    device_data = loop.device_data(ds, cfg.record.probe_size, mesh)
-    compiled = loop.compile_program(cfg, ds, device_data, mesh)
-    state, keys = compiled.start(loop.shard_seeds(jnp.arange(1, dtype=jnp.int32), mesh),
-                                 device_data)
-    perms = compiled.permutations(keys, jnp.int32(0))
+    g = group.make_group([runner.prepare(cfg, Path("unused"))])
+    mesh = loop.member_mesh(1)
+    device_data = loop.device_data(g.datasets, cfg.record.probe_size, mesh)
+    members = loop.shard_members(g.members(), mesh)
+    compiled = loop.compile_program(g, members, device_data, mesh)
+    state = compiled.start(members, device_data)
+    perms = compiled.permutations(members, jnp.int32(0))
     # The debugging engine's step is traced on first use, long after compile_program.
-    step = compiled.step.lower(state, keys, perms, jnp.int32(0), jnp.int32(0),
+    step = compiled.step.lower(state, members, perms, jnp.int32(0), jnp.int32(0),
                                device_data).as_text()
-    chunk = compiled._chunk_jit.lower(state, keys, jnp.int32(0), device_data, 1).as_text()
+    chunk = compiled._chunk_jit.lower(state, members, jnp.int32(0), device_data, 1).as_text()
     for program in (step, chunk):
         assert "dot_general" in program
         assert ("precision = [HIGHEST, HIGHEST]" in program) == marks

@@ -9,7 +9,7 @@ import optax
 import pytest
 from conftest import compose_cfg
 
-from vgrad import losses, model, optim, probes
+from vgrad import config, losses, model, optim, probes
 from vgrad.step import init_state, make_train_step
 
 
@@ -17,21 +17,21 @@ def one_step(*overrides: str, batch: int = 16):
     cfg = compose_cfg("depth=2", "width=3", *overrides)
     net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
     tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    names = model.layer_names(cfg.depth)
+    layout = model.layout(config.hidden_widths(cfg))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(batch, 2)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32)
-    state = init_state(net, tx, jax.random.key(1), x, len(names))
-    step = jax.jit(make_train_step(net, tx, cfg.loss.value, names))
+    state = init_state(net, tx, jax.random.key(1), x, len(layout.names))
+    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout))
     new_state, out = step(state, x, y, jax.random.key(2))
-    return names, state, new_state, out
+    return layout, state, new_state, out
 
 
 def test_kernel_and_bias_statistics_match_numpy():
-    names, _, _, out = one_step()
-    stats = jax.jit(lambda o: probes.step_stats(o, names))(out)
+    layout, _, _, out = one_step()
+    stats = jax.jit(lambda o: probes.step_stats(o, layout))(out)
     grads = jax.tree.map(np.asarray, out.grads)
-    for layer, name in enumerate(names):
+    for layer, name in enumerate(layout.names):
         g = grads[name]["kernel"].astype(np.float64)
         np.testing.assert_allclose(stats["grad_mean"][layer], g.mean(), rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(stats["grad_std"][layer], g.std(), rtol=1e-4)
@@ -40,12 +40,12 @@ def test_kernel_and_bias_statistics_match_numpy():
         np.testing.assert_allclose(stats["grad_maxabs"][layer], np.abs(g).max(), rtol=1e-6)
         b = grads[name]["bias"].astype(np.float64)
         np.testing.assert_allclose(stats["bias_grad_norm"][layer], np.linalg.norm(b), rtol=1e-5)
-    assert stats["grad_mean"].shape == (len(names),)
+    assert stats["grad_mean"].shape == (len(layout.names),)
 
 
 def test_global_norm_is_optax_global_norm_over_every_parameter():
-    names, _, _, out = one_step("bn=pre")  # batch-norm scales and offsets count too
-    stats = probes.step_stats(out, names)
+    layout, _, _, out = one_step("bn=pre")  # batch-norm scales and offsets count too
+    stats = probes.step_stats(out, layout)
     flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(out.grads)]).astype(np.float64)
     np.testing.assert_allclose(stats["grad_global_norm"], np.linalg.norm(flat), rtol=1e-5)
     np.testing.assert_allclose(stats["grad_global_norm"], optax.tree.norm(out.grads), rtol=1e-6)
@@ -54,7 +54,7 @@ def test_global_norm_is_optax_global_norm_over_every_parameter():
 
 def test_gradient_is_the_loss_gradient_before_clipping():
     """The returned pytree is d(mean BCE)/d(params) of the batch, whatever the clipping."""
-    names, state, _, out = one_step("clip=value", "clip.max=1e-4")
+    layout, state, _, out = one_step("clip=value", "clip.max=1e-4")
     cfg = compose_cfg("depth=2", "width=3")
     net = model.build(cfg, 1)
     rng = np.random.default_rng(0)
@@ -75,7 +75,7 @@ def test_gradient_is_the_loss_gradient_before_clipping():
 
 @pytest.mark.parametrize("probe", sorted(probes.STEP_PROBES))
 def test_every_step_probe_returns_per_layer_or_scalar_float32(probe):
-    names, _, _, out = one_step()
-    for key, value in probes.STEP_PROBES[probe](out, names).items():
+    layout, _, _, out = one_step()
+    for key, value in probes.STEP_PROBES[probe](out, layout).items():
         assert value.dtype == jnp.float32, key
-        assert value.shape in ((), (len(names),)), key
+        assert value.shape in ((), (len(layout.names),)), key

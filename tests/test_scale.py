@@ -67,14 +67,14 @@ def test_a_killed_sweep_resumes_without_redoing_finished_jobs(tmp_path, run, sub
 def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path, monkeypatch):
     real_run = loop.run
 
-    def crash_on_relu(cfg, ds, engine="scan"):
-        if cfg.act.name == "relu":
+    def crash_on_relu(group, engine="scan", group_id=0):
+        if group.cfg.act.name == "relu":
             raise RuntimeError("simulated crash")
-        return real_run(cfg, ds, engine)
+        return real_run(group, engine, group_id)
 
     monkeypatch.setattr(loop, "run", crash_on_relu)
     code, _, err = cli("-m", "act=tanh,relu,sigmoid", "epochs=1", "data.n_samples=64",
-                       "progress=false", f"hydra.sweep.dir={tmp_path}")
+                       "progress=false", "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}")
     assert code == 1
     assert "simulated crash" in err
     statuses = {store.read_summary(d)["config"]["act"]["name"]: store.read_summary(d)
@@ -129,13 +129,13 @@ def test_seeds_split_across_two_host_devices_give_one_devices_numbers(
             np.testing.assert_array_equal(arrays[2][key], value, err_msg=key)
 
 
-def test_seed_mesh_uses_the_devices_that_divide_the_seeds():
+def test_member_mesh_uses_the_devices_that_divide_the_members():
     import jax
 
     n = len(jax.devices())
-    assert loop.seed_mesh(1).devices.size == 1
-    assert loop.seed_mesh(2 * n).devices.size == n
-    assert loop.seed_mesh(7).devices.size in (1, 7)
+    assert loop.member_mesh(1).devices.size == 1
+    assert loop.member_mesh(2 * n).devices.size == n
+    assert loop.member_mesh(7).devices.size in (1, 7)
 
 
 def test_benchmark_tiny_mode_keeps_its_books(tmp_path, run):

@@ -16,6 +16,7 @@ Sources: seed 003 (book chapter 5, sections 5.2-5.3) and seed 001 (ReLU variants
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -84,7 +85,7 @@ class Swish(nn.Module):
     def __call__(self, z: Array, train: bool = False) -> Array:
         beta = self.param("beta", nn.initializers.constant(self.beta), ()) if self.learnable \
             else self.beta
-        return z * jax.nn.sigmoid(beta * z)
+        return swish(z, beta)
 
 
 class RReLU(nn.Module):
@@ -172,35 +173,46 @@ class MaxoutAct:
 
 @dataclass(frozen=True)
 class Activation:
-    """A registry entry: the config schema and the builder of the module factory."""
+    """A registry entry: the config schema, the builder of the module factory and, for
+    elementwise activations, the plain function (which lets one compiled program select
+    the activation per member of a grouped sweep; see ``vgrad.group``)."""
 
     schema: type
     build: Callable[[Any], Callable[..., nn.Module]]
     pieces: Callable[[Any], int] = lambda cfg: 1
+    elementwise: Callable[[Any], Callable[[Array], Array] | None] = lambda cfg: None
 
 
-def _fixed(fn: Callable[[Array], Array]) -> Callable[[Any], Callable[..., nn.Module]]:
-    return lambda cfg: partial(Fixed, fn=fn)
+def _fixed(fn: Callable[[Any], Callable[[Array], Array]]) -> Activation:
+    """An elementwise activation without parameters of its own to learn."""
+    return Activation(PlainAct, lambda c: partial(Fixed, fn=fn(c)), elementwise=fn)
+
+
+def swish(z: Array, beta: Array | float) -> Array:
+    """z * sigmoid(beta * z)."""
+    return z * jax.nn.sigmoid(beta * z)
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "linear": Activation(PlainAct, _fixed(linear)),
-    "sigmoid": Activation(PlainAct, _fixed(jax.nn.sigmoid)),
-    "tanh": Activation(PlainAct, _fixed(jnp.tanh)),
-    "hardtanh": Activation(PlainAct, _fixed(hardtanh)),
-    "arctan": Activation(PlainAct, _fixed(jnp.arctan)),
-    "softsign": Activation(PlainAct, _fixed(jax.nn.soft_sign)),
-    "bent_identity": Activation(PlainAct, _fixed(bent_identity)),
-    "relu": Activation(PlainAct, _fixed(jax.nn.relu)),
-    "selu": Activation(PlainAct, _fixed(jax.nn.selu)),
-    "gelu": Activation(PlainAct, _fixed(partial(jax.nn.gelu, approximate=False))),
-    "softplus": Activation(PlainAct, _fixed(jax.nn.softplus)),
-    "leaky_relu": Activation(
-        LeakyReLUAct,
-        lambda c: partial(Fixed, fn=partial(jax.nn.leaky_relu, negative_slope=c.alpha)),
-    ),
-    "elu": Activation(ELUAct, lambda c: partial(Fixed, fn=partial(jax.nn.elu, alpha=c.alpha))),
-    "swish": Activation(SwishAct, lambda c: partial(Swish, beta=c.beta, learnable=c.learnable)),
+    "linear": _fixed(lambda c: linear),
+    "sigmoid": _fixed(lambda c: jax.nn.sigmoid),
+    "tanh": _fixed(lambda c: jnp.tanh),
+    "hardtanh": _fixed(lambda c: hardtanh),
+    "arctan": _fixed(lambda c: jnp.arctan),
+    "softsign": _fixed(lambda c: jax.nn.soft_sign),
+    "bent_identity": _fixed(lambda c: bent_identity),
+    "relu": _fixed(lambda c: jax.nn.relu),
+    "selu": _fixed(lambda c: jax.nn.selu),
+    "gelu": _fixed(lambda c: partial(jax.nn.gelu, approximate=False)),
+    "softplus": _fixed(lambda c: jax.nn.softplus),
+    "leaky_relu": dataclasses.replace(
+        _fixed(lambda c: partial(jax.nn.leaky_relu, negative_slope=c.alpha)),
+        schema=LeakyReLUAct),
+    "elu": dataclasses.replace(_fixed(lambda c: partial(jax.nn.elu, alpha=c.alpha)),
+                               schema=ELUAct),
+    "swish": Activation(
+        SwishAct, lambda c: partial(Swish, beta=c.beta, learnable=c.learnable),
+        elementwise=lambda c: None if c.learnable else partial(swish, beta=c.beta)),
     "prelu": Activation(PReLUAct, lambda c: partial(PReLU, initial=c.init, shared=c.shared)),
     "rrelu": Activation(RReLUAct, lambda c: partial(RReLU, lower=c.lower, upper=c.upper)),
     "maxout": Activation(
@@ -213,3 +225,19 @@ def build(cfg: Any) -> tuple[Callable[..., nn.Module], int]:
     """Module factory and number of pieces per unit for the ``act`` config node."""
     entry = ACTIVATIONS[cfg.name]
     return entry.build(cfg), entry.pieces(cfg)
+
+
+def elementwise(cfg: Any) -> Callable[[Array], Array] | None:
+    """The activation as a plain elementwise function, or None when it is not one
+    (learnable parameters, noise, or several inputs per output)."""
+    return ACTIVATIONS[cfg.name].elementwise(cfg)
+
+
+def select(fns: list[Callable[[Array], Array]], index: Array) -> Callable[..., nn.Module]:
+    """A module factory applying ``fns[index]`` (``index`` traced, one per member).
+
+    Under ``vmap`` over members with different indices, ``lax.switch`` evaluates every
+    branch and selects: the elementwise branches fuse into the same loops, so a few
+    activations in one program cost little (``benchmarks/sweep_bench.py`` measures it).
+    """
+    return partial(Fixed, fn=lambda z: jax.lax.switch(index, fns, z))

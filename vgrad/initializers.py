@@ -136,3 +136,16 @@ def kernel_init(cfg: Any) -> Initializer:
 def bias_init(cfg: Any) -> Initializer:
     """The bias initializer named by the ``bias_init`` config node."""
     return BIAS_INITIALIZERS[cfg.name].make(cfg)
+
+
+def select(inits: list[Initializer], index: jax.Array) -> Initializer:
+    """An initializer drawing from ``inits[index]`` (``index`` traced, one per member),
+    so that jobs differing only in their initializer share one program. Every family
+    draws from the same key; under ``vmap`` all are evaluated once, at initialisation."""
+    if len(inits) == 1:
+        return inits[0]
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.lax.switch(index, [lambda k, f=f: f(k, shape, dtype) for f in inits], key)
+
+    return init

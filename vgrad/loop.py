@@ -1,20 +1,22 @@
-"""The training loop: chunks of epochs as one compiled ``lax.scan``, vmapped over seeds.
+"""The training loop: chunks of epochs as one compiled ``lax.scan``, vmapped over members.
 
-This is the only module with Python control flow around training. A run is cut into
-chunks of ``chunk_epochs`` epochs; one chunk is one call of one compiled program that
+This is the only module with Python control flow around training. It trains a
+:class:`~vgrad.group.Group`: jobs of one structure, whose seeds are the *members* of one
+program (a single run is a group of one job). A run is cut into chunks of
+``chunk_epochs`` epochs; one chunk is one call of one compiled program that
 
   for each epoch:   shuffle (one sort of random keys), then lax.scan over its steps:
                       train step -> probes -> write the step's row into a buffer
                     epoch probes (full-set evaluation, weights, probe batch)
 
-for every seed at once (``jax.vmap``). Python sees only chunk boundaries, where it
-pulls the chunk's records to the host (the one device->host sync of a chunk), updates
-the progress bar and hands the records to the caller, which writes them.
+for every member at once (``jax.vmap``). Python sees only chunk boundaries, where it
+pulls the chunk's records to the host (the one device->host sync of a chunk), cuts them
+into each job's share and hands them to the caller, which writes them.
 
 Every chunk has the same shapes, so the chunk program compiles once: the epoch index
 is a traced argument, epochs past the end of the run are skipped by a ``lax.cond`` on
 it, and statistics that are not due at a step (``record.every``) are skipped by a
-``lax.cond`` on the step index. Both predicates are the same for every seed, so under
+``lax.cond`` on the step index. Both predicates are the same for every member, so under
 ``vmap`` they remain real branches rather than computing both sides.
 
 ``engine="python"`` runs the same vmapped step one dispatch per step: a debugging mode
@@ -35,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from omegaconf import OmegaConf
 
-from vgrad import config, losses, model, optim, probes
+from vgrad import activations, config, initializers, layers, losses, model, optim, probes
 from vgrad.data import Dataset
+from vgrad.group import Group, Job, Members, family, node_view, resolved, structure
 from vgrad.step import (
     TrainState,
     init_state,
@@ -100,8 +102,8 @@ def count_params(net: Any, n_features: int) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
 
 
-def make_plan(cfg: Any, n_train: int, n_params: int) -> Plan:
-    """The plan of a validated config.
+def make_plan(cfg: Any, n_train: int, n_params: int, members: int) -> Plan:
+    """The plan of a validated config trained as ``members`` members (jobs x seeds).
 
     ``record.chunk_epochs=0`` picks the largest divisor of ``epochs`` whose work fits
     ``CHUNK_BUDGET``, so that every chunk has the same length and compiles once.
@@ -109,7 +111,7 @@ def make_plan(cfg: Any, n_train: int, n_params: int) -> Plan:
     steps_per_epoch = n_train // cfg.batch_size  # the last partial batch is dropped
     chunk = cfg.record.chunk_epochs
     if chunk == 0:
-        epoch_cost = steps_per_epoch * cfg.seeds * (6 * cfg.batch_size * n_params + STEP_OVERHEAD)
+        epoch_cost = steps_per_epoch * members * (6 * cfg.batch_size * n_params + STEP_OVERHEAD)
         fits = max(1, int(CHUNK_BUDGET // max(epoch_cost, 1)))
         chunk = max(d for d in range(1, cfg.epochs + 1) if cfg.epochs % d == 0 and d <= fits)
     return Plan(steps_per_epoch, cfg.epochs, min(chunk, cfg.epochs), cfg.record.every)
@@ -122,7 +124,9 @@ class DeviceData(NamedTuple):
     """Inputs as jit arguments (never baked into the program as constants).
 
     Full sets are zero-padded to whole evaluation blocks; the padding is never trained
-    on (batches index the first n_train rows) and is masked out of evaluations.
+    on (batches index the first n_train rows) and is masked out of evaluations. A group
+    whose jobs use several datasets of one shape (other noise, other scaling) holds them
+    stacked on a leading axis, and each member reads its own by index.
     """
 
     x_train: Array
@@ -138,26 +142,32 @@ def _pad_to_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n_pad,) + x.shape[1:], x.dtype)]) if n_pad else x
 
 
-def device_data(ds: Dataset, probe_size: int, mesh: Mesh) -> DeviceData:
-    """The dataset on every device of ``mesh`` (each holds a whole copy)."""
+def device_data(datasets: list[Dataset], probe_size: int, mesh: Mesh) -> DeviceData:
+    """The datasets on every device of ``mesh`` (each holds a whole copy); one dataset
+    as is, several stacked on a leading axis."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    arrays = (_pad_to_blocks(ds.x_train, EVAL_BLOCK), _pad_to_blocks(ds.y_train, EVAL_BLOCK),
-              _pad_to_blocks(ds.x_test, EVAL_BLOCK), _pad_to_blocks(ds.y_test, EVAL_BLOCK),
-              ds.x_train[:probe_size], ds.y_train[:probe_size])
-    return DeviceData(*(jax.device_put(a, replicated) for a in arrays))
+
+    def arrays(ds: Dataset) -> tuple[np.ndarray, ...]:
+        return (_pad_to_blocks(ds.x_train, EVAL_BLOCK), _pad_to_blocks(ds.y_train, EVAL_BLOCK),
+                _pad_to_blocks(ds.x_test, EVAL_BLOCK), _pad_to_blocks(ds.y_test, EVAL_BLOCK),
+                ds.x_train[:probe_size], ds.y_train[:probe_size])
+
+    parts = [arrays(ds) for ds in datasets]
+    joined = parts[0] if len(parts) == 1 else [np.stack(a) for a in zip(*parts, strict=True)]
+    return DeviceData(*(jax.device_put(a, replicated) for a in joined))
 
 
-def seed_mesh(n_seeds: int) -> Mesh:
-    """The devices the seed axis is split across: as many as divide ``n_seeds`` evenly
-    (all of them when they do), so each device trains an equal share of the seeds."""
+def member_mesh(n_members: int) -> Mesh:
+    """The devices the member axis is split across: as many as divide ``n_members``
+    evenly (all of them when they do), so each device trains an equal share."""
     devices = jax.devices()
-    count = max(d for d in range(1, len(devices) + 1) if n_seeds % d == 0)
-    return Mesh(np.array(devices[:count]), ("seeds",))
+    count = max(d for d in range(1, len(devices) + 1) if n_members % d == 0)
+    return Mesh(np.array(devices[:count]), ("members",))
 
 
-def shard_seeds(tree: Any, mesh: Mesh) -> Any:
-    """Place (or, for ShapeDtypeStructs, describe) a [S, ...] pytree split along seeds."""
-    sharding = NamedSharding(mesh, PartitionSpec("seeds"))
+def shard_members(tree: Any, mesh: Mesh) -> Any:
+    """Place (or, for ShapeDtypeStructs, describe) an [M, ...] pytree split along members."""
+    sharding = NamedSharding(mesh, PartitionSpec("members"))
 
     def place(x):
         if isinstance(x, jax.ShapeDtypeStruct):
@@ -198,7 +208,8 @@ def mean_over_set(eval_batch: Callable, params: Any, batch_stats: Any, x: Array,
 
 
 class SeedKeys(NamedTuple):
-    """Per-seed random streams, derived once from the seed value."""
+    """Per-seed random streams, derived from the seed value alone, so that a seed draws
+    the same numbers whatever job or group it trains in."""
 
     init: Array  # parameter initialisation
     shuffle: Array  # epoch e's order: fold_in(shuffle, e)
@@ -211,117 +222,173 @@ def seed_keys(seed: Array) -> SeedKeys:
 
 
 class StepResult(NamedTuple):
-    """What one step of all seeds hands back to the loop."""
+    """What one step of all members hands back to the loop."""
 
     state: TrainState
-    stats: dict[str, Array]  # recorded statistics, [S, ...]; NaN if the step is not recorded
-    clip_fired: Array  # [S] 1.0 where clipping changed the gradient (every step)
-    grads: Any  # the gradient pytree, [S, ...] (kept only for full snapshots)
+    stats: dict[str, Array]  # recorded statistics, [M, ...]; NaN if the step is not recorded
+    clip_fired: Array  # [M] 1.0 where clipping changed the gradient (every step)
+    grads: Any  # the gradient pytree, [M, ...] (kept only for full snapshots)
 
 
 class Program:
-    """The functions of one run's configuration, batched over seeds, before jit.
+    """The functions of one group's structure, batched over members, before jit.
 
-    ``vmap`` is applied to the per-seed pieces (step, probes, evaluation) inside the
+    A *member* is one seed of one job (``vgrad.group``); its knobs (learning rate, init
+    scale, ...), family indices (activation, initializers) and dataset index are inputs
+    of the program, so the network and the optimizer are built per member, inside the
+    traced functions, from those values.
+
+    ``vmap`` is applied to the per-member pieces (step, probes, evaluation) inside the
     scans, not around them: the control flow stays unbatched, so its predicates are
-    plainly shared by all seeds and tracing does not re-batch whole loop bodies.
+    plainly shared by all members and tracing does not re-batch whole loop bodies.
     """
 
-    def __init__(self, cfg: Any, ds: Dataset):
-        loss = cfg.loss.value
-        self.names = model.layer_names(cfg.depth)
-        self.net = model.build(cfg, losses.out_dim(loss, ds.n_classes))
-        self.n_params = count_params(self.net, ds.n_features)
-        self.plan = make_plan(cfg, len(ds.x_train), self.n_params)
-        self.tx = optim.make(cfg.clip, cfg.optim, len(ds.x_train), self.plan.total_steps)
+    def __init__(self, group: Group):
+        cfg = group.cfg
+        self.group = group
+        self.config = resolved(cfg)
+        self.loss = cfg.loss.value
+        ds = group.datasets[0]
+        self.out_dim = losses.out_dim(self.loss, ds.n_classes)
+        self.n_features = ds.n_features
+        self.layout = model.layout(config.hidden_widths(cfg))
+        self.names = self.layout.names
+        template = jax.tree.map(lambda a: a[0], group.members())
+        self.n_params = count_params(self.net(template), ds.n_features)
+        self.plan = make_plan(cfg, len(ds.x_train), self.n_params, group.n_members)
         self.n_train, self.n_test = len(ds.x_train), len(ds.x_test)
+        self.n_datasets = len(group.datasets)
         self.batch_size = cfg.batch_size
-        self.sat_threshold = cfg.record.sat_threshold
         self.snapshot_every = cfg.record.full_grads_every
         self.matmul_precision = cfg.matmul_precision
         self.step_probes = tuple(cfg.record.step_probes)
         self.epoch_probes = tuple(cfg.record.epoch_probes)
-        self.train_step = jax.vmap(make_train_step(self.net, self.tx, loss, self.names))
-        self.eval_batch = make_eval_fn(self.net, loss)
-        self.loss_fn = make_loss_fn(self.net, loss)
-        self.zero_perturbations = perturbation_zeros(self.net)
+        self.zero_perturbations = perturbation_zeros(self.net(template))
 
-    def start(self, seeds: Array, data: DeviceData) -> tuple[TrainState, SeedKeys]:
-        """Initial states of all seeds and their random streams.
+    # -- a member's network and optimizer, from its knobs --
+
+    def net(self, m: Members) -> model.MLP:
+        """Member ``m``'s network (``m``: one member's values, traced or not)."""
+        fam, cfg = self.group.families, self.group.cfg
+        if len(fam["act"]) == 1:
+            act, pieces = activations.build(node_view(fam["act"][0], m.knobs, "act"))
+        else:
+            fns = [activations.elementwise(node_view(a, m.knobs, "act")) for a in fam["act"]]
+            act, pieces = activations.select(fns, m.act), 1
+        kernel_init = initializers.select(
+            [initializers.kernel_init(node_view(f, m.knobs, "init")) for f in fam["init"]],
+            m.init)
+        bias_init = initializers.select(
+            [initializers.bias_init(node_view(f, m.knobs, "bias_init"))
+             for f in fam["bias_init"]], m.bias_init)
+        return model.MLP(widths=tuple(config.hidden_widths(cfg)), out_dim=self.out_dim,
+                         act=act, kernel_init=kernel_init, bias_init=bias_init, pieces=pieces,
+                         bn=cfg.bn.value, bn_momentum=m.knobs["bn_momentum"],
+                         bn_eps=m.knobs["bn_eps"])
+
+    def tx(self, m: Members) -> optim.Transforms:
+        """Member ``m``'s clipping and optimizer."""
+        return optim.make(node_view(self.config["clip"], m.knobs, "clip"),
+                          node_view(self.config["optim"], m.knobs, "optim"),
+                          self.n_train, self.plan.total_steps)
+
+    def _data(self, data: DeviceData, m: Members) -> DeviceData:
+        """Member ``m``'s dataset (the group's only one, or the one it indexes)."""
+        return data if self.n_datasets == 1 else jax.tree.map(lambda a: a[m.data], data)
+
+    def _batch(self, data: DeviceData, members: Members, idx: Array) -> tuple[Array, Array]:
+        """Every member's batch, [M, B, ...], from its rows ``idx`` [M, B]."""
+        if self.n_datasets == 1:
+            return data.x_train[idx], data.y_train[idx]
+        which = members.data[:, None]
+        return data.x_train[which, idx], data.y_train[which, idx]
+
+    # -- per-member pieces (vmapped by the methods below) --
+
+    def _start_one(self, m: Members) -> TrainState:
+        x = jax.ShapeDtypeStruct((self.batch_size, self.n_features), jnp.float32)
+        return init_state(self.net(m), self.tx(m), seed_keys(m.seed).init, x, len(self.names))
+
+    def _train_one(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
+                   ) -> tuple[TrainState, Any]:
+        step = make_train_step(self.net(m), self.tx(m), self.loss, self.layout)
+        return step(state, x, y, key)
+
+    def _epoch_view(self, state: TrainState, m: Members, data: DeviceData
+                    ) -> probes.EpochView:
+        net, data = self.net(m), self._data(data, m)
+        eval_batch = make_eval_fn(net, self.loss)
+        params, batch_stats = state.params, state.batch_stats
+        train = mean_over_set(eval_batch, params, batch_stats,
+                              data.x_train, data.y_train, self.n_train)
+        test = mean_over_set(eval_batch, params, batch_stats,
+                             data.x_test, data.y_test, self.n_test)
+        sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
+        if "activation_stats" in self.epoch_probes:  # (only traced when asked for)
+            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                              else {})}
+            _, captured = net.apply(variables, data.x_probe, train=False, capture=True,
+                                    mutable=["intermediates"])
+            sown = {k: self.layout.captured(captured["intermediates"], k) for k in sown}
+        probe_grads = None
+        if {"histograms", "probe_bias_grad_norm"} & set(self.epoch_probes):
+            loss_fn = make_loss_fn(net, self.loss)
+            perturbations = self.zero_perturbations(data.x_probe)
+            probe_key = seed_keys(m.seed).probe
+            probe_grads = jax.grad(lambda p: loss_fn(
+                p, perturbations, batch_stats, data.x_probe, data.y_probe, probe_key)[0])(params)
+        return probes.EpochView(
+            params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
+            slope_max=sown["slope_max"], probe_grads=probe_grads,
+            sat_threshold=m.knobs["record.sat_threshold"])
+
+    def _epoch_stats_one(self, state: TrainState, m: Members, data: DeviceData
+                         ) -> dict[str, Array]:
+        stats = probes.epoch_stats(self._epoch_view(state, m, data), self.layout,
+                                   self.epoch_probes)
+        # A diverged member's statistics are NaN from its divergence on.
+        return _nan_where(state.diverged_at >= 0, stats)
+
+    # -- batched over members --
+
+    def start(self, members: Members, data: DeviceData) -> TrainState:
+        """Initial states of all members.
 
         The statistics at initialisation come from the first chunk (see ``chunk``), so
         that the epoch probes are compiled into one program only.
         """
-        keys = jax.vmap(seed_keys)(seeds)
-        x = data.x_train[: self.batch_size]
-        state = jax.vmap(lambda k: init_state(self.net, self.tx, k, x, len(self.names)))(
-            keys.init)
-        return state, keys
+        return jax.vmap(self._start_one)(members)
 
-    def _epoch_view(self, state: TrainState, probe_key: Array, data: DeviceData
-                    ) -> probes.EpochView:
-        params, batch_stats = state.params, state.batch_stats
-        train = mean_over_set(self.eval_batch, params, batch_stats,
-                              data.x_train, data.y_train, self.n_train)
-        test = mean_over_set(self.eval_batch, params, batch_stats,
-                             data.x_test, data.y_test, self.n_test)
-        hidden = range(len(self.names) - 1)
-        sown = dict.fromkeys(f"{k}_{i}" for k in ("activation", "slope", "slope_max")
-                             for i in hidden)
-        if "activation_stats" in self.epoch_probes:  # (only traced when asked for)
-            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
-                                              else {})}
-            _, captured = self.net.apply(variables, data.x_probe, train=False, capture=True,
-                                         mutable=["intermediates"])
-            sown = {k: v[0] for k, v in captured["intermediates"].items()}
-        probe_grads = None
-        if {"histograms", "probe_bias_grad_norm"} & set(self.epoch_probes):
-            perturbations = self.zero_perturbations(data.x_probe)
-            probe_grads = jax.grad(lambda p: self.loss_fn(
-                p, perturbations, batch_stats, data.x_probe, data.y_probe, probe_key)[0])(params)
-        return probes.EpochView(
-            params, *train, *test,
-            acts=[sown[f"activation_{i}"] for i in hidden],
-            slopes=[sown[f"slope_{i}"] for i in hidden],
-            slope_max=[sown[f"slope_max_{i}"] for i in hidden],
-            probe_grads=probe_grads, sat_threshold=self.sat_threshold)
-
-    def _epoch_stats_one(self, state: TrainState, probe_key: Array, data: DeviceData
-                         ) -> dict[str, Array]:
-        stats = probes.epoch_stats(self._epoch_view(state, probe_key, data), self.names,
-                                   self.epoch_probes)
-        # A diverged seed's statistics are NaN from its divergence on.
-        return _nan_where(state.diverged_at >= 0, stats)
-
-    def epoch_stats(self, state: TrainState, keys: SeedKeys, data: DeviceData,
+    def epoch_stats(self, state: TrainState, members: Members, data: DeviceData,
                     clipped_steps: Array | None = None) -> dict[str, Array]:
-        """Statistics at an epoch boundary, [S, ...]; ``clip_frac`` is the fraction of the
+        """Statistics at an epoch boundary, [M, ...]; ``clip_frac`` is the fraction of the
         epoch's steps whose gradient clipping changed (NaN at initialisation: pass None
         or NaN ``clipped_steps``)."""
-        stats = jax.vmap(self._epoch_stats_one, in_axes=(0, 0, None))(state, keys.probe, data)
+        stats = jax.vmap(self._epoch_stats_one, in_axes=(0, 0, None))(state, members, data)
         clip_frac = (jnp.full(state.diverged_at.shape, jnp.nan) if clipped_steps is None
                      else clipped_steps / self.plan.steps_per_epoch)
         stats["clip_frac"] = jnp.where(state.diverged_at >= 0, jnp.nan,
                                        clip_frac).astype(jnp.float32)
         return stats
 
-    def permutations(self, keys: SeedKeys, epoch: Array) -> Array:
-        """Each seed's order of the training set in ``epoch``, [S, n_train]."""
-        return jax.vmap(lambda k: shuffle(jax.random.fold_in(k, epoch), self.n_train))(
-            keys.shuffle)
+    def permutations(self, members: Members, epoch: Array) -> Array:
+        """Each member's order of the training set in ``epoch``, [M, n_train]."""
+        return jax.vmap(lambda s: shuffle(jax.random.fold_in(seed_keys(s).shuffle, epoch),
+                                          self.n_train))(members.seed)
 
-    def step(self, state: TrainState, keys: SeedKeys, perms: Array, epoch: Array, i: Array,
+    def step(self, state: TrainState, members: Members, perms: Array, epoch: Array, i: Array,
              data: DeviceData) -> StepResult:
-        """Step i of ``epoch`` for all seeds, and its statistics if the step is recorded."""
+        """Step i of ``epoch`` for all members, and its statistics if the step is recorded."""
         plan = self.plan
         gstep = epoch * plan.steps_per_epoch + i
         idx = jax.lax.dynamic_slice_in_dim(perms, i * self.batch_size, self.batch_size, axis=1)
-        noise = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys.noise, gstep)
+        noise = jax.vmap(lambda s: jax.random.fold_in(seed_keys(s).noise, gstep))(members.seed)
         alive = state.diverged_at < 0
-        state, out = self.train_step(state, data.x_train[idx], data.y_train[idx], noise)
+        x, y = self._batch(data, members, idx)
+        state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
 
         def measure(o):
-            return jax.vmap(lambda oo: probes.step_stats(oo, self.names, self.step_probes))(o)
+            return jax.vmap(lambda oo: probes.step_stats(oo, self.layout, self.step_probes))(o)
 
         if plan.record_every == 1:
             stats = measure(out)
@@ -331,20 +398,20 @@ class Program:
                 gstep % plan.record_every == 0, measure,
                 lambda o: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
                 out)
-        fired = jax.vmap(lambda o: probes.clip_stats(o, self.names)["clip_fired"])(out)
+        fired = jax.vmap(lambda o: probes.clip_stats(o, self.layout)["clip_fired"])(out)
         return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, fired, 0.0),
                           out.grads)
 
-    def chunk(self, state: TrainState, keys: SeedKeys, epoch0: Array, data: DeviceData,
+    def chunk(self, state: TrainState, members: Members, epoch0: Array, data: DeviceData,
               n_epochs: int) -> tuple[TrainState, dict[str, Array], dict[str, Array], Any]:
         """Train epochs epoch0 ... epoch0 + n_epochs - 1.
 
-        Returns the new state, the statistics of every step ([S, n_epochs * P, ...]; NaN
+        Returns the new state, the statistics of every step ([M, n_epochs * P, ...]; NaN
         where a step is not recorded), those at the chunk's n_epochs + 1 epoch boundaries
-        ([S, n_epochs + 1, ...]: the first, before any training, is measured only when
+        ([M, n_epochs + 1, ...]: the first, before any training, is measured only when
         epoch0 = 0 and NaN otherwise, as the previous chunk measured it) and, with
         ``record.full_grads_every=K``, the gradients of the chunk's steps that are
-        multiples of K ([S, n_snapshots, ...] per parameter; None otherwise).
+        multiples of K ([M, n_snapshots, ...] per parameter; None otherwise).
 
         The scan runs over the n_epochs + 1 boundaries: measure, then train the next
         epoch unless it is the last boundary. Each of the two appears once in the program,
@@ -362,11 +429,11 @@ class Program:
             return jax.lax.cond(gstep % K == 0, write, lambda b: b, snaps)
 
         def train_epoch(state, snaps, epoch):
-            perms = self.permutations(keys, epoch)
+            perms = self.permutations(members, epoch)
 
             def step_body(carry, i):
                 state, snaps, clipped = carry
-                res = self.step(state, keys, perms, epoch, i, data)
+                res = self.step(state, members, perms, epoch, i, data)
                 if K:
                     snaps = keep_snapshot(snaps, epoch * P + i, res.grads)
                 return (res.state, snaps, clipped + res.clip_fired), res.stats
@@ -379,7 +446,7 @@ class Program:
         rows_template = jax.eval_shape(lambda s, b: train_epoch(s, b, epoch0)[3], state, snaps)
 
         def measure(state, clipped):
-            return self.epoch_stats(state, keys, data, clipped)
+            return self.epoch_stats(state, members, data, clipped)
 
         stats_template = jax.eval_shape(measure, state, jnp.zeros(state.diverged_at.shape))
 
@@ -396,10 +463,10 @@ class Program:
         no_steps = jnp.full(state.diverged_at.shape, jnp.nan, jnp.float32)  # at boundary 0
         (state, snaps, _), (rows, epochs) = jax.lax.scan(
             boundary, (state, snaps, no_steps), jnp.arange(n_epochs + 1))
-        # [n_epochs + 1, P, S, ...] (the last boundary trains nothing) -> [S, n_epochs * P, ...]
+        # [n_epochs + 1, P, M, ...] (the last boundary trains nothing) -> [M, n_epochs * P, ...]
         rows = jax.tree.map(lambda r: jnp.moveaxis(r[:-1].reshape((-1,) + r.shape[2:]), 0, 1),
                             rows)
-        epochs = jax.tree.map(lambda e: jnp.moveaxis(e, 0, 1), epochs)  # -> [S, n_epochs + 1]
+        epochs = jax.tree.map(lambda e: jnp.moveaxis(e, 0, 1), epochs)  # -> [M, n_epochs + 1]
         if K:
             snaps = jax.tree.map(lambda b: jnp.moveaxis(b, 0, 1), snaps)
         return state, rows, epochs, snaps
@@ -430,22 +497,23 @@ class Compiled:
     ``record.chunk_epochs`` does not divide ``epochs``); ``compile_s`` accumulates.
     """
 
-    def __init__(self, prog: Program, seeds: Array, data: DeviceData, mesh: Mesh):
+    def __init__(self, prog: Program, members: Members, data: DeviceData, mesh: Mesh):
         self.program = prog
         self.mesh = mesh
         self.compile_s = 0.0
-        # Every output has the seed axis first and stays split along it (without this,
-        # XLA may replicate outputs that do not depend on the seed, such as zero biases).
-        by_seed = NamedSharding(mesh, PartitionSpec("seeds"))
+        # Every output has the member axis first and stays split along it (without this,
+        # XLA may replicate outputs that do not depend on the member, such as zero biases).
+        by_member = NamedSharding(mesh, PartitionSpec("members"))
+
         def jit(fn: Callable, **kwargs: Any) -> Any:
-            return jax.jit(_traced_at(prog.matmul_precision, fn), out_shardings=by_seed,
+            return jax.jit(_traced_at(prog.matmul_precision, fn), out_shardings=by_member,
                            compiler_options=compiler_options(), **kwargs)
 
         self._chunk_jit = jit(prog.chunk, static_argnums=4, donate_argnums=0)
         self._chunks: dict[int, Any] = {}
-        self.start = self._compile(jit(prog.start), seeds, data)
-        self._state, self._keys = shard_seeds(jax.eval_shape(prog.start, seeds, data), mesh)
-        self._data = data
+        self.start = self._compile(jit(prog.start), members, data)
+        self._state = shard_members(jax.eval_shape(prog.start, members, data), mesh)
+        self._members, self._data = members, data
         self.chunk(prog.plan.chunk_epochs)
         # The debugging engine's per-step pieces, compiled on first use (with the same
         # options, so that both engines give the same numbers).
@@ -463,7 +531,8 @@ class Compiled:
         """The compiled chunk program for ``n_epochs`` epochs."""
         if n_epochs not in self._chunks:
             self._chunks[n_epochs] = self._compile(
-                self._chunk_jit, self._state, self._keys, jnp.int32(0), self._data, n_epochs)
+                self._chunk_jit, self._state, self._members, jnp.int32(0), self._data,
+                n_epochs)
         return self._chunks[n_epochs]
 
 
@@ -482,10 +551,10 @@ def compiler_options() -> dict[str, Any]:
     """XLA options for vgrad's programs.
 
     On CPU, LLVM optimisation level 1 instead of XLA's default 2: it compiles vgrad's
-    programs 15-30% faster and they run as fast (measured on seed 000's net at 1 and
-    100 seeds, and a 64-512x4-10 ReLU net: run times within 1%, while level 0 runs
-    2.5x slower). Matrix products call Eigen/oneDNN kernels either way, and the rest
-    is small fused loops. Other backends keep XLA's defaults.
+    programs 15-30% faster and they run as fast (measured on the ``visualize`` preset's
+    net at 1 and 100 seeds, and a 64-512x4-10 ReLU net: run times within 1%, while level
+    0 runs 2.5x slower). Matrix products call Eigen/oneDNN kernels either way, and the
+    rest is small fused loops. Other backends keep XLA's defaults.
     """
     return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
 
@@ -493,23 +562,22 @@ def compiler_options() -> dict[str, Any]:
 _CACHE: dict[str, Compiled] = {}
 
 
-def _cache_key(cfg: Any, ds: Dataset) -> str:
-    """Everything that shapes the program: the config except the seed, the data values
-    (only the data's shapes matter) and the keys that change nothing computed."""
-    c = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for k in ("seed", "data", *config.VOLATILE):
-        c.pop(k, None)
-    shapes = [ds.x_train.shape, ds.x_test.shape, ds.n_classes]
-    return json.dumps([c, shapes, jax.default_backend()], sort_keys=True, default=str)
+def _cache_key(group: Group) -> str:
+    """Everything that shapes a group's program: the structure and data shapes of its
+    jobs, the families it selects from, the knobs it takes, and the member count."""
+    ds = group.datasets[0]
+    families = {g: [family(f, g) for f in fs] for g, fs in group.families.items()}
+    return json.dumps([structure(group.cfg), [ds.x_train.shape, ds.x_test.shape, ds.n_classes],
+                       families, group.knob_keys, group.n_members, len(group.datasets),
+                       jax.default_backend()], sort_keys=True, default=str)
 
 
-def compile_program(cfg: Any, ds: Dataset, data: DeviceData, mesh: Mesh) -> Compiled:
-    """The compiled programs of a configuration, reused by later runs of this process
-    that share every shape-relevant setting (a sweep over seeds or data values)."""
-    key = _cache_key(cfg, ds) + repr(mesh.devices.tolist())
+def compile_program(group: Group, members: Members, data: DeviceData, mesh: Mesh) -> Compiled:
+    """The compiled programs of a group, reused by later groups of this process that
+    share its cache key (other knob values, seeds or data values)."""
+    key = _cache_key(group) + repr(mesh.devices.tolist())
     if key not in _CACHE:
-        seeds = shard_seeds(jnp.arange(cfg.seeds, dtype=jnp.int32), mesh)
-        _CACHE[key] = Compiled(Program(cfg, ds), seeds, data, mesh)
+        _CACHE[key] = Compiled(Program(group), members, data, mesh)
     return _CACHE[key]
 
 
@@ -517,8 +585,22 @@ def compile_program(cfg: Any, ds: Dataset, data: DeviceData, mesh: Mesh) -> Comp
 
 
 @dataclasses.dataclass
+class Resume:
+    """Where an interrupted run stopped: its state and records after ``epochs_done``."""
+
+    epochs_done: int
+    state: list[np.ndarray]  # the TrainState's leaves, [S, ...] each
+    step: np.ndarray  # [T] recorded steps so far
+    step_stats: dict[str, np.ndarray]  # [S, T, ...]
+    epoch_stats: dict[str, np.ndarray]  # [S, epochs_done + 1, ...]
+    snapshot_step: np.ndarray  # [N]
+    snapshots: dict[str, np.ndarray]  # [S, N, ...]
+
+
+@dataclasses.dataclass
 class Records:
-    """Everything measured so far, as host numpy arrays (leading axis = seeds).
+    """Everything measured so far for one job, as host numpy arrays (leading axis =
+    seeds).
 
     The chunks' pieces are joined only when an array is first read, so that following a
     run chunk by chunk costs nothing until its records are written.
@@ -535,10 +617,12 @@ class Records:
     nonfinite_at_divergence: np.ndarray  # [S, L]
     snapshot_step_parts: list[np.ndarray]
     snapshot_parts: list[dict[str, np.ndarray]]  # "dense_0.kernel" -> [S, N_chunk, ...]
-    seed_devices: int  # devices the seed axis was split across
+    seed_devices: int  # devices the member axis was split across
     compile_s: float
     run_s: float
     done: bool  # all epochs accounted for (trained, or skipped after every seed diverged)
+    state: list[np.ndarray] | None = None  # the TrainState's leaves after the last chunk
+    group: dict[str, Any] = dataclasses.field(default_factory=dict)  # id, jobs, members
 
     @functools.cached_property
     def step(self) -> np.ndarray:
@@ -579,6 +663,7 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    parts = [p for p in parts if p]
     if not parts:
         return {}
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
@@ -589,80 +674,129 @@ def _nan_rows(template: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
             for k, v in template.items()}
 
 
-def flatten_params(tree: Any) -> dict[str, Any]:
-    """``{"dense_0": {"kernel": x}}`` -> ``{"dense_0.kernel": x}``."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): v for path, v in leaves}
+class _JobRecords:
+    """The growing records of one job of a group (its slice of the member axis)."""
+
+    def __init__(self, job: Job, members: slice):
+        self.members = members
+        self.seeds = job.seeds
+        r = job.resume
+        self.step_parts = [r.step] if r else []
+        self.step_stat_parts = [r.step_stats] if r else []
+        self.epoch_parts = [r.epoch_stats] if r else []
+        self.snap_steps = [r.snapshot_step] if r and r.snapshots else []
+        self.snap_parts = [r.snapshots] if r and r.snapshots else []
 
 
-def run(cfg: Any, ds: Dataset, engine: str = "scan") -> Iterator[Records]:
-    """Train ``cfg.seeds`` seeds on ``ds``; yield the records at every chunk boundary.
+def _join_state(fresh: TrainState, jobs: list[Job]) -> TrainState:
+    """The group's state, each job's members taken from where it was interrupted."""
+    leaves, treedef = jax.tree.flatten(fresh)
+    saved = [job.resume.state for job in jobs]
+    if any(len(s) != len(leaves) for s in saved):
+        raise ValueError("a saved training state does not fit this program")
+    joined = [np.concatenate([s[i] for s in saved]).astype(leaf.dtype)
+              for i, leaf in enumerate(leaves)]
+    for leaf, new in zip(leaves, joined, strict=True):
+        if leaf.shape != new.shape:
+            raise ValueError("a saved training state does not fit this program")
+    return jax.tree.unflatten(treedef, [jax.device_put(x, leaf.sharding)
+                                        for x, leaf in zip(joined, leaves, strict=True)])
 
-    The last yielded value has ``done=True``. The caller owns all I/O.
+
+def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[Records]]:
+    """Train every member of ``group``; yield each job's records at every chunk boundary.
+
+    The last yielded list has ``done=True``. The caller owns all I/O.
     """
     if engine not in ("scan", "python"):
         raise ValueError(f"engine={engine!r}: expected scan or python")
-    mesh = seed_mesh(cfg.seeds)
-    data = device_data(ds, cfg.record.probe_size, mesh)
-    compiled = compile_program(cfg, ds, data, mesh)
+    mesh = member_mesh(group.n_members)
+    data = device_data(group.datasets, group.cfg.record.probe_size, mesh)
+    members = shard_members(group.members(), mesh)
+    compiled = compile_program(group, members, data, mesh)
     prog, plan = compiled.program, compiled.program.plan
-    seeds = shard_seeds(jnp.arange(cfg.seed, cfg.seed + cfg.seeds, dtype=jnp.int32), mesh)
+    first_epoch = group.jobs[0].epochs_done
+    info = {"id": group_id, "jobs": len(group.jobs), "members": group.n_members,
+            "compile_s": compiled.compile_s}
 
     t0 = time.perf_counter()
-    state, keys = compiled.start(seeds, data)
-    epoch_parts: list[dict[str, np.ndarray]] = []
-    step_parts: list[dict[str, np.ndarray]] = []
-    steps_done: list[np.ndarray] = []
-    snap_parts: list[dict[str, np.ndarray]] = []
-    snap_steps: list[np.ndarray] = []
+    state = compiled.start(members, data)
+    if first_epoch:
+        state = _join_state(state, group.jobs)
+    jobs = [_JobRecords(job, sl) for job, sl in zip(group.jobs, group.slices(), strict=True)]
     run_s = time.perf_counter() - t0
 
-    def records(done: bool) -> Records:
+    def records(done: bool, with_state: bool) -> list[Records]:
         diverged, nonfinite = jax.device_get((state.diverged_at, state.nonfinite_at_divergence))
-        return Records(
-            np.asarray(seeds), prog.names, prog.n_params, plan, list(steps_done),
-            list(step_parts), list(epoch_parts), np.asarray(diverged), np.asarray(nonfinite),
-            list(snap_steps), list(snap_parts), mesh.devices.size, compiled.compile_s, run_s,
-            done)
+        leaves = jax.device_get(jax.tree.leaves(state)) if with_state else None
+        out = []
+        for j in jobs:
+            m = j.members
+            out.append(Records(
+                j.seeds, prog.names, prog.n_params, plan, list(j.step_parts),
+                list(j.step_stat_parts), list(j.epoch_parts), np.asarray(diverged)[m],
+                np.asarray(nonfinite)[m],
+                list(j.snap_steps), list(j.snap_parts), mesh.devices.size,
+                compiled.compile_s, run_s, done,
+                [np.asarray(x)[m] for x in leaves] if leaves is not None else None, info))
+        return out
 
-    for c in range(plan.n_chunks):
-        epochs = plan.chunk_epochs_of(c)
+    for start in range(first_epoch, plan.epochs, plan.chunk_epochs):
+        epochs = range(start, min(start + plan.chunk_epochs, plan.epochs))
         chunk = compiled.chunk(len(epochs))  # compiles only for a new chunk length
         t0 = time.perf_counter()
         if engine == "scan":
-            state, rows, epoch_rows, snaps = chunk(state, keys, jnp.int32(epochs.start), data)
+            state, rows, epoch_rows, snaps = chunk(state, members, jnp.int32(epochs.start), data)
         else:
-            state, rows, epoch_rows, snaps = _python_chunk(compiled, state, keys, epochs, data)
+            state, rows, epoch_rows, snaps = _python_chunk(compiled, state, members, epochs,
+                                                           data)
         # Host sync: the chunk's records come to the host.
         rows, epoch_rows, snaps, diverged = jax.device_get(
             (rows, epoch_rows, snaps, state.diverged_at))
         steps = plan.recorded_steps(epochs)
         local = steps - epochs.start * plan.steps_per_epoch
-        step_parts.append({k: v[:, local] for k, v in rows.items()})
-        steps_done.append(steps)
-        # Column 0 holds the statistics at initialisation (measured by the first chunk).
-        epoch_parts.append({k: v[:, (0 if c == 0 else 1):] for k, v in epoch_rows.items()})
+        # Column 0 holds the statistics at initialisation (measured when epoch 0 is trained).
+        first_col = 0 if epochs.start == 0 else 1
+        taken = None
         if snaps is not None:
             first, stop = (epochs.start * plan.steps_per_epoch, epochs.stop * plan.steps_per_epoch)
             every = prog.snapshot_every
             taken = np.arange(-(-first // every) * every, stop, every, dtype=np.int64)
-            snap_parts.append({k: v[:, : len(taken)] for k, v in flatten_params(snaps).items()})
-            snap_steps.append(taken)
+            snaps = layers.flat_params(prog.layout, snaps, lead=2)
+        for j in jobs:
+            m = j.members
+            j.step_parts.append(steps)
+            j.step_stat_parts.append({k: v[m][:, local] for k, v in rows.items()})
+            j.epoch_parts.append({k: v[m][:, first_col:] for k, v in epoch_rows.items()})
+            if taken is not None:
+                # A diverged seed's snapshots after its divergence are NaN, as its metrics.
+                snap = {k: v[m][:, : len(taken)] for k, v in snaps.items()}
+                j.snap_parts.append(_nan_after(snap, taken, np.asarray(diverged)[m]))
+                j.snap_steps.append(taken)
         run_s += time.perf_counter() - t0
-        last = c == plan.n_chunks - 1
+        last = epochs.stop == plan.epochs
         if not last and bool(np.all(diverged >= 0)):
-            # Every seed has diverged: the rest of the run would only record NaN.
+            # Every member has diverged: the rest of the run would only record NaN.
             rest = range(epochs.stop, plan.epochs)
             steps_left = plan.recorded_steps(rest)
-            step_parts.append(_nan_rows(step_parts[-1], len(steps_left)))
-            steps_done.append(steps_left)
-            epoch_parts.append(_nan_rows(epoch_parts[-1], len(rest)))
-            yield records(True)
+            for j in jobs:
+                j.step_parts.append(steps_left)
+                j.step_stat_parts.append(_nan_rows(j.step_stat_parts[-1], len(steps_left)))
+                j.epoch_parts.append(_nan_rows(j.epoch_parts[-1], len(rest)))
+            yield records(True, with_state=False)
             return
-        yield records(last)
+        yield records(last, with_state=not last)
 
 
-def _python_chunk(compiled: Compiled, state: TrainState, keys: SeedKeys, epochs: range,
+def _nan_after(snaps: dict[str, np.ndarray], steps: np.ndarray, diverged_at: np.ndarray
+               ) -> dict[str, np.ndarray]:
+    """Snapshots at or after a seed's divergence step are NaN (the seed is frozen there)."""
+    after = (diverged_at[:, None] >= 0) & (steps[None, :] > diverged_at[:, None])
+    return {k: np.where(after.reshape(after.shape + (1,) * (v.ndim - 2)), np.nan, v)
+            for k, v in snaps.items()}
+
+
+def _python_chunk(compiled: Compiled, state: TrainState, members: Members, epochs: range,
                   data: DeviceData) -> tuple[TrainState, dict, dict, Any]:
     """The debugging engine: the same step, one jitted dispatch per step."""
     prog = compiled.program
@@ -670,21 +804,21 @@ def _python_chunk(compiled: Compiled, state: TrainState, keys: SeedKeys, epochs:
     rows: list[dict] = []
     epoch_rows: list[dict] = []
     snaps: list[Any] = []
-    initial = compiled.epoch_stats(state, keys, data)
+    initial = compiled.epoch_stats(state, members, data)
     if epochs.start > 0:
         initial = jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), initial)
     epoch_rows.append(initial)
     for epoch in epochs:
-        perms = compiled.permutations(keys, jnp.int32(epoch))
+        perms = compiled.permutations(members, jnp.int32(epoch))
         clipped = 0.0
         for i in range(P):
-            res = compiled.step(state, keys, perms, jnp.int32(epoch), jnp.int32(i), data)
+            res = compiled.step(state, members, perms, jnp.int32(epoch), jnp.int32(i), data)
             state = res.state
             rows.append(res.stats)
             clipped = clipped + res.clip_fired
             if K and (epoch * P + i) % K == 0:
                 snaps.append(res.grads)
-        epoch_rows.append(compiled.epoch_stats(state, keys, data, clipped))
+        epoch_rows.append(compiled.epoch_stats(state, members, data, clipped))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *snaps) if K else None
     return state, _stack_rows(rows), _stack_rows(epoch_rows), stacked
 

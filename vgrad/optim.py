@@ -128,11 +128,22 @@ class Optim:
     make: Callable[[Any, optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
+def is_zero(value: Any) -> bool:
+    """True for a constant zero. A knob fed to a grouped program (``vgrad.group``) is a
+    traced value, never a constant zero: the group's structure says it is not zero."""
+    return isinstance(value, (int, float)) and value == 0
+
+
+def optional(value: Any) -> Any:
+    """None for a constant zero (optax then leaves the term out), else the value."""
+    return None if is_zero(value) else value
+
+
 OPTIMIZERS: dict[str, Optim] = {
-    "sgd": Optim(SGDOptim, lambda c, lr: optax.sgd(lr, c.momentum or None, c.nesterov)),
+    "sgd": Optim(SGDOptim, lambda c, lr: optax.sgd(lr, optional(c.momentum), c.nesterov)),
     "rmsprop": Optim(
         RMSpropOptim,
-        lambda c, lr: optax.rmsprop(lr, decay=c.rho, eps=c.eps, momentum=c.momentum or None,
+        lambda c, lr: optax.rmsprop(lr, decay=c.rho, eps=c.eps, momentum=optional(c.momentum),
                                     centered=c.centered),
     ),
     "adam": Optim(AdamOptim, lambda c, lr: optax.adam(lr, c.b1, c.b2, c.eps)),
@@ -160,6 +171,6 @@ def make(clip: Any, optim: Any, n_train: int, total_steps: int) -> Transforms:
     """Build the clipping and optimizer transforms from the ``clip`` and ``optim`` nodes."""
     lr = SCHEDULES[optim.schedule](optim.lr, total_steps)
     update = OPTIMIZERS[optim.name].make(optim, lr)
-    if optim.l2:
+    if not is_zero(optim.l2):
         update = optax.chain(optax.add_decayed_weights(optim.l2 / n_train, kernel_mask), update)
     return Transforms(CLIPS[clip.name].make(clip), update)

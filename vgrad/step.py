@@ -23,6 +23,7 @@ import optax
 from flax import struct
 
 from vgrad import losses
+from vgrad.layers import Layout
 from vgrad.optim import Transforms
 
 Array = jax.Array
@@ -107,14 +108,17 @@ def make_loss_fn(model: nn.Module, loss: str) -> Callable[..., tuple[Array, Any]
     return loss_fn
 
 
-def nonfinite_per_layer(grads: Any, names: list[str]) -> Array:
-    """Number of non-finite entries in each Dense layer's kernel and bias gradient."""
-    return jnp.stack([
-        sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads[n])) for n in names
-    ]).astype(jnp.int32)
+def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
+    """Number of non-finite entries in each Dense layer's kernel and bias gradient, [L]."""
+    def count(k: Array, b: Array) -> Array:
+        return (jnp.sum(~jnp.isfinite(k.reshape(k.shape[0], -1)), axis=1)
+                + jnp.sum(~jnp.isfinite(b.reshape(b.shape[0], -1)), axis=1))
+
+    return layout.per_layer(count, layout.leaves(grads, "kernel"),
+                            layout.leaves(grads, "bias")).astype(jnp.int32)
 
 
-def make_train_step(model: nn.Module, tx: Transforms, loss: str, names: list[str]
+def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
     """One optimisation step on a batch, with its gradient and deltas returned."""
     grad_fn = jax.value_and_grad(make_loss_fn(model, loss), argnums=(0, 1), has_aux=True)
@@ -142,7 +146,7 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, names: list[str
             step=state.step + 1,
             diverged_at=jnp.where(diverging, state.step, state.diverged_at),
             nonfinite_at_divergence=jnp.where(
-                diverging, nonfinite_per_layer(grads, names), state.nonfinite_at_divergence),
+                diverging, nonfinite_per_layer(grads, layout), state.nonfinite_at_divergence),
         )
         return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params)
 

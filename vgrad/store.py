@@ -31,10 +31,16 @@ import numpy as np
 SUMMARY = "summary.json"
 METRICS = "metrics.npz"
 GRADS = "grads.npz"
+#: The training state after the last written chunk, while a run has not ended: what a
+#: re-run of the same command continues from (removed when the run ends).
+CHECKPOINT = "checkpoint.npz"
 
 #: Statuses a run folder can hold. ``running`` marks chunks written by a run that has not
-#: ended (or was killed); the others are final.
-STATUSES = ("running", "completed", "diverged", "partial", "failed")
+#: ended (or was killed); ``interrupted`` a run stopped by SIGINT or SIGTERM after its
+#: last chunk was written; the others are final.
+STATUSES = ("running", "interrupted", "completed", "diverged", "partial", "failed")
+#: Statuses of a run that trained to its end.
+ENDED = ("completed", "diverged", "partial")
 
 
 def _umask() -> int:
@@ -100,9 +106,55 @@ def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
 def is_complete(run_dir: Path) -> bool:
     """True when the folder holds a run that ended (completed, diverged or partial)."""
     try:
-        return read_summary(run_dir)["status"] in ("completed", "diverged", "partial")
-    except (OSError, ValueError, KeyError):
+        return read_summary(run_dir)["status"] in ENDED
+    except (OSError, ValueError, KeyError, TypeError):
         return False
+
+
+def npz_loads(path: Path) -> bool:
+    """Whether ``path`` is a whole, readable npz file (every member's checksum holds)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None and bool(zf.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed process left behind."""
+    for tmp in Path(run_dir).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def write_checkpoint(run_dir: Path, epochs_done: int, leaves: list[np.ndarray]) -> None:
+    """The training state's leaves (``jax.tree.leaves`` order), [S, ...] each."""
+    arrays = {f"leaf_{i:04d}": np.asarray(x) for i, x in enumerate(leaves)}
+    arrays["epochs_done"] = np.asarray(epochs_done, np.int64)
+    write_npz(Path(run_dir) / CHECKPOINT, arrays)
+
+
+def read_checkpoint(run_dir: Path) -> tuple[int, list[np.ndarray]]:
+    with np.load(Path(run_dir) / CHECKPOINT, allow_pickle=False) as z:
+        leaves = [z[k] for k in sorted(k for k in z.files if k.startswith("leaf_"))]
+        return int(z["epochs_done"]), leaves
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()
+                ) -> list[str]:
+    """The dotted keys whose values differ between two resolved configs, as
+    ``key=old->new`` (keys in ``ignore`` and their subkeys left out)."""
+    def flat(c: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(c, Mapping):
+            return {prefix[:-1]: c}
+        out: dict[str, Any] = {}
+        for k, v in c.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a, b = flat(old), flat(new)
+    keys = sorted(set(a) | set(b))
+    return [f"{k}={a.get(k, '(none)')}->{b.get(k, '(none)')}" for k in keys
+            if a.get(k) != b.get(k) and k.split(".")[0] not in ignore]
 
 
 @functools.cache
@@ -213,6 +265,10 @@ def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str
             "run_s": rec.run_s,
             "steps_per_s": steps / rec.run_s if rec.run_s > 0 else None,
             "seed_steps_per_s": steps * len(rec.seeds) / rec.run_s if rec.run_s > 0 else None,
+            # The group of jobs this run was trained with, as one program (vgrad.group):
+            # its id in the sweep, its jobs and members (jobs x seeds); compile_s and
+            # run_s above are the group's, shared by its jobs.
+            "group": dict(rec.group),
         },
         "versions": dict(versions()),
         "device": {**device, "seed_devices": rec.seed_devices},

@@ -24,28 +24,33 @@ FAILED_SWEEPS: list[Path] = []
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from vgrad.analysis.tables import load_sweep
+        write_runs_table(Path(config.hydra.sweep.dir))
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                sweep = load_sweep(sweep_dir)
-                runs = sweep.runs
-        except Exception as exc:  # a summary must never turn a finished sweep into a crash
-            log.warning("could not summarise the sweep %s: %s", sweep_dir, exc)
-            return
-        for w in caught:
-            log.warning("%s", w.message)
-        if runs.empty:
-            log.warning("no run of the sweep %s ended", sweep_dir)
-            return
-        runs.to_csv(sweep_dir / "runs.csv", index=False)
-        per_run = runs.drop_duplicates("run")
-        failed = per_run[per_run["status"] == "failed"]
-        if len(failed) or sweep.skipped:
-            FAILED_SWEEPS.append(sweep_dir)
-        log.info("sweep: %d runs (%s); runs table: %s", len(per_run),
-                 ", ".join(f"{k} {v}" for k, v in per_run["status"].value_counts().items()),
-                 sweep_dir / "runs.csv")
-        log.info("report: python scripts/report.py %s", sweep_dir)
+
+def write_runs_table(sweep_dir: Path) -> None:
+    """Write ``<sweep>/runs.csv`` from the run folders under it and log the report
+    command (also when a sweep stops early, for what it finished)."""
+    from vgrad.analysis.tables import load_sweep
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sweep = load_sweep(sweep_dir)
+            runs = sweep.runs
+    except Exception as exc:  # a summary must never turn a finished sweep into a crash
+        log.warning("could not summarise the sweep %s: %s", sweep_dir, exc)
+        return
+    for w in caught:
+        log.warning("%s", w.message)
+    if runs.empty:
+        log.warning("no run of the sweep %s ended", sweep_dir)
+        return
+    runs.to_csv(sweep_dir / "runs.csv", index=False)
+    per_run = runs.drop_duplicates("run")
+    failed = per_run[per_run["status"] == "failed"]
+    if len(failed) or sweep.skipped:
+        FAILED_SWEEPS.append(sweep_dir)
+    log.info("sweep: %d runs (%s); runs table: %s", len(per_run),
+             ", ".join(f"{k} {v}" for k, v in per_run["status"].value_counts().items()),
+             sweep_dir / "runs.csv")
+    log.info("report: python scripts/report.py %s", sweep_dir)

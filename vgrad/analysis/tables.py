@@ -15,8 +15,11 @@ returns a :class:`Sweep` with
   only (``act_*``) are NaN on the output layer's row.
 
 Runs that did not end (``status: running``: killed or still going) or whose files are
-unreadable are skipped with a warning naming them; failed runs are kept in ``runs``
-(status ``failed``, metrics NaN) and have no series.
+unreadable are skipped with a warning naming the file; failed runs are kept in ``runs``
+(status ``failed``, metrics NaN) and have no series; interrupted runs (SIGINT or SIGTERM)
+are kept with what they trained (status ``interrupted``). A run's arrays are read up to
+the epochs its ``summary.json`` says were done: the summary is written last, so it is
+the one to trust if a kill fell between the two writes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import pandas as pd
 from vgrad import store
 
 _EVAL = ("train_loss", "train_acc", "test_loss", "test_acc")
-ENDED = ("completed", "diverged", "partial", "failed")
+#: Statuses of runs the analysis reads (``running`` is a run still going, or killed).
+ENDED = ("completed", "diverged", "partial", "failed", "interrupted")
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -71,7 +75,8 @@ class Run:
     @property
     def metrics(self) -> dict[str, np.ndarray]:
         if self._metrics is None:
-            self._metrics = store.read_metrics(self.path) if self.status != "failed" else {}
+            self._metrics = (_trusted(store.read_metrics(self.path), self.summary)
+                             if self.status != "failed" else {})
         return self._metrics
 
     @property
@@ -100,16 +105,60 @@ class Run:
         return rows
 
 
+def _trusted(metrics: dict[str, np.ndarray], summary: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The arrays cut to the epochs ``summary.json`` says were done."""
+    done, per_epoch = summary.get("epochs_done"), summary.get("steps_per_epoch")
+    if done is None or per_epoch is None or "epoch" not in metrics:
+        return metrics
+    axes = summary.get("arrays", {})
+    keep_steps = metrics["step"] < done * per_epoch if "step" in metrics else None
+    out = {}
+    for key, value in metrics.items():
+        dims = axes.get(key, [])
+        if key == "epoch":
+            out[key] = value[: done + 1]
+        elif key == "step" and keep_steps is not None:
+            out[key] = value[keep_steps]
+        elif dims[:2] == ["seed", "epoch"]:
+            out[key] = value[:, : done + 1]
+        elif dims[:2] == ["seed", "step"] and keep_steps is not None:
+            out[key] = value[:, keep_steps]
+        else:
+            out[key] = value
+    return out
+
+
+def _check_summary(summary: Any) -> None:
+    """Raise ValueError unless ``summary`` has what every reader relies on."""
+    if not isinstance(summary, dict) or summary.get("status") not in store.STATUSES:
+        raise ValueError("not a vgrad run summary (no known status)")
+    if not isinstance(summary.get("config", {}), dict):
+        raise ValueError("not a vgrad run summary (config is not a mapping)")
+    if summary["status"] != "failed":
+        for key, kind in (("per_seed", list), ("arrays", dict), ("layers", list)):
+            if not isinstance(summary.get(key), kind):
+                raise ValueError(f"not a vgrad run summary ({key} missing)")
+
+
 def _seeds_of(config: dict[str, Any]) -> list[int]:
     first, n = config.get("seed", 0), config.get("seeds", 1)
     return list(range(first, first + n))
 
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
-    """One run folder (raises if it holds no readable summary)."""
+    """One run folder. Raises ValueError (naming the file) if its summary is unreadable or
+    not a run summary, or if a run that trained has no readable metrics."""
     path = Path(path)
-    summary = json.loads((path / store.SUMMARY).read_text())
-    return Run(path, name if name is not None else path.name, summary)
+    try:
+        summary = json.loads((path / store.SUMMARY).read_text())
+        _check_summary(summary)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path / store.SUMMARY}: {exc}") from None
+    run = Run(path, name if name is not None else path.name, summary)
+    if run.status in ENDED and run.status != "failed" and not store.npz_loads(
+            path / store.METRICS):
+        raise ValueError(f"{path / store.METRICS}: missing or unreadable")
+    return run
 
 
 @dataclass
@@ -188,14 +237,11 @@ def load_sweep(path: str | Path) -> Sweep:
         name = str(folder.relative_to(root)) if folder != root else folder.name
         try:
             run = load_run(folder, name)
-        except (OSError, ValueError) as exc:
-            skipped.append((folder, f"unreadable summary.json ({exc})"))
+        except ValueError as exc:
+            skipped.append((folder, str(exc)))
             continue
         if run.status not in ENDED:
             skipped.append((folder, f"status {run.status!r}: the run did not end"))
-            continue
-        if run.status != "failed" and not (folder / store.METRICS).is_file():
-            skipped.append((folder, "no metrics.npz"))
             continue
         runs.append(run)
     for folder, why in skipped:

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Sweeps through vgrad's launcher (grouped) against Hydra's basic launcher (job by job).
+
+    python benchmarks/sweep_bench.py                  # every sweep below, both launchers
+    python benchmarks/sweep_bench.py --sweeps 3 12    # a selection
+    python benchmarks/sweep_bench.py --depth          # compile time against depth only
+    python benchmarks/sweep_bench.py --quick          # seconds: checks the bookkeeping only
+
+Each sweep runs as a user runs it: ``python -m vgrad.train -m ...`` in a fresh process
+(process start, Hydra, data, compilation, training and writing included), with the
+persistent compilation cache off, once with ``hydra/launcher=basic`` and once with the
+default ``hydra/launcher=vgrad``, one after the other on the same machine. The sweeps
+are the ``visualize`` preset ("Visualizing the vanishing gradient problem") over
+
+- 3 jobs:  act=sigmoid,tanh,relu
+- 12 jobs: act=sigmoid,tanh,relu,elu x init=normal,he_normal,glorot_uniform
+- 48 jobs: act=sigmoid,tanh,relu,elu,gelu,swish x init=normal,glorot_uniform,he_normal,
+  lecun_normal x optim.lr=1e-3,1e-2
+
+For each: wall time of both, their ratio, the summed compile and train seconds of the
+jobs' ``summary.json`` (a group's are counted once), and the training throughput of the
+grouped programs relative to the same jobs trained one by one (seed-steps per second of
+training, compilation excluded; 1.0 = grouping costs nothing at run time).
+
+``--depth`` measures the compile time of the default program at depth 4, 25 and 100
+(width 5) and whether depth 1000 runs at all (width 32, one epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+SWEEPS = {
+    3: ["act=sigmoid,tanh,relu"],
+    12: ["act=sigmoid,tanh,relu,elu", "init=normal,he_normal,glorot_uniform"],
+    48: ["act=sigmoid,tanh,relu,elu,gelu,swish",
+         "init=normal,glorot_uniform,he_normal,lecun_normal", "optim.lr=1e-3,1e-2"],
+}
+COMMON = ["+experiment=visualize", "compile_cache=null", "progress=false"]
+
+
+def run_sweep(axes: list[str], launcher: str, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "vgrad.train", "-m", *COMMON, *axes, *extra,
+           f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*/summary.json"))]
+    groups: dict[int, dict] = {}
+    seed_steps = 0.0
+    for s in summaries:
+        t = s["timing"]
+        key = t["group"]["id"] if launcher == "vgrad" else len(groups)
+        groups.setdefault(key, {"compile_s": t["compile_s"], "run_s": t["run_s"]})
+        seed_steps += s["steps_per_epoch"] * s["epochs_done"] * len(s["seeds"])
+    compile_s = sum(g["compile_s"] for g in groups.values())
+    run_s = sum(g["run_s"] for g in groups.values())
+    return {"wall_s": wall, "jobs": len(summaries), "programs": len(groups),
+            "compile_s": compile_s, "train_s": run_s,
+            "seed_steps_per_train_s": seed_steps / run_s if run_s else None}
+
+
+def bench_sweeps(sizes: list[int], extra: list[str]) -> list[dict]:
+    rows = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            basic = run_sweep(SWEEPS[n], "basic", Path(tmp) / "basic", extra)
+            grouped = run_sweep(SWEEPS[n], "vgrad", Path(tmp) / "vgrad", extra)
+        row = {"jobs": n, "basic": basic, "vgrad": grouped,
+               "speedup": basic["wall_s"] / grouped["wall_s"],
+               "train_throughput_ratio": grouped["seed_steps_per_train_s"]
+               / basic["seed_steps_per_train_s"]}
+        rows.append(row)
+        print(f"{n:>3} jobs  basic {basic['wall_s']:7.1f} s ({basic['programs']} programs, "
+              f"compile {basic['compile_s']:6.1f} s, train {basic['train_s']:5.2f} s)   "
+              f"vgrad {grouped['wall_s']:6.1f} s ({grouped['programs']} program(s), compile "
+              f"{grouped['compile_s']:5.1f} s, train {grouped['train_s']:5.2f} s)   "
+              f"speed-up {row['speedup']:5.1f}x   grouped/one-by-one training throughput "
+              f"{row['train_throughput_ratio']:.2f}", flush=True)
+    return rows
+
+
+def compile_seconds(overrides: list[str]) -> dict:
+    """compile_s and run_s of one run of the default program, in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "vgrad.train", "compile_cache=null", "progress=false",
+               *overrides, f"hydra.run.dir={tmp}/run"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        t = json.loads((Path(tmp) / "run" / "summary.json").read_text())["timing"]
+    return {"compile_s": t["compile_s"], "run_s": t["run_s"], "wall_s": wall}
+
+
+def bench_depth(quick: bool) -> dict:
+    depths = [4, 25] if quick else [4, 25, 100]
+    rows = {}
+    for d in depths:
+        rows[d] = compile_seconds([f"depth={d}", "epochs=2"])
+        print(f"depth {d:>4} width 5: compile {rows[d]['compile_s']:5.1f} s", flush=True)
+    ratio = rows[depths[-1]]["compile_s"] / rows[4]["compile_s"]
+    print(f"compile time, depth {depths[-1]} / depth 4: {ratio:.2f}", flush=True)
+    deep = None
+    if not quick:
+        deep = compile_seconds(["depth=1000", "width=32", "epochs=1", "act=tanh",
+                                "init=variance_scaling"])
+        print(f"depth 1000 width 32: compile {deep['compile_s']:.1f} s, one epoch "
+              f"{deep['run_s']:.2f} s", flush=True)
+    return {"by_depth": rows, "ratio": ratio, "depth_1000": deep}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweeps", type=int, nargs="+", default=sorted(SWEEPS),
+                        choices=sorted(SWEEPS))
+    parser.add_argument("--depth", action="store_true", help="only the compile-vs-depth rows")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 epochs, the 3-job sweep and depths 4 and 25: a smoke test")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
+    args = parser.parse_args(argv)
+    extra = ["epochs=2"] if args.quick else []
+    print(f"# {platform.node()}: {os.cpu_count()} CPU(s), {platform.platform()}; "
+          "compilation cache off, process start included", flush=True)
+    result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    if not args.depth:
+        result["sweeps"] = bench_sweeps([3] if args.quick else args.sweeps, extra)
+    result["depth"] = bench_depth(args.quick)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

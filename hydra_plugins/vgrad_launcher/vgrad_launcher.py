@@ -1,0 +1,335 @@
+"""vgrad's Hydra launcher: trains a sweep's jobs of one structure as one compiled program.
+
+``hydra/launcher=vgrad`` (the default in ``conf/config.yaml``). Hydra hands a launcher
+every job of a sweep at once (``Launcher.launch``); this one
+
+1. composes every job's config and gives it a run folder: the folder of an earlier run
+   of the same config if the sweep folder has one (so an extended or reordered sweep
+   resumes by config, not by job number), else the job's own numbered folder, else,
+   when that holds another config's run, the next free number (a folder holding a run
+   is never overwritten); the sweep folder is locked against a concurrent sweep;
+2. validates each job and skips those that already ended (resume);
+3. groups the rest by program structure and trains each group as one program
+   (``vgrad.runner.train_jobs``), one progress bar for the sweep;
+4. runs Hydra's ``run_job`` for every job, as the basic launcher does, so that each job
+   folder gets its ``.hydra/`` files and job log and Hydra's callbacks see every job;
+   the task function reports the results trained in step 3.
+
+Hydra imports this module while scanning for plugins: vgrad is imported in ``launch``.
+(No ``from __future__ import annotations``: Hydra's scanner runs the module before it
+is in ``sys.modules``, where dataclasses look string annotations up.)
+"""
+
+import contextlib
+import copy
+import fcntl
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger("vgrad")
+
+
+@dataclass
+class VgradLauncherConf:
+    _target_: str = "hydra_plugins.vgrad_launcher.vgrad_launcher.VgradLauncher"
+    # Most jobs one program trains (null: as many as the memory budget allows).
+    max_jobs_per_program: Optional[int] = None  # noqa: UP045 (OmegaConf reads it)
+    # Memory a program's members (jobs x seeds) may take, in GB: state, activations and
+    # records; a larger group is split into batches that train one after the other.
+    memory_budget_gb: float = 4.0
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="vgrad", node=VgradLauncherConf,
+                             provider="vgrad")
+
+
+@dataclass
+class _Planned:
+    """One job of the sweep: its composed config and where it goes."""
+
+    idx: int
+    config: DictConfig  # the whole config, hydra node included
+    run_dir: Path
+    refused: Optional[Exception] = None  # noqa: UP045
+
+
+class VgradLauncher(Launcher):
+    def __init__(self, max_jobs_per_program: int | None = None,
+                 memory_budget_gb: float = 4.0) -> None:
+        self.max_jobs = max_jobs_per_program
+        self.memory_budget = memory_budget_gb * 1e9
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+               ) -> Sequence[JobReturn]:
+        from hydra.core.utils import setup_globals
+
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(sweep_dir):
+            planned = self._plan(job_overrides, initial_job_idx, sweep_dir)
+            self._train(planned, sweep_dir)
+            return [self._report(p) for p in planned]
+
+    # -- 1. configs and folders --
+
+    def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+              sweep_dir: Path) -> list[_Planned]:
+        from vgrad import config as vconfig
+        from vgrad import runner, store
+
+        assert self.config is not None and self.hydra_context is not None
+        log.info("Launching %d jobs, grouped by program structure", len(job_overrides))
+        existing = _runs_in(sweep_dir)
+        used: set[str] = set()
+        planned = []
+        original = HydraConfig.instance().cfg
+        try:
+            for i, overrides in enumerate(job_overrides):
+                idx = initial_job_idx + i
+                log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+                cfg = self.hydra_context.config_loader.load_sweep_config(
+                    self.config, list(overrides))
+                with open_dict(cfg):
+                    cfg.hydra.job.id = idx
+                    cfg.hydra.job.num = idx
+                HydraConfig.instance().set_config(cfg)
+                own = _task_container(cfg)
+                default = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+                same = [name for name, c in existing.items() if name not in used
+                        and not store.config_diff(c, own, ignore=vconfig.VOLATILE)]
+                refused = None
+                if same:
+                    name = default if default in same else same[0]
+                elif default not in existing:
+                    name = default
+                elif default == str(idx):  # numbered folders: take the next free number
+                    name = str(_next_free_number(sweep_dir, used))
+                else:
+                    name = default
+                    refused = runner.DifferentRun(
+                        sweep_dir / name, store.config_diff(existing[name], own,
+                                                            ignore=vconfig.VOLATILE))
+                used.add(name)
+                if name != default:
+                    log.info("\t#%d goes to folder %s (%s)", idx, name,
+                             "its earlier run" if same else f"{default} holds another run")
+                    with read_write(cfg.hydra), open_dict(cfg.hydra):
+                        cfg.hydra.sweep.subdir = name
+                planned.append(_Planned(idx, cfg, sweep_dir / name, refused))
+        finally:
+            HydraConfig.instance().cfg = original
+        return planned
+
+    # -- 2 and 3. validate, skip what ended, train the rest in groups --
+
+    def _train(self, planned: list[_Planned], sweep_dir: Path) -> None:
+        from vgrad import group as vgroup
+        from vgrad import runner
+        from vgrad.analysis import callback
+        from vgrad.errors import ConfigError
+
+        jobs = []
+        for p in planned:
+            if p.refused is not None:
+                continue
+            cfg = _task_config(p.config)
+            try:
+                if cfg.resume and runner.ended_before(p.run_dir, cfg) is not None:
+                    continue  # the task function reports it as skipped
+                if not cfg.resume:
+                    runner.ended_before(p.run_dir, cfg)
+                job = runner.prepare(cfg, p.run_dir)
+            except ConfigError:
+                continue  # the task function records the error
+            if cfg.resume:
+                job.resume = runner.resume_point(p.run_dir, cfg)
+                if job.resume is not None:
+                    log.info("continuing %s from epoch %d", p.run_dir, job.resume.epochs_done)
+            _save_hydra_files(p)
+            jobs.append(job)
+        if not jobs:
+            return
+        max_members = self._max_members(jobs)
+        groups = vgroup.group_jobs(jobs, max_members, self.max_jobs)
+        log.info("%d jobs to train in %d program(s)%s", len(jobs), len(groups),
+                 "" if max_members is None else f" (at most {max_members} members each)")
+        with _SweepBar(len(jobs), enabled=bool(self.config.get("progress", True))) as bar:
+            def on_group(gid: int, group: Any, statuses: list[str], seconds: float) -> None:
+                t = _group_timing(group)
+                log.info("group %d: %d job(s) x seeds = %d members, compile %.1f s, "
+                         "train %.1f s: %s", gid, len(group.jobs), group.n_members,
+                         t.get("compile_s", 0.0), t.get("run_s", 0.0),
+                         ", ".join(f"{s} {statuses.count(s)}" for s in sorted(set(statuses))))
+                bar.group_done(group)
+
+            try:
+                results = runner.train_jobs(jobs, max_members, bar.progress, on_group,
+                                            max_jobs=self.max_jobs)
+            except runner.Interrupted:
+                callback.write_runs_table(sweep_dir)
+                raise
+        runner.OUTCOMES.trained.update(results)
+
+    def _max_members(self, jobs: list[Any]) -> int | None:
+        from vgrad import group as vgroup
+
+        per_member = max(vgroup.member_bytes(job) for job in jobs)
+        return max(1, int(self.memory_budget // per_member))
+
+    # -- 4. Hydra's own per-job step --
+
+    def _report(self, p: _Planned) -> JobReturn:
+        assert self.hydra_context is not None and self.task_function is not None
+        if p.refused is not None:  # never touch a folder holding another config's run
+            from vgrad import runner
+
+            runner.OUTCOMES.failed.append((p.run_dir, str(p.refused), True))
+            ret = JobReturn(overrides=list(p.config.hydra.overrides.task),
+                            cfg=_task_config(p.config), hydra_cfg=p.config,
+                            working_dir=os.getcwd(), task_name=p.config.hydra.job.name,
+                            status=JobStatus.COMPLETED)
+            ret.return_value = "failed"
+            return ret
+        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                      config=p.config, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir")
+        assert self.config is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+
+def _task_config(cfg: DictConfig) -> DictConfig:
+    task = copy.deepcopy(cfg)
+    with read_write(task), open_dict(task):
+        del task["hydra"]
+    return task
+
+
+def _task_container(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(_task_config(cfg), resolve=True, enum_to_str=True)
+
+
+def _runs_in(sweep_dir: Path) -> dict[str, dict[str, Any]]:
+    """Folders of the sweep holding a run that is not a failure: name -> its config."""
+    from vgrad import store
+
+    runs = {}
+    for summary in sorted(sweep_dir.glob(f"*/{store.SUMMARY}")):
+        try:
+            s = store.read_summary(summary.parent)
+            if s["status"] != "failed" and isinstance(s.get("config"), dict):
+                runs[summary.parent.name] = s["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return runs
+
+
+def _next_free_number(sweep_dir: Path, used: set[str]) -> int:
+    taken = {int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()}
+    taken |= {int(n) for n in used if n.isdigit()}
+    return max(taken, default=-1) + 1
+
+
+def _save_hydra_files(p: _Planned) -> None:
+    """``.hydra/`` as ``run_job`` writes it, before training, so that a killed sweep's
+    folders have it too (``run_job`` writes the same files again afterwards)."""
+    cfg = p.config
+    if cfg.hydra.output_subdir is None:
+        return
+    out = p.run_dir / str(cfg.hydra.output_subdir)
+    out.mkdir(parents=True, exist_ok=True)
+    hydra_cfg = copy.deepcopy(cfg)
+    with read_write(hydra_cfg.hydra.runtime), open_dict(hydra_cfg.hydra.runtime):
+        hydra_cfg.hydra.runtime.output_dir = str(p.run_dir)
+    for name, node in (("config.yaml", _task_config(cfg)),
+                       ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg.hydra})),
+                       ("overrides.yaml", cfg.hydra.overrides.task)):
+        (out / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+def _group_timing(group: Any) -> dict[str, float]:
+    from vgrad import store
+
+    try:
+        return store.read_summary(group.jobs[0].run_dir)["timing"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+@contextlib.contextmanager
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    """Hold ``<sweep>/.vgrad.lock`` while the sweep runs: a second sweep into the same
+    folder stops with one line instead of overwriting this one's jobs."""
+    from vgrad.errors import ConfigError
+
+    path = sweep_dir / ".vgrad.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError("hydra.sweep.dir", str(sweep_dir),
+                              f"a folder no other sweep is writing to ({holder} is)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"vgrad sweep pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _SweepBar:
+    """One progress bar for the sweep: jobs trained out of jobs to train, with an ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="job", disable=not enabled or None, leave=False,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total} jobs [{elapsed}<{remaining}]")
+        self.finished = 0.0
+
+    def progress(self, group: Any, epochs_done: int) -> None:
+        first = group.jobs[0].epochs_done
+        epochs = group.cfg.epochs
+        fraction = (epochs_done - first) / max(epochs - first, 1)
+        self.bar.n = self.finished + len(group.jobs) * fraction
+        self.bar.refresh()
+
+    def group_done(self, group: Any) -> None:
+        self.finished += len(group.jobs)
+        self.bar.n = self.finished
+        self.bar.refresh()
+
+    def __enter__(self) -> "_SweepBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()

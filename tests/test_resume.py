@@ -1,0 +1,197 @@
+"""Nothing finished is lost or overwritten: interrupts, kills, reruns, other sweeps."""
+
+from __future__ import annotations
+
+import fcntl
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, run_dirs
+
+from vgrad import store
+
+REPO = Path(__file__).resolve().parent.parent
+#: A run of many one-epoch chunks, each written at once: long enough to interrupt.
+LONG = ["epochs=300", "data.n_samples=128", "record.chunk_epochs=1", "record.save_every_s=0",
+        "progress=false"]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.suffix != ".log"}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def epochs_written(run_dir: Path) -> int:
+    try:
+        return store.read_summary(run_dir).get("epochs_done", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_keeps_what_was_trained_and_the_command_continues_it(
+        tmp_path, subprocess_env, sig):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vgrad.train", *LONG, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env)
+    wait_for(lambda: epochs_written(run_dir) >= 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig
+    lines = [line for line in err.splitlines() if line.startswith("vgrad:")]
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err
+    summary = store.read_summary(run_dir)
+    assert summary["status"] == "interrupted"
+    done = summary["epochs_done"]
+    assert 2 <= done < 300
+    metrics = store.read_metrics(run_dir)
+    assert metrics["epoch"].tolist() == list(range(done + 1))
+    assert (run_dir / store.CHECKPOINT).is_file()
+
+    # The analysis reads an interrupted run, marked as such.
+    from vgrad.analysis import load_sweep
+
+    runs = load_sweep(run_dir).runs
+    assert runs["status"].tolist() == ["interrupted"]
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=subprocess_env,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"continuing {run_dir} from epoch {done}" in again.stdout + again.stderr
+    assert store.read_summary(run_dir)["status"] == "completed"
+    assert not (run_dir / store.CHECKPOINT).exists()
+    resumed = store.read_metrics(run_dir)
+
+    fresh = tmp_path / "fresh"
+    whole = subprocess.run([sys.executable, "-m", "vgrad.train", *LONG,
+                            f"hydra.run.dir={fresh}"], cwd=REPO, capture_output=True,
+                           text=True, env=subprocess_env, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    uninterrupted = store.read_metrics(fresh)
+    assert resumed.keys() == uninterrupted.keys()
+    for k, v in uninterrupted.items():  # continuing changes no number
+        np.testing.assert_array_equal(resumed[k], v, err_msg=k)
+
+
+@pytest.mark.slow
+def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path, subprocess_env):
+    sweep = tmp_path / "sweep"
+    # Two structures (50 and 6000 epochs): two programs of two jobs, the first finishing
+    # long before the second, which is killed part-way.
+    cmd = [sys.executable, "-m", "vgrad.train", "-m", "act=tanh,relu", "epochs=50,6000",
+           "data.n_samples=128", "record.chunk_epochs=50", "record.every=10",
+           "record.save_every_s=0", "progress=false", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=subprocess_env)
+
+    def short_ones_done() -> bool:
+        done = [d for d in run_dirs(sweep) if store.is_complete(d)]
+        return len(done) == 2 and any(epochs_written(d) >= 50 for d in run_dirs(sweep)
+                                      if not store.is_complete(d))
+
+    wait_for(short_ones_done, proc)
+    proc.kill()
+    proc.wait()
+    finished = [d for d in run_dirs(sweep) if store.is_complete(d)]
+    assert len(finished) == 2
+    before = {d: files_of(d) for d in finished}
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=subprocess_env,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "from epoch" in again.stdout + again.stderr  # the killed jobs continue
+    for d, files in before.items():  # finished jobs are not touched
+        assert files_of(d) == files, d
+    assert all(store.is_complete(d) for d in run_dirs(sweep))
+    assert len(run_dirs(sweep)) == 4
+    assert not list(sweep.rglob(".*.tmp"))
+
+
+def test_a_different_sweep_into_a_used_folder_keeps_every_earlier_run(cli, tmp_path):
+    code, _, err = cli("-m", "act=sigmoid,tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0, err
+    before = {d.name: files_of(d) for d in run_dirs(tmp_path)}
+    code, out, err = cli("-m", "act=relu,tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0, err
+    for name, files in before.items():  # sigmoid (0) and tanh (1) are untouched
+        now = files_of(tmp_path / name)
+        assert {k: v for k, v in now.items() if not k.startswith(".hydra")} == {
+            k: v for k, v in files.items() if not k.startswith(".hydra")}
+    acts = {d.name: store.read_summary(d)["config"]["act"]["name"] for d in run_dirs(tmp_path)}
+    assert acts == {"0": "sigmoid", "1": "tanh", "2": "relu"}
+    assert "goes to folder 2" in out + err
+
+
+def test_an_extended_axis_reruns_only_the_new_jobs(cli, tmp_path):
+    base = ["act=tanh,relu", *TINY, f"hydra.sweep.dir={tmp_path}"]
+    code, _, err = cli("-m", "depth=1,2", *base)
+    assert code == 0, err
+    before = {d.name: files_of(d) for d in run_dirs(tmp_path)}
+    code, out, err = cli("-m", "depth=1,2,3", *base)
+    assert code == 0, err
+    assert out.count("already holds an ended run") + err.count("already holds an ended run") == 4
+    for name, files in before.items():
+        assert files_of(tmp_path / name) == files, name
+    configs = {(store.read_summary(d)["config"]["act"]["name"],
+                store.read_summary(d)["config"]["depth"]) for d in run_dirs(tmp_path)}
+    assert len(run_dirs(tmp_path)) == 6 and len(configs) == 6
+
+
+def test_a_named_folder_holding_another_config_is_refused(cli, tmp_path):
+    args = [*TINY, f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=mine"]
+    code, _, err = cli("-m", "act=tanh", *args)
+    assert code == 0, err
+    before = files_of(tmp_path / "mine")
+    code, _, err = cli("-m", "act=relu", *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "act.name=tanh->relu" in lines[0] and "mine" in lines[0]
+    assert files_of(tmp_path / "mine") == before
+
+
+def test_a_single_run_never_overwrites_another_configs_run(cli, tmp_path):
+    code, _, err = cli(*TINY, "act=tanh", f"hydra.run.dir={tmp_path}")
+    assert code == 0, err
+    before = {k: v for k, v in files_of(tmp_path).items() if not k.startswith(".hydra")}
+    for resume in ("true", "false"):
+        code, _, err = cli(*TINY, "act=relu", f"resume={resume}", f"hydra.run.dir={tmp_path}")
+        assert code == 2 and "holds a run of another config" in err
+        now = {k: v for k, v in files_of(tmp_path).items() if not k.startswith(".hydra")}
+        assert now == before
+
+
+def test_a_sweep_folder_in_use_by_another_sweep_is_refused(cli, tmp_path):
+    with open(tmp_path / ".vgrad.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("vgrad sweep pid 12345")
+        f.flush()
+        code, _, err = cli("-m", "act=tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "12345" in lines[0]
+    assert not run_dirs(tmp_path)
+
+
+def test_a_corrupt_run_is_retrained_not_taken_as_finished(cli, tmp_path):
+    code, _, err = cli("-m", "act=tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0, err
+    metrics = tmp_path / "0" / store.METRICS
+    metrics.write_bytes(metrics.read_bytes()[:100])  # truncated
+    code, out, err = cli("-m", "act=tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0, err
+    assert "already holds" not in out + err
+    assert store.npz_loads(metrics)

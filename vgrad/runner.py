@@ -1,0 +1,318 @@
+"""Train jobs and write their run folders: where the loop's records become files.
+
+Both entry points use it: a single run (``python -m vgrad.train``) is a group of one job,
+and vgrad's Hydra launcher (``hydra_plugins/vgrad_launcher``) hands it every job of a
+sweep, grouped by structure (``vgrad.group``).
+
+A run folder is written after the first chunk, then at most every
+``record.save_every_s`` seconds, and at the end (``vgrad.store`` writes each file
+atomically, metrics before the summary, which readers trust). While a run goes, its
+folder also holds ``checkpoint.npz``, the training state of the last written chunk, so
+that running the same command again continues where a kill stopped it.
+
+SIGINT (Ctrl-C) and SIGTERM stop training at the next chunk boundary: the chunks trained
+so far are written with ``status: interrupted`` and :class:`Interrupted` is raised (the
+command line turns it into one line and exit status 130 or 143). A second signal stops
+at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
+from vgrad import config, data, loop, store
+from vgrad.errors import ConfigError
+from vgrad.group import Group, Job, group_jobs, resolved
+
+log = logging.getLogger("vgrad")
+
+
+@dataclass
+class Outcomes:
+    """What happened to the jobs of this process, for the command line's last lines and
+    exit status. (Kept here, not in ``vgrad.train``, which also runs as ``__main__``.)"""
+
+    #: Jobs vgrad's launcher has trained: run folder -> status.
+    trained: dict[Path, str] = field(default_factory=dict)
+    #: Jobs that failed: run folder, one-line error, and whether it was bad input.
+    failed: list[tuple[Path, str, bool]] = field(default_factory=list)
+    #: Statuses of the jobs that ended (trained now or before).
+    ended: list[str] = field(default_factory=list)
+    #: The signal that stopped training, if one did.
+    interrupted: list[Interrupted] = field(default_factory=list)
+
+
+OUTCOMES = Outcomes()
+
+
+class Interrupted(Exception):  # noqa: N818 (what happened, not an error)
+    """Training stopped on a signal after writing what it had trained."""
+
+    def __init__(self, signum: int, run_dirs: list[Path]):
+        self.signum, self.run_dirs = signum, run_dirs
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped; {len(run_dirs)} run(s) keep what they trained "
+                         "(status interrupted); run the same command again to continue")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class DifferentRun(ConfigError):
+    """A run folder already holds results of another config: never overwritten."""
+
+    def __init__(self, run_dir: Path, differences: list[str]):
+        shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+        super().__init__("run folder", str(run_dir),
+                         f"an empty folder or one holding this config's run; it holds a run "
+                         f"of another config ({shown}); choose another hydra.run.dir or "
+                         "hydra.sweep.dir")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[Callable[[], int | None]]:
+    """While active, SIGINT and SIGTERM are noted rather than raised; yields a function
+    returning the first signal received (None if none). A second signal acts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for s in previous:
+        signal.signal(s, note)
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at ``path`` (None: leave it off).
+
+    Every program is cached, however fast it compiled: vgrad's compile in seconds, and
+    JAX's default (only programs slower than 1 s) would skip most of them.
+    """
+    if not path:
+        return
+    folder = Path(path).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".vgrad-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError("compile_cache", path, f"a folder vgrad can write ({exc.strerror}); "
+                          "set compile_cache=null to turn the cache off") from None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def device_info() -> dict[str, Any]:
+    devices = jax.devices()
+    return {"platform": devices[0].platform, "kind": devices[0].device_kind,
+            "count": len(devices)}
+
+
+# --- what a run folder already holds ----------------------------------------------------------
+
+
+def _same_config(summary: dict[str, Any], cfg: Any) -> list[str]:
+    return store.config_diff(summary.get("config") or {}, resolved(cfg),
+                             ignore=config.VOLATILE)
+
+
+def ended_before(run_dir: Path, cfg: Any) -> str | None:
+    """The status of an ended run of the same config in ``run_dir`` whose files load,
+    else None. Raises :class:`DifferentRun` if the folder holds another config's run."""
+    try:
+        summary = store.read_summary(run_dir)
+        status = summary["status"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # nothing there, or nothing readable: train
+    if not isinstance(summary.get("config"), dict) or status not in store.STATUSES:
+        return None
+    if status != "failed" and (differences := _same_config(summary, cfg)):
+        raise DifferentRun(run_dir, differences)
+    if status in store.ENDED and store.npz_loads(run_dir / store.METRICS):
+        return status
+    return None
+
+
+def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
+    """Where a run of this config that did not end (killed or interrupted) stopped, if
+    its folder holds a loadable checkpoint that agrees with its summary."""
+    try:
+        summary = store.read_summary(run_dir)
+        if summary["status"] not in ("running", "interrupted") or _same_config(summary, cfg):
+            return None
+        done, leaves = store.read_checkpoint(run_dir)
+        if done != summary["epochs_done"] or done < 1:
+            return None
+        metrics = store.read_metrics(run_dir)
+        grads = store.read_metrics(run_dir / store.GRADS) if (
+            (run_dir / store.GRADS).is_file()) else None
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
+    steps_done = done * summary["steps_per_epoch"]
+    step = metrics["step"]
+    keep = step < steps_done
+    axes = summary["arrays"]
+    step_stats = {k: v[:, keep] for k, v in metrics.items()
+                  if axes.get(k, [])[:2] == ["seed", "step"]}
+    epoch_stats = {k: v[:, : done + 1] for k, v in metrics.items()
+                   if axes.get(k, [])[:2] == ["seed", "epoch"]}
+    snapshot_step, snapshots = np.zeros(0, np.int64), {}
+    if grads is not None:
+        kept = grads["step"] < steps_done
+        snapshot_step = grads["step"][kept]
+        snapshots = {k: v[:, kept] for k, v in grads.items() if k != "step"}
+    return loop.Resume(done, leaves, step[keep], step_stats, epoch_stats, snapshot_step,
+                       snapshots)
+
+
+def prepare(cfg: Any, run_dir: Path) -> Job:
+    """A validated job with its data loaded. Raises :class:`ConfigError` on bad input."""
+    config.validate(cfg)
+    ds = data.load(cfg.data)
+    config.validate_data(cfg, len(ds.x_train), ds.n_classes)
+    return Job(cfg, Path(run_dir), ds)
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+class RunFolder:
+    """Writes one job's run folder from its records."""
+
+    def __init__(self, job: Job, device: dict[str, Any]):
+        self.job, self.device = job, device
+        self.config = resolved(job.cfg)
+        self.board = None
+        self.export_s = 0.0
+        store.remove_stale_temporaries(job.run_dir)
+        if job.cfg.tensorboard:
+            from vgrad.tensorboard import TensorBoardExport
+
+            self.board = TensorBoardExport(job.run_dir, job.seeds.tolist())
+
+    def write(self, rec: loop.Records, status: str) -> None:
+        run_dir = self.job.run_dir
+        store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
+        if rec.snapshot_parts:
+            store.write_npz(run_dir / store.GRADS, store.grads_arrays(rec))
+        ended = status not in ("running", "interrupted")
+        if not ended and rec.state is not None:
+            store.write_checkpoint(run_dir, rec.epochs_done, rec.state)
+        summary = store.make_summary(rec, self.config, status, self.device)
+        summary["timing"]["export_s"] = self.export_s
+        store.write_json(run_dir / store.SUMMARY, summary)
+        if ended:
+            (run_dir / store.CHECKPOINT).unlink(missing_ok=True)
+
+    def export(self, rec: loop.Records) -> None:
+        if self.board is not None:
+            t0 = time.perf_counter()
+            self.board.update(rec)
+            self.export_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def train_group(group: Group, group_id: int = 0, stop: Callable[[], int | None] = lambda: None,
+                progress: Callable[[Group, int], None] = lambda g, e: None) -> list[str]:
+    """Train a group and write each job's folder; the jobs' final statuses.
+
+    ``progress(group, epochs_done)`` is called at every chunk boundary. Raises
+    :class:`Interrupted` when ``stop()`` reports a signal.
+    """
+    device = device_info()
+    folders = [RunFolder(job, device) for job in group.jobs]
+    save_every = group.cfg.record.save_every_s
+    saved: float | None = None
+    statuses = ["running"] * len(group.jobs)
+    try:
+        for recs in loop.run(group, group_id=group_id):
+            done, signum = recs[0].done, stop()
+            for folder, rec in zip(folders, recs, strict=True):
+                folder.export(rec)
+            now = time.monotonic()
+            if done or signum or saved is None or now - saved >= save_every:
+                for i, (folder, rec) in enumerate(zip(folders, recs, strict=True)):
+                    statuses[i] = (store.status_of(rec.diverged_at) if done else
+                                   "interrupted" if signum else "running")
+                    folder.write(rec, statuses[i])
+                saved = now
+            progress(group, recs[0].epochs_done)
+            if signum and not done:
+                raise Interrupted(signum, [job.run_dir for job in group.jobs])
+    finally:
+        for folder in folders:
+            folder.close()
+    return statuses
+
+
+def train_jobs(jobs: list[Job], max_members: int | None = None,
+               progress: Callable[[Group, int], None] = lambda g, e: None,
+               on_group: Callable[[int, Group, list[str], float], None] | None = None,
+               max_jobs: int | None = None) -> dict[Path, str]:
+    """Train jobs grouped by structure; each job's final status by run folder.
+
+    A group that crashes records its jobs as ``failed`` with the error and the other
+    groups go on. ``on_group(id, group, statuses, seconds)`` is called after each group.
+    """
+    results: dict[Path, str] = {}
+    if jobs:
+        use_compile_cache(jobs[0].cfg.compile_cache)
+    with stop_on_signals() as stop:
+        for gid, group in enumerate(group_jobs(jobs, max_members, max_jobs)):
+            t0 = time.perf_counter()
+            try:
+                statuses = train_group(group, gid, stop, progress)
+            except Interrupted:
+                raise
+            except Exception as exc:  # a crash is recorded; the other groups go on
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("group %d (%d jobs) failed: %s", gid, len(group.jobs), error,
+                          exc_info=True)
+                for job in group.jobs:
+                    write_failure(job.run_dir, job.cfg, error)
+                statuses = ["failed"] * len(group.jobs)
+            for job, status in zip(group.jobs, statuses, strict=True):
+                results[job.run_dir] = status
+            if on_group is not None:
+                on_group(gid, group, statuses, time.perf_counter() - t0)
+    return results
+
+
+def write_failure(run_dir: Path, cfg: Any, error: str) -> None:
+    """Record a job that could not run: ``status: failed`` with its error."""
+    store.write_json(Path(run_dir) / store.SUMMARY, {
+        "status": "failed",
+        "error": error,
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        if not isinstance(cfg, dict) else cfg,
+        "versions": dict(store.versions()),
+    })

@@ -23,7 +23,10 @@ def assert_same_records(a, b, exact: bool = True, rtol: float = 0.0) -> None:
 
 def test_scan_engine_equals_per_step_python_loop():
     cfg = compose_cfg(*TINY, "act=tanh", "seeds=2", "record.chunk_epochs=1")
-    assert_same_records(run_to_end(cfg, "scan"), run_to_end(cfg, "python"))
+    # The same computation in two XLA programs: the training is bitwise identical, a
+    # statistic may be fused (reassociated) differently by one unit in the last place.
+    assert_same_records(run_to_end(cfg, "scan"), run_to_end(cfg, "python"), exact=False,
+                        rtol=1e-6)
 
 
 def test_same_config_gives_bitwise_identical_metrics_file(tmp_path):

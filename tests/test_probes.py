@@ -74,8 +74,12 @@ def test_gradient_is_the_loss_gradient_before_clipping():
 
 
 @pytest.mark.parametrize("probe", sorted(probes.STEP_PROBES))
-def test_every_step_probe_returns_per_layer_or_scalar_float32(probe):
+def test_every_step_probe_returns_what_it_declares(probe):
     layout, _, _, out = one_step()
-    for key, value in probes.STEP_PROBES[probe](out, layout).items():
+    entry = probes.STEP_PROBES[probe]
+    returned = entry(out, layout)
+    assert returned.keys() == entry.outputs.keys()
+    sizes = {"layer": len(layout.names), "hidden": len(layout.hidden_names)}
+    for key, value in returned.items():
         assert value.dtype == jnp.float32, key
-        assert value.shape in ((), (len(layout.names),)), key
+        assert value.shape == tuple(sizes[a] for a in entry.outputs[key]), key

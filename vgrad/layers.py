@@ -11,12 +11,13 @@ depth, and every per-layer array keeps its meaning (index l = layer l, input sid
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -81,11 +82,6 @@ class Layout:
                 out.append(intermediates[f"{name}_{s.names[0].split('_')[-1]}"][0][None])
         return out
 
-    def per_layer(self, stat: Callable[[Array], Array], *trees: list[Array]) -> Array:
-        """``stat`` of every layer, [L]: ``stat`` maps segments' [n, ...] arrays to [n]."""
-        return jnp.concatenate([stat(*parts) for parts in zip(*trees, strict=True)]
-                               ).astype(jnp.float32)
-
 
 def _named(seg: Segment, kind: str) -> list[str]:
     index = [n.split("_")[-1] for n in seg.names]
@@ -115,4 +111,55 @@ def flat_params(layout: Layout, tree: Any, lead: int = 0) -> dict[str, Array]:
                         out[f"{name}.{leaf}"] = value[(slice(None),) * lead + (i,)]
                 else:
                     out[f"{_named(seg, kind)[0]}.{leaf}"] = value
+    return out
+
+
+# --- packing layers into few arrays (few operations, whatever the number of layers) -------
+
+#: Rows are stacked into one zero-padded block while the padding adds at most this
+#: fraction of the real entries, or the block stays below ``SMALL_BLOCK`` entries.
+MAX_PADDING = 1.0
+SMALL_BLOCK = 1 << 16
+
+
+class Rows(NamedTuple):
+    """Layers as rows of one array: ``x`` [n, K] zero-padded, ``count`` [n] real lengths."""
+
+    x: Array
+    count: np.ndarray
+
+    @property
+    def mask(self) -> Array:
+        """[n, K]: True on the real entries of each row (K: the last axis of ``x``)."""
+        return jnp.arange(self.x.shape[-1])[None, :] < self.count[:, None]
+
+
+def pack(arrays: Sequence[Array], axis: int = 1) -> list[Rows]:
+    """Arrays [n_i, ...] as few blocks of rows, in order.
+
+    Each array is flattened from ``axis`` on (``axis=1``: one row per layer; ``axis=2``
+    keeps a second axis, e.g. the examples of a batch, as [n_i, B, k_i]), and consecutive
+    arrays are stacked into one zero-padded block while the padding stays small, so that
+    a per-layer statistic of a small net is one reduction for all its layers, and a large
+    net with layers of very different sizes does not pay for much padding.
+    """
+    flat = [a.reshape(a.shape[:axis] + (-1,)) for a in arrays]
+    blocks: list[list[Array]] = []
+    for f in flat:
+        if blocks:
+            group = blocks[-1] + [f]
+            width = max(g.shape[-1] for g in group)
+            real = sum(g.size for g in group)
+            padded = sum(g.size // g.shape[-1] for g in group) * width
+            if padded <= SMALL_BLOCK or padded - real <= MAX_PADDING * real:
+                blocks[-1] = group
+                continue
+        blocks.append([f])
+    out = []
+    for group in blocks:
+        width = max(g.shape[-1] for g in group)
+        padded = [jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, width - g.shape[-1])])
+                  for g in group]
+        counts = np.concatenate([np.full(g.shape[0], g.shape[-1]) for g in group])
+        out.append(Rows(padded[0] if len(padded) == 1 else jnp.concatenate(padded), counts))
     return out

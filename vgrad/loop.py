@@ -349,6 +349,19 @@ class Program:
         # A diverged member's statistics are NaN from its divergence on.
         return _nan_where(state.diverged_at >= 0, stats)
 
+    # -- the shapes of what the probes return (from their declarations, not traced) --
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {"layer": len(self.names), "hidden": len(self.layout.hidden_names),
+                "bin": probes.HIST_EDGES.size - 1}
+
+    def step_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+        axes = probes.outputs(probes.STEP_PROBES, self.step_probes)
+        return probes.template(axes, self.axis_sizes(), lead)
+
+    def epoch_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+        return probes.template(probes.epoch_outputs(self.epoch_probes), self.axis_sizes(), lead)
+
     # -- batched over members --
 
     def start(self, members: Members, data: DeviceData) -> TrainState:
@@ -393,11 +406,9 @@ class Program:
         if plan.record_every == 1:
             stats = measure(out)
         else:
-            template = jax.eval_shape(measure, out)
-            stats = jax.lax.cond(
-                gstep % plan.record_every == 0, measure,
-                lambda o: jax.tree.map(lambda t: jnp.full(t.shape, jnp.nan, t.dtype), template),
-                out)
+            template = self.step_template((len(x),))
+            stats = jax.lax.cond(gstep % plan.record_every == 0, measure,
+                                 lambda o: _nan_like(template), out)
         fired = jax.vmap(lambda o: probes.clip_stats(o, self.layout)["clip_fired"])(out)
         return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, fired, 0.0),
                           out.grads)
@@ -443,12 +454,12 @@ class Program:
                                                          jnp.arange(P))
             return state, snaps, clipped, rows
 
-        rows_template = jax.eval_shape(lambda s, b: train_epoch(s, b, epoch0)[3], state, snaps)
+        M = state.diverged_at.shape[0]
+        rows_template = self.step_template((P, M))
+        stats_template = self.epoch_template((M,))
 
         def measure(state, clipped):
             return self.epoch_stats(state, members, data, clipped)
-
-        stats_template = jax.eval_shape(measure, state, jnp.zeros(state.diverged_at.shape))
 
         def boundary(carry, k):
             state, snaps, clipped = carry  # clipped: steps clipped in the epoch just ended

@@ -6,6 +6,12 @@ function plus one registry entry.
 
 - ``STEP_PROBES`` reduce a :class:`~vgrad.step.StepOut` at every recorded step. Per-layer
   arrays have one entry per Dense layer (``dense_0`` ... output layer), shape [L].
+
+Each registry entry declares the arrays its function returns and their axes
+(``("layer",)``, ``("hidden",)``, ``("layer", "bin")``, ``()`` for a scalar), after the
+leading seed and step (or epoch) axes: ``summary.json``'s ``arrays`` is written from
+these declarations, and the compiled loop takes the shapes of the statistics it skips
+from them rather than tracing the probes again.
 - ``EPOCH_PROBES`` reduce an :class:`EpochView` (the state at an epoch boundary, plus
   measurements on the fixed probe batch and full-set evaluations) at initialisation
   and after every epoch.
@@ -23,14 +29,15 @@ has its true (finite) norm: the last steps before an explosion are what users st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgrad.layers import Layout
+from vgrad.layers import Layout, Rows, pack
 from vgrad.step import StepOut
 
 Array = jax.Array
@@ -40,57 +47,63 @@ Array = jax.Array
 #: (exact zeros included) count in the first bin, larger (inf included) in the last.
 HIST_EDGES = np.linspace(-12.0, 4.0, 65, dtype=np.float32)
 
-# --- overflow-safe reductions over every axis but the first (one row per layer) ----------
+# --- overflow-safe reductions of packed layers (one row per layer) ---------------------
 
 
-def _rows(x: Array) -> Array:
-    return x.reshape(x.shape[0], -1)
-
-
-def _scale(x: Array) -> Array:
-    """Per row, the largest |x| where it is finite and non-zero, else 1: [n, 1]."""
-    m = jnp.max(jnp.abs(x), axis=1, keepdims=True)
+def _scale(x: Array, axis: int = -1) -> Array:
+    """The largest |x| along ``axis`` where it is finite and non-zero, else 1 (kept dims)."""
+    m = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
     return jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
 
 
-def row_norm(x: Array) -> Array:
-    """L2 norm of each row of ``x`` [n, ...] -> [n], without overflow."""
-    x = _rows(x)
+def _norms(x: Array) -> Array:
+    """L2 norm along the last axis, without overflow (zero padding changes nothing)."""
     s = _scale(x)
-    return jnp.sqrt(jnp.sum((x / s) ** 2, axis=1)) * s[:, 0]
+    return jnp.sqrt(jnp.sum((x / s) ** 2, axis=-1)) * s[..., 0]
 
 
-def row_mean(x: Array) -> Array:
-    x = _rows(x)
+def row_moments(rows: Rows) -> Array:
+    """Mean, std, L2 norm, mean |x| and max |x| of each row's real entries: [5, n]
+    (one scaling shared by the five, so they cost little more than one reduction)."""
+    x, count = rows
     s = _scale(x)
-    return jnp.mean(x / s, axis=1) * s[:, 0]
+    y = x / s
+    s = s[:, 0]
+    mean = jnp.sum(y, axis=1) / count
+    centred = jnp.where(rows.mask, y - mean[:, None], 0.0)
+    std = jnp.sqrt(jnp.sum(centred * centred, axis=1) / count)
+    return jnp.stack([mean * s, std * s, jnp.sqrt(jnp.sum(y * y, axis=1)) * s,
+                      jnp.sum(jnp.abs(y), axis=1) / count * s, jnp.max(jnp.abs(x), axis=1)])
 
 
-def row_std(x: Array) -> Array:
-    x = _rows(x)
-    s = _scale(x)
-    return jnp.std(x / s, axis=1) * s[:, 0]
+def _per_layer(stat: Any, blocks: list[Rows]) -> Array:
+    """``stat`` of every packed block, joined along its last axis (the layers)."""
+    return jnp.concatenate([stat(b) for b in blocks], axis=-1).astype(jnp.float32)
 
 
-def row_absmean(x: Array) -> Array:
-    return row_mean(jnp.abs(_rows(x)))
+def _moments(segments: list[Array]) -> Array:
+    return _per_layer(row_moments, pack(segments))
 
 
-def row_maxabs(x: Array) -> Array:
-    return jnp.max(jnp.abs(_rows(x)), axis=1)
+def row_norm(rows: Rows) -> Array:
+    return _norms(rows.x)
+
+
+def _layer_norms(segments: list[Array]) -> Array:
+    """The L2 norm of each layer of ``segments`` ([n, ...] each), [L]."""
+    return _per_layer(row_norm, pack(segments))
+
+
+def _joined(a: list[Array], b: list[Array]) -> list[Array]:
+    """Per segment, the rows of ``a`` and ``b`` side by side (a kernel and its bias)."""
+    return [jnp.concatenate([x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)], axis=1)
+            for x, y in zip(a, b, strict=True)]
 
 
 def global_norm(tree: Any) -> Array:
     """L2 norm of all leaves of ``tree`` together, without overflow (cf. optax.tree.norm)."""
-    leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
-    m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
-    s = jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
-    return (jnp.sqrt(sum(jnp.sum((x / s) ** 2) for x in leaves)) * s).astype(jnp.float32)
-
-
-def _pair_norm(a: Array, b: Array) -> Array:
-    """Per row, the norm of rows of ``a`` and ``b`` taken together, [n]."""
-    return row_norm(jnp.concatenate([_rows(a), _rows(b)], axis=1))
+    norms = _per_layer(row_norm, pack([x.reshape(1, -1) for x in jax.tree.leaves(tree)]))
+    return _norms(norms).astype(jnp.float32)
 
 
 # --- step probes ----------------------------------------------------------------------
@@ -98,19 +111,14 @@ def _pair_norm(a: Array, b: Array) -> Array:
 
 def kernel_grad_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     """Mean, std, L2 norm, mean |g| and max |g| of each kernel gradient dL/dW_l."""
-    g = layout.leaves(out.grads, "kernel")
-    return {
-        "grad_mean": layout.per_layer(row_mean, g),
-        "grad_std": layout.per_layer(row_std, g),
-        "grad_norm": layout.per_layer(row_norm, g),
-        "grad_absmean": layout.per_layer(row_absmean, g),
-        "grad_maxabs": layout.per_layer(row_maxabs, g),
-    }
+    mean, std, norm, absmean, maxabs = _moments(layout.leaves(out.grads, "kernel"))
+    return {"grad_mean": mean, "grad_std": std, "grad_norm": norm, "grad_absmean": absmean,
+            "grad_maxabs": maxabs}
 
 
 def bias_grad_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
     """||dL/db_l||: Nielsen's "speed of learning" of layer l (``nielsen`` preset)."""
-    return {"bias_grad_norm": layout.per_layer(row_norm, layout.leaves(out.grads, "bias"))}
+    return {"bias_grad_norm": _layer_norms(layout.leaves(out.grads, "bias"))}
 
 
 def global_norms(out: StepOut, layout: Layout) -> dict[str, Array]:
@@ -127,11 +135,12 @@ def delta_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
     between consecutive layers is the depth-wise gradient gain, which the weight gradient
     ||a_{l-1} delta_l^T|| can hide when the activations a_{l-1} shrink or grow instead.
     """
-    def per_example_mean(d: Array) -> Array:  # d: [n, batch, units]
-        norms = jax.vmap(row_norm)(d)  # [n, batch]
-        return row_mean(norms)
+    def batch_mean(rows: Rows) -> Array:  # rows.x: [n, batch, units]
+        per_example = _norms(rows.x)  # [n, batch]
+        s = _scale(per_example)
+        return jnp.mean(per_example / s, axis=-1) * s[:, 0]
 
-    return {"delta_norm": layout.per_layer(per_example_mean, layout.deltas(out.deltas))}
+    return {"delta_norm": _per_layer(batch_mean, pack(layout.deltas(out.deltas), axis=2))}
 
 
 def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
@@ -140,10 +149,10 @@ def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     Delta theta is the change the optimizer applied at this step (after clipping, weight
     decay and the learning rate); the ratio is the relative speed of each layer.
     """
-    update = layout.per_layer(_pair_norm, layout.leaves(out.updates, "kernel"),
-                              layout.leaves(out.updates, "bias"))
-    weight = layout.per_layer(_pair_norm, layout.leaves(out.params, "kernel"),
-                              layout.leaves(out.params, "bias"))
+    update = _layer_norms(_joined(layout.leaves(out.updates, "kernel"),
+                                  layout.leaves(out.updates, "bias")))
+    weight = _layer_norms(_joined(layout.leaves(out.params, "kernel"),
+                                  layout.leaves(out.params, "bias")))
     return {"update_norm": update, "update_ratio": update / weight}
 
 
@@ -153,30 +162,60 @@ def clip_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     Only finite entries are compared: at a divergence step the non-finite gradient is
     not "clipped" (NaN differs from itself), and without clipping nothing ever fires.
     """
-    pairs = zip(jax.tree.leaves(out.clipped), jax.tree.leaves(out.grads), strict=True)
-    changed = jnp.stack([jnp.any((c != g) & jnp.isfinite(c) & jnp.isfinite(g))
-                         for c, g in pairs]).any()
+    changed = [jnp.any((c != g) & jnp.isfinite(c) & jnp.isfinite(g)) for c, g in zip(
+        jax.tree.leaves(out.clipped), jax.tree.leaves(out.grads), strict=True)]
     return {"grad_global_norm_clipped": global_norm(out.clipped),
-            "clip_fired": changed.astype(jnp.float32)}
+            "clip_fired": jnp.stack(changed).any().astype(jnp.float32)}
 
 
-STEP_PROBES: dict[str, Callable[[StepOut, Layout], dict[str, Array]]] = {
-    "global_norms": global_norms,
-    "kernel_grad_stats": kernel_grad_stats,
-    "bias_grad_norm": bias_grad_norm,
-    "delta_norm": delta_norm,
-    "update_stats": update_stats,
-    "clip_stats": clip_stats,
+@dataclass(frozen=True)
+class Probe:
+    """A registry entry: the reduction and the arrays it returns, with their axes."""
+
+    fn: Callable[[Any, Layout], dict[str, Array]]
+    outputs: Mapping[str, tuple[str, ...]]
+
+    def __call__(self, view: Any, layout: Layout) -> dict[str, Array]:
+        return self.fn(view, layout)
+
+
+_LAYER = ("layer",)
+
+STEP_PROBES: dict[str, Probe] = {
+    "global_norms": Probe(global_norms, {"loss": (), "grad_global_norm": ()}),
+    "kernel_grad_stats": Probe(kernel_grad_stats, dict.fromkeys(
+        ("grad_mean", "grad_std", "grad_norm", "grad_absmean", "grad_maxabs"), _LAYER)),
+    "bias_grad_norm": Probe(bias_grad_norm, {"bias_grad_norm": _LAYER}),
+    "delta_norm": Probe(delta_norm, {"delta_norm": _LAYER}),
+    "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
+    "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
 }
 
 
-def _collect(registry: dict[str, Callable[..., dict[str, Array]]], view: Any,
-             layout: Layout, which: Sequence[str] | None) -> dict[str, Array]:
+def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,
+             which: Sequence[str] | None) -> dict[str, Array]:
     stats: dict[str, Array] = {}
     for name, probe in registry.items():
         if which is None or name in which:
             stats.update(probe(view, layout))
     return stats
+
+
+def outputs(registry: Mapping[str, Probe], which: Sequence[str] | None
+            ) -> dict[str, tuple[str, ...]]:
+    """The arrays the chosen probes of ``registry`` return, with their declared axes."""
+    out: dict[str, tuple[str, ...]] = {}
+    for name, probe in registry.items():
+        if which is None or name in which:
+            out.update(probe.outputs)
+    return out
+
+
+def template(axes: Mapping[str, tuple[str, ...]], sizes: Mapping[str, int],
+             lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
+    """The float32 shapes of arrays with declared ``axes``: ``lead`` + their sizes."""
+    return {k: jax.ShapeDtypeStruct(lead + tuple(sizes[a] for a in dims), jnp.float32)
+            for k, dims in axes.items()}
 
 
 def step_stats(out: StepOut, layout: Layout, which: Sequence[str] | None = None
@@ -206,9 +245,8 @@ class EpochView(NamedTuple):
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
     """Mean and std of each kernel (the figure of "Visualizing the vanishing gradient
     problem", its WeightCapture callback)."""
-    w = layout.leaves(view.params, "kernel")
-    return {"weight_mean": layout.per_layer(row_mean, w),
-            "weight_std": layout.per_layer(row_std, w)}
+    mean, std, *_ = _moments(layout.leaves(view.params, "kernel"))
+    return {"weight_mean": mean, "weight_std": std}
 
 
 def evaluation(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -227,16 +265,23 @@ def activation_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
       |f'(z_nj)| < sat_threshold * max_z |f'(z)| (sigmoid and tanh tails; for ReLU the
       whole negative side, so dead units count as saturated too).
     """
-    def cat(values: list[Array]) -> Array:
-        return jnp.concatenate(values).astype(jnp.float32)
+    mean, std, *_ = _moments(view.acts)
+    # Each layer's slopes [n, probe, units] with its max slope as one more row, packed
+    # along the units.
+    packed = pack([jnp.concatenate([d, m[:, None, :]], axis=1)
+                   for d, m in zip(view.slopes, view.slope_max, strict=True)], axis=2)
 
-    dead = [jnp.all(d == 0, axis=1).mean(axis=1) for d in view.slopes]
-    sat = [(jnp.abs(d) < view.sat_threshold * m[:, None, :]).mean(axis=(1, 2))
-           for d, m in zip(view.slopes, view.slope_max, strict=True)]
-    return {"act_mean": cat([row_mean(a) for a in view.acts]),
-            "act_std": cat([row_std(a) for a in view.acts]),
-            "act_dead_frac": cat(dead),
-            "act_sat_frac": cat(sat)}
+    def fractions(rows: Rows) -> Array:
+        slopes, top = rows.x[:, :-1], rows.x[:, -1]  # [n, probe, U], [n, U]
+        units = rows.mask  # [n, U]: the real units of each layer
+        dead = jnp.all(slopes == 0, axis=1) & units
+        sat = (jnp.abs(slopes) < view.sat_threshold * top[:, None, :]) & units[:, None, :]
+        return jnp.stack([dead.sum(axis=1) / rows.count,
+                          sat.sum(axis=(1, 2)) / (rows.count * slopes.shape[1])])
+
+    dead, sat = _per_layer(fractions, packed)
+    return {"act_mean": mean, "act_std": std, "act_dead_frac": dead.astype(jnp.float32),
+            "act_sat_frac": sat.astype(jnp.float32)}
 
 
 def log10_hists(xs: list[Array]) -> Array:
@@ -250,7 +295,7 @@ def log10_hists(xs: list[Array]) -> Array:
     """
     bins = HIST_EDGES.size - 1
     low, width = HIST_EDGES[0], HIST_EDGES[1] - HIST_EDGES[0]
-    rows = [_rows(x) for x in xs]
+    rows = [x.reshape(x.shape[0], -1) for x in xs]
     logs = jnp.concatenate([jnp.log10(jnp.abs(r)).ravel() for r in rows])
     first = np.cumsum([0] + [r.shape[0] for r in rows])
     row = jnp.concatenate([
@@ -270,8 +315,7 @@ def probe_bias_grad_norm(view: EpochView, layout: Layout) -> dict[str, Array]:
     norm of the bias gradient averaged over 1,000 training images, at initialisation
     (epoch 0) and after every epoch, free of the noise of a 10-example mini-batch.
     """
-    return {"probe_bias_grad_norm": layout.per_layer(
-        row_norm, layout.leaves(view.probe_grads, "bias"))}
+    return {"probe_bias_grad_norm": _layer_norms(layout.leaves(view.probe_grads, "bias"))}
 
 
 def histograms(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -280,13 +324,26 @@ def histograms(view: EpochView, layout: Layout) -> dict[str, Array]:
             "weight_hist": log10_hists(layout.leaves(view.params, "kernel"))}
 
 
-EPOCH_PROBES: dict[str, Callable[[EpochView, Layout], dict[str, Array]]] = {
-    "evaluation": evaluation,
-    "weight_stats": weight_stats,
-    "activation_stats": activation_stats,
-    "probe_bias_grad_norm": probe_bias_grad_norm,
-    "histograms": histograms,
+_EVALUATION = ("train_loss", "train_acc", "test_loss", "test_acc")
+
+EPOCH_PROBES: dict[str, Probe] = {
+    "evaluation": Probe(evaluation, dict.fromkeys(_EVALUATION, ())),
+    "weight_stats": Probe(weight_stats, {"weight_mean": _LAYER, "weight_std": _LAYER}),
+    "activation_stats": Probe(activation_stats, dict.fromkeys(
+        ("act_mean", "act_std", "act_dead_frac", "act_sat_frac"), ("hidden",))),
+    "probe_bias_grad_norm": Probe(probe_bias_grad_norm, {"probe_bias_grad_norm": _LAYER}),
+    "histograms": Probe(histograms, {"grad_hist": ("layer", "bin"),
+                                     "weight_hist": ("layer", "bin")}),
 }
+#: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
+#: gradient clipping changed the gradient (NaN at initialisation).
+LOOP_EPOCH_OUTPUTS = {"clip_frac": ()}
+
+
+def epoch_outputs(which: Sequence[str] | None) -> dict[str, tuple[str, ...]]:
+    """The per-epoch arrays of the chosen epoch probes (evaluation always) and the loop."""
+    which = None if which is None else {"evaluation", *which}
+    return {**outputs(EPOCH_PROBES, which), **LOOP_EPOCH_OUTPUTS}
 
 
 def epoch_stats(view: EpochView, layout: Layout, which: Sequence[str] | None = None

@@ -23,7 +23,7 @@ import optax
 from flax import struct
 
 from vgrad import losses
-from vgrad.layers import Layout
+from vgrad.layers import Layout, pack
 from vgrad.optim import Transforms
 
 Array = jax.Array
@@ -49,7 +49,9 @@ class StepOut(NamedTuple):
 
 
 def tree_all_finite(tree: Any) -> Array:
-    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every entry of every leaf is finite (the leaves packed: few reductions)."""
+    blocks = pack([x.reshape(1, -1) for x in jax.tree.leaves(tree)])
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(b.x)) for b in blocks]))
 
 
 def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:
@@ -110,12 +112,11 @@ def make_loss_fn(model: nn.Module, loss: str) -> Callable[..., tuple[Array, Any]
 
 def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
     """Number of non-finite entries in each Dense layer's kernel and bias gradient, [L]."""
-    def count(k: Array, b: Array) -> Array:
-        return (jnp.sum(~jnp.isfinite(k.reshape(k.shape[0], -1)), axis=1)
-                + jnp.sum(~jnp.isfinite(b.reshape(b.shape[0], -1)), axis=1))
-
-    return layout.per_layer(count, layout.leaves(grads, "kernel"),
-                            layout.leaves(grads, "bias")).astype(jnp.int32)
+    joined = [jnp.concatenate([k.reshape(k.shape[0], -1), b.reshape(b.shape[0], -1)], axis=1)
+              for k, b in zip(layout.leaves(grads, "kernel"), layout.leaves(grads, "bias"),
+                              strict=True)]
+    return jnp.concatenate([jnp.sum(~jnp.isfinite(r.x), axis=1) for r in pack(joined)]
+                           ).astype(jnp.int32)
 
 
 def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout

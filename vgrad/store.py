@@ -197,21 +197,18 @@ def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
 
 
 def array_axes(rec: Any) -> dict[str, list[str]]:
-    """The axis names of every array of ``metrics.npz``, so that readers need not guess
-    from shapes: seed, step, epoch, layer (all Dense layers), hidden (hidden layers),
-    bin (histogram bins), edge (histogram edges)."""
-    n_layers = len(rec.layer_names)
+    """The axis names of every array of ``metrics.npz``, from the probes' declarations,
+    so that readers need not guess from shapes: seed, step, epoch, layer (all Dense
+    layers), hidden (hidden layers), bin (histogram bins), edge (histogram edges)."""
+    from vgrad import probes
 
-    def trailing(shape: tuple[int, ...]) -> list[str]:
-        names = {n_layers: "layer", n_layers - 1: "hidden"}
-        return [names[shape[0]], *(["bin"] if len(shape) == 2 else [])] if shape else []
-
+    declared = {**probes.outputs(probes.STEP_PROBES, None), **probes.epoch_outputs(None)}
     axes = {"step": ["step"], "epoch": ["epoch"], "layer_names": ["layer"],
             "hist_edges": ["edge"], "diverged_at_step": ["seed"],
             "nonfinite_grads": ["seed", "layer"]}
     for time, stats in (("step", rec.step_stats), ("epoch", rec.epoch_stats)):
-        for name, value in stats.items():
-            axes[name] = ["seed", time, *trailing(value.shape[2:])]
+        for name in stats:
+            axes[name] = ["seed", time, *declared[name]]
     return axes
 
 

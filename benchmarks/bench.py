@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Throughput of seed 000's experiment three ways, in one process, on the same data.
+"""Throughput of the visualize preset ("Visualizing the vanishing gradient problem")
+three ways, in one process, on the same data.
 
     python benchmarks/bench.py                    # S = 1, 10, 100, 1000 seeds
     python benchmarks/bench.py --seeds 1 10 --json out.json
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["ratio_vgrad_all_instruments_to_torch"] = torch_s / full["run_s"]
             rows.append(row)
             print_row(row)
-    result = {"experiment": "seed 000: circles, 2-5-5-5-5-1, RMSprop, batch 32",
+    result = {"experiment": "visualize preset: circles, 2-5-5-5-5-1, RMSprop, batch 32",
               "epochs": args.epochs, "steps_per_run": steps,
               "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
               "jax": jax.__version__, "torch_runs_timed": args.torch_runs if torch_row else 0,

@@ -1,4 +1,4 @@
-"""The speed-of-light reference: seed 000's experiment as a minimal hand-written JAX
+"""The speed-of-light reference: the visualize preset's experiment as a minimal hand-written JAX
 program with no framework. One ``lax.scan`` over all steps, ``vmap`` over seeds.
 
 It does the work vgrad's gradient statistics do: per step, the loss and the mean, std,

@@ -1,4 +1,4 @@
-"""Seed 000's experiment as an idiomatic PyTorch training loop, with the same work as
+"""The visualize preset's experiment as an idiomatic PyTorch training loop, with the same work as
 ``plain_jax.py``: per step, the loss and every kernel gradient's mean, std, L2 norm,
 mean |g| and max |g|, every bias gradient's norm and the global gradient norm; per
 epoch, loss and accuracy on all points and each kernel's mean and std.

@@ -45,8 +45,8 @@ def module_for(name: str, **overrides):
 
 
 def apply(act, z, train=False, key=None):
-    variables = act.init({"params": jax.random.key(0), "rrelu": jax.random.key(0)}, z)
-    rngs = {"rrelu": key} if key is not None else {}
+    variables = act.init({"params": jax.random.key(0), "noise": jax.random.key(0)}, z)
+    rngs = {"noise": key} if key is not None else {}
     return act.apply(variables, z, train, rngs=rngs), variables
 
 

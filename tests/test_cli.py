@@ -80,6 +80,11 @@ BAD = [
     (["data=mnist"], "data.path"),
     (["data=mnist", "data.path=/no/such/folder"], "data.path=/no/such/folder"),
     (["widths=[4,4]"], "widths"),
+    (["data.noise=-1"], "data.noise=-1"),
+    (["data.n_samples=-5"], "data.n_samples=-5"),
+    (["data.factor=1.5"], "data.factor=1.5"),
+    (["init.std=inf"], "init.std=inf"),
+    (["dtype=float16"], "dtype=float16"),
 ]
 
 
@@ -91,8 +96,8 @@ def test_bad_input_gives_one_clear_line_and_nonzero_exit(cli, tmp_path, override
     assert len(lines) == 1, err
     assert lines[0].startswith("vgrad: error: ") and names in lines[0], lines[0]
     assert "Traceback" not in out + err
-    for d in run_dirs(tmp_path):  # a folder may exist, but never claims success
-        assert store.read_summary(d)["status"] == "failed"
+    assert not run_dirs(tmp_path)  # a run that never started leaves no run folder
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_dataset_message_says_how_to_get_it(cli, tmp_path):

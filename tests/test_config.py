@@ -58,7 +58,8 @@ def test_config_yaml_lists_every_registered_probe():
     from vgrad import probes
 
     cfg = compose_cfg()
-    assert list(cfg.record.step_probes) == list(probes.STEP_PROBES)
+    assert list(cfg.record.step_probes) == [p for p in probes.STEP_PROBES
+                                            if p not in probes.OPT_IN]
     assert list(cfg.record.epoch_probes) == list(probes.EPOCH_PROBES)
     with pytest.raises(ConfigError, match="record.step_probes=nope"):
         config.validate(compose_cfg("record.step_probes=[nope]"))

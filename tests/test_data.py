@@ -71,7 +71,7 @@ def test_circles_are_sklearns_make_circles():
 
     ds = data.load(compose_cfg().data)
     x, y = make_circles(1000, noise=0.1, factor=0.5, random_state=42)
-    assert ds.x_test.shape == (0, 2)  # seed 000 trains and scores on all 1000 points
+    assert ds.x_test.shape == (0, 2)  # the visualize preset trains and scores on all 1000 points
     order = np.lexsort(ds.x_train.T)
     np.testing.assert_allclose(ds.x_train[order], x[np.lexsort(x.T)].astype(np.float32))
     assert ds.y_train.sum() == y.sum() == 500

@@ -22,7 +22,7 @@ def one_step(*overrides: str, batch: int = 16):
     x = jnp.asarray(rng.normal(size=(batch, 2)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32)
     state = init_state(net, tx, jax.random.key(1), x, len(layout.names))
-    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout))
+    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout, with_own_deltas=True))
     new_state, out = step(state, x, y, jax.random.key(2))
     return layout, state, new_state, out
 

@@ -11,7 +11,8 @@ config schema (a dataclass whose fields are the keys of ``conf/act/<name>.yaml``
 ``build`` function from that config to a module factory. Adding an activation is one
 entry here plus one YAML file; the tests are generated from the registry's keys.
 
-Sources: seed 003 (book chapter 5, sections 5.2-5.3) and seed 001 (ReLU variants).
+Sources: the activations book chapter (ch. 5, sections 5.2-5.3) and "Vanishing/exploding
+gradients" (ReLU variants).
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ Array = jax.Array
 
 
 def hardtanh(z: Array) -> Array:
-    """Hard tanh: -1 below -1, z in between, 1 above (seed 003, Fig. 5.6)."""
+    """Hard tanh: -1 below -1, z in between, 1 above (the activations book chapter, Fig. 5.6)."""
     return jnp.clip(z, -1.0, 1.0)
 
 
 def bent_identity(z: Array) -> Array:
-    """Bent identity, (sqrt(z^2 + 1) - 1) / 2 + z (seed 003, Fig. 5.9)."""
+    """Bent identity, (sqrt(z^2 + 1) - 1) / 2 + z (the activations book chapter, Fig. 5.9)."""
     return (jnp.sqrt(z * z + 1.0) - 1.0) / 2.0 + z
 
 
@@ -92,7 +93,8 @@ class RReLU(nn.Module):
     """Randomized leaky ReLU (Xu et al. 2015).
 
     In training the negative slope of each unit is drawn uniformly from
-    [lower, upper] afresh at every step (from the ``"rrelu"`` rng stream); at evaluation
+    [lower, upper] afresh at every step (from the ``"noise"`` rng stream, which stochastic
+    layers draw from); at evaluation
     it is fixed at their mean, (lower + upper) / 2.
     """
 
@@ -102,7 +104,7 @@ class RReLU(nn.Module):
     @nn.compact
     def __call__(self, z: Array, train: bool = False) -> Array:
         if train:
-            key = self.make_rng("rrelu")
+            key = self.make_rng("noise")
             slope = jax.random.uniform(key, (z.shape[-1],), z.dtype, self.lower, self.upper)
         else:
             slope = (self.lower + self.upper) / 2.0
@@ -135,7 +137,8 @@ class PlainAct:
 @dataclass
 class LeakyReLUAct:
     name: str = "leaky_relu"
-    alpha: float = 0.01  # negative slope; seed 001 uses 0.2, Keras 0.3, PyTorch 0.01
+    # Negative slope; "Vanishing/exploding gradients" uses 0.2, Keras 0.3, PyTorch 0.01.
+    alpha: float = 0.01
 
 
 @dataclass
@@ -147,7 +150,8 @@ class ELUAct:
 @dataclass
 class SwishAct:
     name: str = "swish"
-    beta: float = 1.0  # beta = 0 is linear / 2, beta -> inf approaches ReLU (seed 003)
+    # beta = 0 is linear / 2, beta -> inf approaches ReLU (the activations book chapter).
+    beta: float = 1.0
     learnable: bool = False
 
 

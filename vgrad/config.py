@@ -63,9 +63,13 @@ class Record:
     # after the first chunk and at the end). Each write holds everything so far, so
     # writing after every chunk would cost time quadratic in the run's length.
     save_every_s: float = 30.0
+    # Parameters saved to params.npz for every seed: at initialisation and at the end
+    # (the last finite state of a diverged seed); [] saves none (large nets).
+    params: list[str] = field(default_factory=lambda: ["initial", "final"])
     # Which probes run (vgrad/probes.py registries); fewer probes, faster steps and
     # compilation. The evaluation probe (losses and accuracies) always runs.
-    step_probes: list[str] = field(default_factory=lambda: list(probes.STEP_PROBES))
+    step_probes: list[str] = field(default_factory=lambda: [
+        p for p in probes.STEP_PROBES if p not in probes.OPT_IN])
     epoch_probes: list[str] = field(default_factory=lambda: list(probes.EPOCH_PROBES))
 
 
@@ -96,6 +100,9 @@ class Config:
     # A job whose folder already holds an ended run of the same config is skipped
     # (re-running a sweep into its folder resumes it); false: always train again.
     resume: bool = True
+    # Floating-point type of the whole computation and of the records: float64 rules out
+    # rounding as the cause of a vanishing gradient (slower; CPUs and most GPUs).
+    dtype: str = "float32"
     # Float32 matrix products: highest = true float32 everywhere; default lets GPUs use
     # TF32 (10-bit mantissa), faster but coarse for the small gradients measured here.
     matmul_precision: str = "highest"
@@ -191,12 +198,9 @@ def validate(cfg: Any) -> None:
         _at_least("act.pieces", cfg.act.pieces, 1)
     if cfg.act.name == "rrelu" and not cfg.act.lower <= cfg.act.upper:
         raise ConfigError("act.lower", cfg.act.lower, f"<= act.upper ({cfg.act.upper})")
-    _one_of("data.scale", cfg.data.scale, ("none", "max", "standard"))
     _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
-    if "test_size" in cfg.data and not 0 <= cfg.data.test_size < 1:
-        raise ConfigError("data.test_size", cfg.data.test_size, "a fraction in [0, 1)")
-    if cfg.data.get("n_train") is not None:
-        _at_least("data.n_train", cfg.data.n_train, 1)
+    _one_of("dtype", cfg.dtype, DTYPES)
+    validate_data_config(cfg.data)
     r = cfg.record
     _at_least("record.every", r.every, 1)
     _at_least("record.probe_size", r.probe_size, 1)
@@ -205,15 +209,51 @@ def validate(cfg: Any) -> None:
     _at_least("record.save_every_s", r.save_every_s, 0)
     if not 0 < r.sat_threshold < 1:
         raise ConfigError("record.sat_threshold", r.sat_threshold, "a fraction in (0, 1)")
+    for name in r.params:
+        _one_of("record.params", name, ("initial", "final"))
     for key, registry in (("record.step_probes", probes.STEP_PROBES),
                           ("record.epoch_probes", probes.EPOCH_PROBES)):
         for name in r[key.split(".")[1]]:
             _one_of(key, name, registry)
 
 
+#: The floating-point types a run can compute in (the ``dtype`` key).
+DTYPES = ("float32", "float64")
+
+
+def validate_data_config(node: Any) -> None:
+    """Ranges of the data parameters, checked before anything is generated or read."""
+    _one_of("data.scale", node.scale, ("none", "max", "standard"))
+    if "n_samples" in node:
+        _at_least("data.n_samples", node.n_samples, 2)
+    if "noise" in node:
+        _finite_at_least("data.noise", node.noise, 0)
+    if "factor" in node and not 0 < node.factor < 1:
+        raise ConfigError("data.factor", node.factor, "a number in (0, 1): the inner "
+                          "circle's radius relative to the outer one")
+    for key in ("random_state", "split_seed"):
+        if key in node:
+            _at_least(f"data.{key}", node[key], 0)
+    if "test_size" in node and not 0 <= node.test_size < 1:
+        raise ConfigError("data.test_size", node.test_size, "a fraction in [0, 1)")
+    for key, low in (("n_train", 1), ("n_test", 0)):
+        if node.get(key) is not None:
+            _at_least(f"data.{key}", node[key], low)
+    if "path" in node and node.path is not None and not str(node.path).strip():
+        raise ConfigError("data.path", node.path, "a folder holding the four IDX files")
+
+
+def _finite_at_least(key: str, value: float, low: float) -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise ConfigError(key, value, f"a finite number >= {low:g}")
+
+
 def _validate_init(node: Any, key: str) -> None:
+    for field_ in ("mean", "min", "max", "value", "gain"):
+        if field_ in node and not math.isfinite(node[field_]):
+            raise ConfigError(f"{key}.{field_}", node[field_], "a finite number")
     if "std" in node:
-        _at_least(f"{key}.std", node.std, 0)
+        _finite_at_least(f"{key}.std", node.std, 0)
     if node.name == "uniform" and not node.min < node.max:
         raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
     if node.name == "variance_scaling":

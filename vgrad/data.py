@@ -3,7 +3,7 @@
 ``load(cfg)`` returns a :class:`Dataset` of float32 inputs and int32 labels, split
 into train and test with a fixed seed. Sources:
 
-- ``circles``, ``moons``: scikit-learn's generators (seeds 000 and 002 use
+- ``circles``, ``moons``: scikit-learn's generators (the visualize and relu_fix presets use
   ``make_circles``); the keys are sklearn's own (``n_samples``, ``noise``, ``factor``,
   ``random_state``).
 - ``digits``: scikit-learn's bundled 8x8 digits (1797 images, 10 classes).
@@ -49,9 +49,9 @@ class CirclesData:
     name: str = "circles"
     n_samples: int = 1000
     noise: float = 0.1
-    factor: float = 0.5  # seed 000: 0.5; sklearn's default (seed 002) is 0.8
-    random_state: int = 42  # seed 000 seeds numpy with 42 before make_circles
-    test_size: float = 0.0  # fraction held out; seed 000 trains and scores on all 1000
+    factor: float = 0.5  # visualize preset: 0.5; sklearn's default (relu_fix preset) is 0.8
+    random_state: int = 42  # the visualize tutorial seeds numpy with 42 before make_circles
+    test_size: float = 0.0  # fraction held out; the visualize preset scores on all 1000
     split_seed: int = 0
     scale: str = "none"  # none | standard | max
     n_train: int | None = None  # keep only the first n_train training examples
@@ -84,7 +84,7 @@ class IdxData:
 
     name: str = "fashion_mnist"
     path: str | None = "/usr/share/datasets/fashion-mnist"
-    scale: str = "max"  # pixel values 0..255 -> 0..1, as seeds 003 and 004 do
+    scale: str = "max"  # pixel values 0..255 -> 0..1, as the mnist_losses and nielsen presets do
     n_train: int | None = None  # e.g. Nielsen's 1000-image runs
     n_test: int | None = None
 
@@ -160,17 +160,36 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read one IDX file (LeCun's MNIST format), gzipped or not."""
+    """Read one IDX file (LeCun's MNIST format), gzipped or not.
+
+    Raises :class:`ConfigError` naming the file when it cannot be read or is not a whole
+    IDX file (empty, truncated, bad magic number, a ``.gz`` that is not gzip)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError("data.path", str(path.parent), f"readable IDX files ({path.name}: "
+                           f"{why})")
+
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise bad(f"cannot be read: {exc}") from None
+    if len(raw) < 4:
+        raise bad(f"{len(raw)} bytes, not an IDX file")
     zero, dtype_code, ndim = raw[0] * 256 + raw[1], raw[2], raw[3]
-    if zero != 0 or dtype_code not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    if zero != 0 or dtype_code not in _IDX_DTYPES or ndim == 0:
+        raise bad("bad magic number, not an IDX file")
+    if len(raw) < 4 + 4 * ndim:
+        raise bad("truncated header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim)
-    return data.reshape(shape)
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    expected = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise bad(f"{len(raw)} bytes where its header promises {expected} "
+                  f"(shape {'x'.join(map(str, shape))}): truncated or corrupt")
+    return np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim).reshape(shape)
 
 
 _IDX_STEMS = {
@@ -209,6 +228,12 @@ def idx(cfg: Any) -> Dataset:
         raise ConfigError("data.path", cfg.path, f"a folder with the four IDX files ({what}); "
                           + _HOW_TO_GET.get(cfg.name, _HOW_TO_GET["mnist"]))
     arrays = {k: read_idx(p) for k, p in files.items()}
+    for split_ in ("train", "test"):
+        x, y = arrays[f"x_{split_}"], arrays[f"y_{split_}"]
+        if len(x) != len(y) or y.ndim != 1:
+            raise ConfigError("data.path", cfg.path, f"IDX files that agree: {len(x)} images "
+                              f"in {files[f'x_{split_}'].name} but labels of shape "
+                              f"{'x'.join(map(str, y.shape))} in {files[f'y_{split_}'].name}")
     flat = {k: v.reshape(len(v), -1) if k.startswith("x") else v for k, v in arrays.items()}
     return _finish(flat["x_train"], flat["y_train"], flat["x_test"], flat["y_test"], cfg)
 

@@ -155,7 +155,7 @@ class Members(NamedTuple):
     """Per-member inputs of a group's program, [M] each (members = jobs x seeds)."""
 
     seed: np.ndarray  # int32: the random seed
-    knobs: dict[str, np.ndarray]  # float32: "optim.lr" -> values
+    knobs: dict[str, np.ndarray]  # in the run's dtype: "optim.lr" -> values
     act: np.ndarray  # int32: index into Group.act_families
     init: np.ndarray  # int32: index into Group.init_families
     bias_init: np.ndarray  # int32: index into Group.bias_families
@@ -214,8 +214,8 @@ class Group:
                 data.append(d)
                 for k in keys:
                     values[k].append(own.get(k, defaults[k]))
-        as32 = {k: np.asarray(v, np.float32) for k, v in values.items()}
-        return Members(np.asarray(seed, np.int32), as32, *(
+        floats = {k: np.asarray(v, self.cfg.dtype) for k, v in values.items()}
+        return Members(np.asarray(seed, np.int32), floats, *(
             np.asarray(x, np.int32) for x in (act, init, bias, data)))
 
     def _family_index(self, group: str, node: dict[str, Any]) -> int:

@@ -55,7 +55,7 @@ class PlainInit:
 class NormalInit:
     name: str = "normal"
     mean: float = 0.0
-    std: float = 1.0  # seed 000: RandomNormal(0, 1)
+    std: float = 1.0  # "Visualizing the vanishing gradient problem": RandomNormal(0, 1)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Init:
 KERNEL_INITIALIZERS: dict[str, Init] = {
     "normal": Init(NormalInit, lambda c: normal(c.mean, c.std)),
     "uniform": Init(UniformInit, lambda c: uniform(c.min, c.max)),
-    # Seed 002's deliberately poor U(0, 1): a named choice, so a preset can select it
+    # The relu_fix preset's deliberately poor U(0, 1): a named choice, so a preset can select it
     # and a sweep can still swap it for he_uniform (a preset cannot patch init.min/max
     # without breaking every other choice of init).
     "uniform01": Init(UniformInit, lambda c: uniform(c.min, c.max)),
@@ -149,3 +149,13 @@ def select(inits: list[Initializer], index: jax.Array) -> Initializer:
         return jax.lax.switch(index, [lambda k, f=f: f(k, shape, dtype) for f in inits], key)
 
     return init
+
+
+def drawn_in_float32(init: Initializer) -> Initializer:
+    """``init`` drawing its values in float32 whatever the parameters' dtype, then cast:
+    a float64 run (``dtype=float64``) starts from exactly the weights of the float32
+    run of the same seed, so that the two differ only in their arithmetic."""
+    def cast(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return init(key, shape, jnp.float32).astype(dtype)
+
+    return cast

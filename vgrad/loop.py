@@ -97,7 +97,7 @@ class Plan:
 
 def count_params(net: Any, n_features: int) -> int:
     shapes = jax.eval_shape(lambda: net.init({"params": jax.random.key(0),
-                                               "rrelu": jax.random.key(0)},
+                                               "noise": jax.random.key(0)},
                                               jnp.zeros((1, n_features))))
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
 
@@ -142,15 +142,17 @@ def _pad_to_blocks(x: np.ndarray, block: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((n_pad,) + x.shape[1:], x.dtype)]) if n_pad else x
 
 
-def device_data(datasets: list[Dataset], probe_size: int, mesh: Mesh) -> DeviceData:
-    """The datasets on every device of ``mesh`` (each holds a whole copy); one dataset
-    as is, several stacked on a leading axis."""
+def device_data(datasets: list[Dataset], probe_size: int, mesh: Mesh,
+                dtype: str = "float32") -> DeviceData:
+    """The datasets on every device of ``mesh`` (each holds a whole copy), inputs in
+    ``dtype``; one dataset as is, several stacked on a leading axis."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def arrays(ds: Dataset) -> tuple[np.ndarray, ...]:
-        return (_pad_to_blocks(ds.x_train, EVAL_BLOCK), _pad_to_blocks(ds.y_train, EVAL_BLOCK),
-                _pad_to_blocks(ds.x_test, EVAL_BLOCK), _pad_to_blocks(ds.y_test, EVAL_BLOCK),
-                ds.x_train[:probe_size], ds.y_train[:probe_size])
+        x_train, x_test = ds.x_train.astype(dtype), ds.x_test.astype(dtype)
+        return (_pad_to_blocks(x_train, EVAL_BLOCK), _pad_to_blocks(ds.y_train, EVAL_BLOCK),
+                _pad_to_blocks(x_test, EVAL_BLOCK), _pad_to_blocks(ds.y_test, EVAL_BLOCK),
+                x_train[:probe_size], ds.y_train[:probe_size])
 
     parts = [arrays(ds) for ds in datasets]
     joined = parts[0] if len(parts) == 1 else [np.stack(a) for a in zip(*parts, strict=True)]
@@ -191,17 +193,16 @@ def mean_over_set(eval_batch: Callable, params: Any, batch_stats: Any, x: Array,
                   n: int) -> tuple[Array, Array]:
     """Mean loss and accuracy over the first n rows of a block-padded set."""
     if n == 0:
-        return jnp.float32(jnp.nan), jnp.float32(jnp.nan)
+        return jnp.asarray(jnp.nan, x.dtype), jnp.asarray(jnp.nan, x.dtype)
     if x.shape[0] <= EVAL_BLOCK:
         loss, correct = eval_batch(params, batch_stats, x[:n], y[:n])
-        return loss.mean(), correct.mean(dtype=jnp.float32)
+        return loss.mean(), correct.mean()
     blocks = x.shape[0] // EVAL_BLOCK
     loss, correct = jax.lax.map(
         lambda xy: eval_batch(params, batch_stats, *xy),
         (x.reshape(blocks, EVAL_BLOCK, -1), y.reshape(blocks, EVAL_BLOCK)))
     mask = jnp.arange(x.shape[0]).reshape(blocks, EVAL_BLOCK) < n
-    return (jnp.where(mask, loss, 0).sum() / n,
-            jnp.where(mask, correct, 0).sum(dtype=jnp.float32) / n)
+    return jnp.where(mask, loss, 0).sum() / n, jnp.where(mask, correct, 0).sum() / n
 
 
 # --- the program ------------------------------------------------------------------------------
@@ -251,6 +252,7 @@ class Program:
         ds = group.datasets[0]
         self.out_dim = losses.out_dim(self.loss, ds.n_classes)
         self.n_features = ds.n_features
+        self.dtype = jnp.dtype(cfg.dtype)
         self.layout = model.layout(config.hidden_widths(cfg))
         self.names = self.layout.names
         template = jax.tree.map(lambda a: a[0], group.members())
@@ -275,16 +277,16 @@ class Program:
         else:
             fns = [activations.elementwise(node_view(a, m.knobs, "act")) for a in fam["act"]]
             act, pieces = activations.select(fns, m.act), 1
-        kernel_init = initializers.select(
+        kernel_init = initializers.drawn_in_float32(initializers.select(
             [initializers.kernel_init(node_view(f, m.knobs, "init")) for f in fam["init"]],
-            m.init)
-        bias_init = initializers.select(
+            m.init))
+        bias_init = initializers.drawn_in_float32(initializers.select(
             [initializers.bias_init(node_view(f, m.knobs, "bias_init"))
-             for f in fam["bias_init"]], m.bias_init)
+             for f in fam["bias_init"]], m.bias_init))
         return model.MLP(widths=tuple(config.hidden_widths(cfg)), out_dim=self.out_dim,
                          act=act, kernel_init=kernel_init, bias_init=bias_init, pieces=pieces,
                          bn=cfg.bn.value, bn_momentum=m.knobs["bn_momentum"],
-                         bn_eps=m.knobs["bn_eps"])
+                         bn_eps=m.knobs["bn_eps"], dtype=self.dtype)
 
     def tx(self, m: Members) -> optim.Transforms:
         """Member ``m``'s clipping and optimizer."""
@@ -306,12 +308,13 @@ class Program:
     # -- per-member pieces (vmapped by the methods below) --
 
     def _start_one(self, m: Members) -> TrainState:
-        x = jax.ShapeDtypeStruct((self.batch_size, self.n_features), jnp.float32)
+        x = jax.ShapeDtypeStruct((self.batch_size, self.n_features), self.dtype)
         return init_state(self.net(m), self.tx(m), seed_keys(m.seed).init, x, len(self.names))
 
     def _train_one(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, Any]:
-        step = make_train_step(self.net(m), self.tx(m), self.loss, self.layout)
+        step = make_train_step(self.net(m), self.tx(m), self.loss, self.layout,
+                               with_own_deltas="delta_norm_own" in self.step_probes)
         return step(state, x, y, key)
 
     def _epoch_view(self, state: TrainState, m: Members, data: DeviceData
@@ -344,8 +347,8 @@ class Program:
 
     def _epoch_stats_one(self, state: TrainState, m: Members, data: DeviceData
                          ) -> dict[str, Array]:
-        stats = probes.epoch_stats(self._epoch_view(state, m, data), self.layout,
-                                   self.epoch_probes)
+        stats = self._cast(probes.epoch_stats(self._epoch_view(state, m, data), self.layout,
+                                              self.epoch_probes))
         # A diverged member's statistics are NaN from its divergence on.
         return _nan_where(state.diverged_at >= 0, stats)
 
@@ -357,10 +360,15 @@ class Program:
 
     def step_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
         axes = probes.outputs(probes.STEP_PROBES, self.step_probes)
-        return probes.template(axes, self.axis_sizes(), lead)
+        return probes.template(axes, self.axis_sizes(), lead, self.dtype)
 
     def epoch_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
-        return probes.template(probes.epoch_outputs(self.epoch_probes), self.axis_sizes(), lead)
+        return probes.template(probes.epoch_outputs(self.epoch_probes), self.axis_sizes(),
+                               lead, self.dtype)
+
+    def _cast(self, stats: dict[str, Array]) -> dict[str, Array]:
+        """Statistics in the run's dtype (the records keep float64 runs' precision)."""
+        return {k: v.astype(self.dtype) for k, v in stats.items()}
 
     # -- batched over members --
 
@@ -381,7 +389,7 @@ class Program:
         clip_frac = (jnp.full(state.diverged_at.shape, jnp.nan) if clipped_steps is None
                      else clipped_steps / self.plan.steps_per_epoch)
         stats["clip_frac"] = jnp.where(state.diverged_at >= 0, jnp.nan,
-                                       clip_frac).astype(jnp.float32)
+                                       clip_frac).astype(self.dtype)
         return stats
 
     def permutations(self, members: Members, epoch: Array) -> Array:
@@ -401,7 +409,8 @@ class Program:
         state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
 
         def measure(o):
-            return jax.vmap(lambda oo: probes.step_stats(oo, self.layout, self.step_probes))(o)
+            return jax.vmap(lambda oo: self._cast(
+                probes.step_stats(oo, self.layout, self.step_probes)))(o)
 
         if plan.record_every == 1:
             stats = measure(out)
@@ -410,6 +419,7 @@ class Program:
             stats = jax.lax.cond(gstep % plan.record_every == 0, measure,
                                  lambda o: _nan_like(template), out)
         fired = jax.vmap(lambda o: probes.clip_stats(o, self.layout)["clip_fired"])(out)
+        fired = fired.astype(self.dtype)
         return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, fired, 0.0),
                           out.grads)
 
@@ -449,7 +459,7 @@ class Program:
                     snaps = keep_snapshot(snaps, epoch * P + i, res.grads)
                 return (res.state, snaps, clipped + res.clip_fired), res.stats
 
-            clipped = jnp.zeros(state.diverged_at.shape, jnp.float32)
+            clipped = jnp.zeros(state.diverged_at.shape, self.dtype)
             (state, snaps, clipped), rows = jax.lax.scan(step_body, (state, snaps, clipped),
                                                          jnp.arange(P))
             return state, snaps, clipped, rows
@@ -471,7 +481,7 @@ class Program:
                 state, snaps, epoch0 + k)
             return (state, snaps, clipped), (rows, stats)
 
-        no_steps = jnp.full(state.diverged_at.shape, jnp.nan, jnp.float32)  # at boundary 0
+        no_steps = jnp.full(state.diverged_at.shape, jnp.nan, self.dtype)  # at boundary 0
         (state, snaps, _), (rows, epochs) = jax.lax.scan(
             boundary, (state, snaps, no_steps), jnp.arange(n_epochs + 1))
         # [n_epochs + 1, P, M, ...] (the last boundary trains nothing) -> [M, n_epochs * P, ...]
@@ -634,6 +644,9 @@ class Records:
     done: bool  # all epochs accounted for (trained, or skipped after every seed diverged)
     state: list[np.ndarray] | None = None  # the TrainState's leaves after the last chunk
     group: dict[str, Any] = dataclasses.field(default_factory=dict)  # id, jobs, members
+    #: Parameters to save (record.params): "initial.dense_0.kernel" -> [S, ...], and the
+    #: "final." ones once the run is done.
+    params: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def step(self) -> np.ndarray:
@@ -690,6 +703,7 @@ class _JobRecords:
 
     def __init__(self, job: Job, members: slice):
         self.members = members
+        self.params: dict[str, np.ndarray] = {}
         self.seeds = job.seeds
         r = job.resume
         self.step_parts = [r.step] if r else []
@@ -717,8 +731,22 @@ def _join_state(fresh: TrainState, jobs: list[Job]) -> TrainState:
 def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[Records]]:
     """Train every member of ``group``; yield each job's records at every chunk boundary.
 
-    The last yielded list has ``done=True``. The caller owns all I/O.
+    The last yielded list has ``done=True``. The caller owns all I/O. The group computes
+    in its ``dtype``: JAX's 64-bit mode is on while its programs are traced and run
+    (``jax.enable_x64``, thread-local) and off otherwise, whatever ``JAX_ENABLE_X64``
+    says, so a float32 run gives the same numbers with or without it.
     """
+    steps = _run(group, engine, group_id)
+    while True:
+        with jax.enable_x64(group.cfg.dtype == "float64"):
+            try:
+                records = next(steps)
+            except StopIteration:
+                return
+        yield records
+
+
+def _run(group: Group, engine: str, group_id: int) -> Iterator[list[Records]]:
     if engine not in ("scan", "python"):
         raise ValueError(f"engine={engine!r}: expected scan or python")
     mesh = member_mesh(group.n_members)
@@ -735,6 +763,15 @@ def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[
     if first_epoch:
         state = _join_state(state, group.jobs)
     jobs = [_JobRecords(job, sl) for job, sl in zip(group.jobs, group.slices(), strict=True)]
+    keep = set(group.cfg.record.params)
+
+    def save_params(when: str) -> None:
+        flat = saved_params(prog.layout, jax.device_get((state.params, state.batch_stats)))
+        for j in jobs:
+            j.params.update({f"{when}.{k}": v[j.members] for k, v in flat.items()})
+
+    if "initial" in keep and not first_epoch:
+        save_params("initial")
     run_s = time.perf_counter() - t0
 
     def records(done: bool, with_state: bool) -> list[Records]:
@@ -749,7 +786,8 @@ def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[
                 np.asarray(nonfinite)[m],
                 list(j.snap_steps), list(j.snap_parts), mesh.devices.size,
                 compiled.compile_s, run_s, done,
-                [np.asarray(x)[m] for x in leaves] if leaves is not None else None, info))
+                [np.asarray(x)[m] for x in leaves] if leaves is not None else None, info,
+                dict(j.params)))
         return out
 
     for start in range(first_epoch, plan.epochs, plan.chunk_epochs):
@@ -794,9 +832,32 @@ def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[
                 j.step_parts.append(steps_left)
                 j.step_stat_parts.append(_nan_rows(j.step_stat_parts[-1], len(steps_left)))
                 j.epoch_parts.append(_nan_rows(j.epoch_parts[-1], len(rest)))
+            if "final" in keep:
+                save_params("final")
             yield records(True, with_state=False)
             return
+        if last and "final" in keep:
+            save_params("final")
         yield records(last, with_state=not last)
+
+
+def saved_params(layout: layers.Layout, variables: tuple[Any, Any]) -> dict[str, np.ndarray]:
+    """Parameters and batch-norm statistics keyed as in ``grads.npz`` (``dense_0.kernel``,
+    ``bn_0.scale``, ``bn_0.mean`` ...), [M, ...] each."""
+    params, batch_stats = variables
+    return {k: np.asarray(v) for k, v in {
+        **layers.flat_params(layout, params, lead=1),
+        **layers.flat_params(layout, batch_stats or {}, lead=1)}.items()}
+
+
+def batch_indices(seed: int, epoch: int, n_train: int, batch_size: int) -> np.ndarray:
+    """The training examples of every step of ``epoch`` for ``seed``, [steps, batch]:
+    step i of the epoch trains on ``x_train[batch_indices(...)[i]]`` (the last partial
+    batch is dropped). What an outside reference needs to replay a run's batches."""
+    order = np.asarray(shuffle(jax.random.fold_in(seed_keys(jnp.int32(seed)).shuffle, epoch),
+                               n_train))
+    steps = n_train // batch_size
+    return order[: steps * batch_size].reshape(steps, batch_size)
 
 
 def _nan_after(snaps: dict[str, np.ndarray], steps: np.ndarray, diverged_at: np.ndarray

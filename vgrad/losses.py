@@ -8,11 +8,11 @@ log(sigmoid(x)):
 - ``bce``: one logit per example, sigmoid binary cross-entropy (labels 0/1).
 - ``ce``: softmax cross-entropy over ``n_classes`` logits.
 - ``mse``: mean over classes of (softmax(logits) - one_hot)^2, Keras's
-  ``mean_squared_error`` on a softmax output as in seed 003, where it learns slower
-  than cross-entropy because the softmax's saturation enters its gradient.
+  ``mean_squared_error`` on a softmax output as in the activations book chapter, where it
+  learns slower than cross-entropy because the softmax's saturation enters its gradient.
 - ``bce_onehot``: one sigmoid output per class and the binary cross-entropy of each
   against the one-hot target, summed over classes: the ``CrossEntropyCost`` of
-  Nielsen's network2 (seed 004), whose output error is a - y.
+  Nielsen's network2 (chapter 5), whose output error is a - y.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ class _Parts(nn.Module):
     bn: str = "none"
     bn_momentum: float = 0.99
     bn_eps: float = 1e-3
+    dtype: Any = jnp.float32  # of the parameters and the computation
 
     def hidden_layer(self, x: jax.Array, width: int, names: dict[str, str], train: bool,
                      capture: bool) -> jax.Array:
@@ -96,14 +97,16 @@ class _Parts(nn.Module):
         submodules and collections are named by ``names`` (dense, bn, act, delta, and
         the captures activation, slope, slope_max)."""
         dense = nn.Dense(width * self.pieces, kernel_init=self.kernel_init,
-                         bias_init=self.bias_init, name=names["dense"])
+                         bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.dtype,
+                         name=names["dense"])
         z = self.perturb(names["delta"], dense(x))
         if self.bn == "pre":
             z = self._norm(names["bn"], train)(z)
         act = self.act(name=names["act"])
         if capture:
             x, slope = _slopes(act, z, train)
-            grid = jnp.broadcast_to(SLOPE_GRID[:, None], (SLOPE_GRID.size, z.shape[-1]))
+            grid = jnp.broadcast_to(jnp.asarray(SLOPE_GRID, z.dtype)[:, None],
+                                    (SLOPE_GRID.size, z.shape[-1]))
             _, grid_slope = _slopes(act, grid, False)
             self.sow("intermediates", names["activation"], x)
             self.sow("intermediates", names["slope"], slope)
@@ -116,7 +119,8 @@ class _Parts(nn.Module):
 
     def _norm(self, name: str, train: bool) -> nn.BatchNorm:
         return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                            epsilon=self.bn_eps, name=name)
+                            epsilon=self.bn_eps, dtype=self.dtype, param_dtype=self.dtype,
+                            name=name)
 
 
 _IN_STACK = {k: k for k in ("dense", "bn", "act", "delta", "activation", "slope", "slope_max")}
@@ -149,18 +153,19 @@ class MLP(_Parts):
             x = self.hidden_layer(x, self.widths[i], names, train, capture)
         if stack:
             parts = {k: getattr(self, k) for k in (
-                "act", "kernel_init", "bias_init", "pieces", "bn", "bn_momentum", "bn_eps")}
+                "act", "kernel_init", "bias_init", "pieces", "bn", "bn_momentum", "bn_eps",
+                "dtype")}
             layers = nn.scan(
                 _StackLayer,
                 variable_axes={c: 0 for c in ("params", "batch_stats", "perturbations",
                                               "intermediates")},
-                split_rngs={"params": True, "rrelu": True},
+                split_rngs={"params": True, "noise": True},
                 length=stack)
             x, _ = layers(**parts, width=self.widths[-1], train=train, capture=capture,
                           name="hidden")(x, None)
         depth = len(self.widths)
         out = nn.Dense(self.out_dim, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                       name=f"dense_{depth}")
+                       dtype=self.dtype, param_dtype=self.dtype, name=f"dense_{depth}")
         return self.perturb(f"delta_{depth}", out(x))
 
 

@@ -11,7 +11,7 @@ so the clipping contracts hold exactly on the loss gradient (value clipping keep
 entry in [-max, max] like Keras ``clipvalue``; global-norm clipping leaves a norm of
 min(norm, max), Pascanu et al. 2013).
 
-``optim.l2`` is the coupled L2 regularisation of Nielsen's network2 (seed 004):
+``optim.l2`` is the coupled L2 regularisation of Nielsen's network2 (chapter 5):
 C = C0 + lambda / (2 n) * sum(w^2) adds (lambda / n) * w to every kernel's gradient,
 n being the training-set size; biases are not regularised. The recorded gradients
 are those of C0 alone, so a vanishing data gradient is not hidden by the decay term.

@@ -78,7 +78,7 @@ def row_moments(rows: Rows) -> Array:
 
 def _per_layer(stat: Any, blocks: list[Rows]) -> Array:
     """``stat`` of every packed block, joined along its last axis (the layers)."""
-    return jnp.concatenate([stat(b) for b in blocks], axis=-1).astype(jnp.float32)
+    return jnp.concatenate([stat(b) for b in blocks], axis=-1)
 
 
 def _moments(segments: list[Array]) -> Array:
@@ -103,7 +103,7 @@ def _joined(a: list[Array], b: list[Array]) -> list[Array]:
 def global_norm(tree: Any) -> Array:
     """L2 norm of all leaves of ``tree`` together, without overflow (cf. optax.tree.norm)."""
     norms = _per_layer(row_norm, pack([x.reshape(1, -1) for x in jax.tree.leaves(tree)]))
-    return _norms(norms).astype(jnp.float32)
+    return _norms(norms)
 
 
 # --- step probes ----------------------------------------------------------------------
@@ -123,24 +123,38 @@ def bias_grad_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
 
 def global_norms(out: StepOut, layout: Layout) -> dict[str, Array]:
     """Loss and global gradient norm over all parameters (before clipping)."""
-    return {"loss": out.loss.astype(jnp.float32), "grad_global_norm": global_norm(out.grads)}
+    return {"loss": out.loss, "grad_global_norm": global_norm(out.grads)}
+
+
+def _batch_mean_norm(rows: Rows) -> Array:
+    """Per layer, the batch mean of the per-example norms of ``rows.x`` [n, batch, units]."""
+    per_example = _norms(rows.x)  # [n, batch]
+    s = _scale(per_example)
+    return jnp.mean(per_example / s, axis=-1) * s[:, 0]
 
 
 def delta_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
-    """Batch mean of ||delta_l^(n)||, delta_l^(n) the backpropagated gradient of example
-    n's loss at layer l's pre-activation z_l = W_l a_{l-1} + b_l (see ``vgrad.step``
-    for what it is under batch norm).
-
-    The quantity signal-propagation theory predicts (Schoenholz et al. 2017): its ratio
-    between consecutive layers is the depth-wise gradient gain, which the weight gradient
-    ||a_{l-1} delta_l^T|| can hide when the activations a_{l-1} shrink or grow instead.
+    """Batch mean of ||delta_l^(n)||, where delta_l^(n) = B dL/dz_l^(n) = sum_m
+    dl_m/dz_l^(n) is the backpropagated signal at example n's pre-activation
+    z_l = W_l a_{l-1} + b_l, the one that reaches the weights (dL/dW_l is the batch mean
+    of a_{l-1}^(n) delta_l^(n)T). Without batch norm the examples do not interact and
+    delta_l^(n) = dl_n/dz_l^(n), the quantity signal-propagation theory predicts
+    (Schoenholz et al. 2017): its ratio between consecutive layers is the depth-wise
+    gradient gain, which the weight gradient can hide when the activations a_{l-1}
+    shrink or grow instead. Under batch norm, see ``delta_norm_own``.
     """
-    def batch_mean(rows: Rows) -> Array:  # rows.x: [n, batch, units]
-        per_example = _norms(rows.x)  # [n, batch]
-        s = _scale(per_example)
-        return jnp.mean(per_example / s, axis=-1) * s[:, 0]
+    return {"delta_norm": _per_layer(_batch_mean_norm,
+                                     pack(layout.deltas(out.deltas), axis=2))}
 
-    return {"delta_norm": _per_layer(batch_mean, pack(layout.deltas(out.deltas), axis=2))}
+
+def delta_norm_own(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """Batch mean of ||dl_n/dz_l^(n)||: example n's own loss gradient at its own
+    pre-activation, through batch norm's batch statistics too. It equals ``delta_norm``
+    without batch norm; with it, ``delta_norm`` adds the other examples' losses coupled
+    through the batch statistics. Costs one backward pass per example: not run by
+    default (``record.step_probes`` adds it)."""
+    return {"delta_norm_own": _per_layer(_batch_mean_norm,
+                                         pack(layout.deltas(out.own_deltas), axis=2))}
 
 
 def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
@@ -165,7 +179,7 @@ def clip_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     changed = [jnp.any((c != g) & jnp.isfinite(c) & jnp.isfinite(g)) for c, g in zip(
         jax.tree.leaves(out.clipped), jax.tree.leaves(out.grads), strict=True)]
     return {"grad_global_norm_clipped": global_norm(out.clipped),
-            "clip_fired": jnp.stack(changed).any().astype(jnp.float32)}
+            "clip_fired": jnp.stack(changed).any().astype(out.loss.dtype)}
 
 
 @dataclass(frozen=True)
@@ -187,9 +201,14 @@ STEP_PROBES: dict[str, Probe] = {
         ("grad_mean", "grad_std", "grad_norm", "grad_absmean", "grad_maxabs"), _LAYER)),
     "bias_grad_norm": Probe(bias_grad_norm, {"bias_grad_norm": _LAYER}),
     "delta_norm": Probe(delta_norm, {"delta_norm": _LAYER}),
+    "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
 }
+
+
+#: Probes left out of the default ``record.step_probes`` (their cost is not small).
+OPT_IN = ("delta_norm_own",)
 
 
 def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,
@@ -212,9 +231,10 @@ def outputs(registry: Mapping[str, Probe], which: Sequence[str] | None
 
 
 def template(axes: Mapping[str, tuple[str, ...]], sizes: Mapping[str, int],
-             lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
-    """The float32 shapes of arrays with declared ``axes``: ``lead`` + their sizes."""
-    return {k: jax.ShapeDtypeStruct(lead + tuple(sizes[a] for a in dims), jnp.float32)
+             lead: tuple[int, ...], dtype: Any = jnp.float32
+             ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of arrays with declared ``axes``: ``lead`` + their sizes."""
+    return {k: jax.ShapeDtypeStruct(lead + tuple(sizes[a] for a in dims), dtype)
             for k, dims in axes.items()}
 
 
@@ -280,8 +300,7 @@ def activation_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
                           sat.sum(axis=(1, 2)) / (rows.count * slopes.shape[1])])
 
     dead, sat = _per_layer(fractions, packed)
-    return {"act_mean": mean, "act_std": std, "act_dead_frac": dead.astype(jnp.float32),
-            "act_sat_frac": sat.astype(jnp.float32)}
+    return {"act_mean": mean, "act_std": std, "act_dead_frac": dead, "act_sat_frac": sat}
 
 
 def log10_hists(xs: list[Array]) -> Array:
@@ -303,7 +322,7 @@ def log10_hists(xs: list[Array]) -> Array:
         for r, f in zip(rows, first, strict=False)])
     col = jnp.clip(jnp.floor((logs - low) / width), 0, bins - 1)
     idx = row * bins + jnp.where(jnp.isnan(col), 0, col).astype(jnp.int32)
-    counts = jnp.bincount(idx, weights=(~jnp.isnan(logs)).astype(jnp.float32),
+    counts = jnp.bincount(idx, weights=(~jnp.isnan(logs)).astype(logs.dtype),
                           length=int(first[-1]) * bins)
     return counts.reshape(int(first[-1]), bins)
 
@@ -351,5 +370,4 @@ def epoch_stats(view: EpochView, layout: Layout, which: Sequence[str] | None = N
     """The per-epoch statistics at one epoch boundary: every registered probe, or those in
     ``which`` (the evaluation always runs: the run's summary needs it)."""
     which = None if which is None else {"evaluation", *which}
-    stats = _collect(EPOCH_PROBES, view, layout, which)
-    return {k: jnp.asarray(v, jnp.float32) for k, v in stats.items()}
+    return _collect(EPOCH_PROBES, view, layout, which)

@@ -170,7 +170,7 @@ def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
         if done != summary["epochs_done"] or done < 1:
             return None
         metrics = store.read_metrics(run_dir)
-        grads = store.read_metrics(run_dir / store.GRADS) if (
+        grads = store.read_npz(run_dir / store.GRADS) if (
             (run_dir / store.GRADS).is_file()) else None
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
@@ -210,6 +210,7 @@ class RunFolder:
         self.config = resolved(job.cfg)
         self.board = None
         self.export_s = 0.0
+        self.params_written: set[str] = set()
         store.remove_stale_temporaries(job.run_dir)
         if job.cfg.tensorboard:
             from vgrad.tensorboard import TensorBoardExport
@@ -221,6 +222,12 @@ class RunFolder:
         store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
         if rec.snapshot_parts:
             store.write_npz(run_dir / store.GRADS, store.grads_arrays(rec))
+        if rec.params and set(rec.params) != self.params_written:
+            saved = {}
+            if self.job.resume is not None and (run_dir / store.PARAMS).is_file():
+                saved = store.read_npz(run_dir / store.PARAMS)  # the initial ones
+            store.write_npz(run_dir / store.PARAMS, {**saved, **rec.params})
+            self.params_written = set(rec.params)
         ended = status not in ("running", "interrupted")
         if not ended and rec.state is not None:
             store.write_checkpoint(run_dir, rec.epochs_done, rec.state)
@@ -286,6 +293,10 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
     results: dict[Path, str] = {}
     if jobs:
         use_compile_cache(jobs[0].cfg.compile_cache)
+    if os.environ.get("JAX_ENABLE_X64", "").lower() in ("1", "true") and any(
+            job.cfg.dtype == "float32" for job in jobs):
+        log.warning("JAX_ENABLE_X64 is set, but each run computes in its own dtype: "
+                    "dtype=float64 for double precision")
     with stop_on_signals() as stop:
         for gid, group in enumerate(group_jobs(jobs, max_members, max_jobs)):
             t0 = time.perf_counter()

@@ -42,10 +42,16 @@ class TrainState(struct.PyTreeNode):
 class StepOut(NamedTuple):
     loss: Array  # mean loss on the batch
     grads: Any  # dL/dparams, before clipping
-    deltas: dict[str, Array]  # delta_l: [batch, units] per-example dl_n/dz_l, l = 0..L-1
+    # delta_l of example n: B * dL/dz_l^(n) = sum_m dl_m/dz_l^(n), [batch, units] per layer:
+    # the backpropagated signal at n's pre-activation that reaches the weights. Without
+    # batch norm the examples do not interact and it is n's own dl_n/dz_l^(n).
+    deltas: Any
     clipped: Any  # the gradient after clipping
     updates: Any  # the parameter change applied (new params - old params)
     params: Any  # the parameters the gradient was taken at
+    # dl_n/dz_l^(n), example n's own loss at its own pre-activation (through batch norm's
+    # batch statistics too), when asked for (``own_deltas``); else None.
+    own_deltas: Any = None
 
 
 def tree_all_finite(tree: Any) -> Array:
@@ -65,7 +71,7 @@ def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:
     def zeros(x: Array) -> Any:
         if x.shape not in shapes:
             key = jax.random.key(0)
-            init = jax.eval_shape(lambda: model.init({"params": key, "rrelu": key},
+            init = jax.eval_shape(lambda: model.init({"params": key, "noise": key},
                                                      jnp.zeros(x.shape, x.dtype)))
             shapes[x.shape] = init["perturbations"]
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[x.shape])
@@ -81,7 +87,7 @@ def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers:
     program depends on the shapes only (and compiles to the same code for every
     parameter-free activation, which the persistent compilation cache shares).
     """
-    variables = model.lazy_init({"params": key, "rrelu": key},
+    variables = model.lazy_init({"params": key, "noise": key},
                                 jax.ShapeDtypeStruct(x.shape, x.dtype))
     params = variables["params"]
     return TrainState(
@@ -95,19 +101,40 @@ def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers:
     )
 
 
-def make_loss_fn(model: nn.Module, loss: str) -> Callable[..., tuple[Array, Any]]:
-    """Mean batch loss as a function of (params, perturbations); aux = new batch_stats."""
+def make_loss_fn(model: nn.Module, loss: str, mean: bool = True
+                 ) -> Callable[..., tuple[Array, Any]]:
+    """Batch loss as a function of (params, perturbations); aux = new batch_stats. The
+    mean over the batch, or (``mean=False``) one loss per example."""
     per_example = losses.LOSSES[loss]
 
     def loss_fn(params, perturbations, batch_stats, x, y, key):
         variables = {"params": params, "perturbations": perturbations}
         if batch_stats:
             variables["batch_stats"] = batch_stats
-        logits, mutated = model.apply(variables, x, train=True, rngs={"rrelu": key},
+        logits, mutated = model.apply(variables, x, train=True, rngs={"noise": key},
                                       mutable=["batch_stats"])
-        return per_example(logits, y).mean(), mutated.get("batch_stats", batch_stats)
+        values = per_example(logits, y)
+        return values.mean() if mean else values, mutated.get("batch_stats", batch_stats)
 
     return loss_fn
+
+
+def own_deltas(model: nn.Module, loss: str) -> Callable[..., Any]:
+    """dl_n/dz_l^(n) for every example n and layer l, [batch, units] per layer.
+
+    The diagonal blocks of the Jacobian of the per-example losses with respect to the
+    per-example perturbations: one backward pass per example (``jax.jacrev``), so it is
+    ``batch`` times the cost of ``deltas``; asked for by the ``delta_norm_own`` probe.
+    """
+    per_example = make_loss_fn(model, loss, mean=False)
+
+    def own(params, perturbations, batch_stats, x, y, key):
+        jac = jax.jacrev(lambda p: per_example(params, p, batch_stats, x, y, key)[0])(
+            perturbations)  # per layer: [batch (loss n), batch (example m), units]
+        index = jnp.arange(x.shape[0])
+        return jax.tree.map(lambda j: j[index, index], jac)
+
+    return own
 
 
 def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
@@ -119,11 +146,14 @@ def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
                            ).astype(jnp.int32)
 
 
-def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout
+def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
+                    with_own_deltas: bool = False
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
-    """One optimisation step on a batch, with its gradient and deltas returned."""
+    """One optimisation step on a batch, with its gradient and deltas returned (and each
+    example's own deltas with ``with_own_deltas``)."""
     grad_fn = jax.value_and_grad(make_loss_fn(model, loss), argnums=(0, 1), has_aux=True)
     zero_perturbations = perturbation_zeros(model)
+    own_fn = own_deltas(model, loss) if with_own_deltas else None
 
     def train_step(state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, StepOut]:
@@ -132,6 +162,8 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout
             state.params, perturbations, state.batch_stats, x, y, key)
         # d(mean loss)/dz = delta_n / batch for example n: undo the mean.
         deltas = jax.tree.map(lambda d: d * x.shape[0], dperturb)
+        own = (None if own_fn is None else
+               own_fn(state.params, perturbations, state.batch_stats, x, y, key))
         clipped, clip_state = tx.clip.update(grads, state.clip_state, state.params)
         updates, opt_state = tx.update.update(clipped, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -149,14 +181,19 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout
             nonfinite_at_divergence=jnp.where(
                 diverging, nonfinite_per_layer(grads, layout), state.nonfinite_at_divergence),
         )
-        return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params)
+        return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params, own)
 
     return train_step
 
 
 def make_eval_fn(model: nn.Module, loss: str) -> Callable[[Any, Any, Array, Array],
                                                           tuple[Array, Array]]:
-    """Per-example loss and correctness on a batch (batch norm uses running averages)."""
+    """Per-example loss and correctness on a batch (batch norm uses running averages).
+
+    Correctness is 1 or 0, and NaN for an example whose logits are not all finite (a
+    NaN logit predicts nothing), so that a set's accuracy is NaN when the network no
+    longer computes numbers, rather than the share of one class.
+    """
     per_example = losses.LOSSES[loss]
 
     def eval_batch(params, batch_stats, x, y):
@@ -164,6 +201,8 @@ def make_eval_fn(model: nn.Module, loss: str) -> Callable[[Any, Any, Array, Arra
         if batch_stats:
             variables["batch_stats"] = batch_stats
         logits = model.apply(variables, x, train=False)
-        return per_example(logits, y), (losses.predict(logits) == y)
+        correct = (losses.predict(logits) == y).astype(logits.dtype)
+        finite = jnp.all(jnp.isfinite(logits), axis=-1)
+        return per_example(logits, y), jnp.where(finite, correct, jnp.nan)
 
     return eval_batch

@@ -31,6 +31,8 @@ import numpy as np
 SUMMARY = "summary.json"
 METRICS = "metrics.npz"
 GRADS = "grads.npz"
+#: Parameters of every seed at initialisation and at the end (record.params).
+PARAMS = "params.npz"
 #: The training state after the last written chunk, while a run has not ended: what a
 #: re-run of the same command continues from (removed when the run ends).
 CHECKPOINT = "checkpoint.npz"
@@ -98,9 +100,14 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / SUMMARY).read_text())
 
 
-def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(Path(run_dir) / METRICS, allow_pickle=False) as z:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an npz file (``numpy.load`` with pickles refused)."""
+    with np.load(Path(path), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def read_metrics(run_dir: Path) -> dict[str, np.ndarray]:
+    return read_npz(Path(run_dir) / METRICS)
 
 
 def is_complete(run_dir: Path) -> bool:

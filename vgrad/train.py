@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def report(run_dir: Path, status: str) -> None:
     exploded = []
     for s in summary["per_seed"]:
         f = s["final"]
-        log.info("seed %d: final train loss %s acc %s%s", s["seed"], _fmt(f["train_loss"]),
-                 _fmt(f["train_acc"]),
+        test = (f", test loss {_fmt(f['test_loss'])} acc {_fmt(f['test_acc'])}"
+                if f.get("test_loss") is not None else "")
+        log.info("seed %d: final train loss %s acc %s%s%s", s["seed"], _fmt(f["train_loss"]),
+                 _fmt(f["train_acc"]), test,
                  f", diverged at step {s['diverged_at_step']}" if s["diverged_at_step"]
                  is not None else "")
         if s["diverged_at_step"] is None and (f["train_loss"] or 0) > EXPLODED_LOSS:
@@ -92,6 +95,8 @@ def report(run_dir: Path, status: str) -> None:
                     "gradients exploded without overflowing (see grad_global_norm)",
                     ", ".join(map(str, exploded)), EXPLODED_LOSS)
     t = summary["timing"]
+    if t.get("export_s"):
+        log.info("TensorBoard events written in %.2f s", t["export_s"])
     group = t.get("group") or {}
     shared = f" (shared by a group of {group['jobs']} jobs)" if group.get("jobs", 1) > 1 else ""
     log.info("%s in %.2f s (+%.2f s compile%s), %s steps/s; outputs: %s", status, t["run_s"],
@@ -161,8 +166,60 @@ def _hydra_main(cfg: DictConfig) -> str:
     return status
 
 
+#: The sweep axes listed by ``--help``, with what each chooses.
+HELP_GROUPS = {"act": "activation", "init": "kernel initializer",
+               "bias_init": "bias initializer", "clip": "gradient clipping",
+               "optim": "optimizer", "data": "dataset"}
+
+
+def help_text() -> str:
+    """vgrad's ``--help``: what it does, the axes and their choices (read from the
+    configs, so the list is never stale), the presets, examples, where outputs go."""
+    conf = Path(CONF_DIR)
+    lines = [
+        "vgrad: measure vanishing and exploding gradients layer by layer.",
+        "",
+        "Trains an MLP with a jit-compiled optax step and records, per layer and per step,",
+        "the gradient statistics (norms, deltas, update ratios, saturation, histograms).",
+        "",
+        "usage: python -m vgrad.train [KEY=VALUE ...]        one run (all its seeds at once)",
+        "       python -m vgrad.train -m KEY=A,B,C ...        a sweep over every combination",
+        "",
+        "Sweep axes (KEY=CHOICE; each choice's parameters as KEY.PARAM=VALUE):",
+    ]
+    for group, what in HELP_GROUPS.items():
+        choices = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+        lines += textwrap.wrap(f"{what}: {choices}", 88, initial_indent=f"  {group:<10} ",
+                               subsequent_indent=" " * 13)
+    lines += [
+        "  depth, width (or widths=[...]), bn=none|pre|post, loss=bce|ce|mse|bce_onehot,",
+        "  epochs, batch_size, seed, seeds, dtype=float32|float64, record.* (what is measured)",
+        "",
+        "Presets, one per source experiment (+experiment=NAME):",
+    ]
+    for preset in sorted((conf / "experiment").glob("*.yaml")):
+        title = next((line.split("Title:", 1)[1].strip()
+                      for line in preset.read_text().splitlines() if "Title:" in line), "")
+        lines.append(f"  {preset.stem:<13} {title}")
+    lines += [
+        "",
+        "Examples:",
+        "  python -m vgrad.train -m +experiment=visualize act=sigmoid,tanh,relu seeds=20",
+        "  python -m vgrad.train act=relu init=he_normal depth=50 dtype=float64",
+        "",
+        "Outputs: outputs/runs/DATE/TIME/ (single runs), outputs/sweeps/DATE/TIME/N/ (sweeps),",
+        "each with summary.json, metrics.npz and params.npz; then",
+        "  python scripts/plot_run.py RUN    python scripts/report.py SWEEP",
+        "Every default: python -m vgrad.train --cfg job.  Hydra's own help: --hydra-help.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Run Hydra, folding config errors into one line and failures into the exit code."""
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(help_text())
+        return
     own_errors = "HYDRA_FULL_ERROR" not in os.environ  # else the user wants full traces
     if own_errors:  # let exceptions reach us instead of Hydra's multi-line report
         os.environ["HYDRA_FULL_ERROR"] = "1"

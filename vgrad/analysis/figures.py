@@ -2,10 +2,12 @@
 
 Per run (a :class:`~vgrad.analysis.tables.Run`):
   ``gradients``   mean and std of each layer's kernel gradient over steps, and the loss
-                  (seed 000's figure; std on a log axis)
-  ``weights``     mean and std of each layer's kernel over epochs (seed 000)
-  ``learning_speed``  ||dC/db_l|| per layer over training (seed 004)
-  ``histograms``  fixed-bin log10|gradient| histograms per layer over epochs (seed 002's
+                  (the figure of "Visualizing the vanishing gradient problem"; std on a
+                  log axis)
+  ``weights``     mean and std of each layer's kernel over epochs (visualize preset)
+  ``learning_speed``  ||dC/db_l|| per layer over training (Nielsen's chapter 5)
+  ``histograms``  fixed-bin log10|gradient| histograms per layer over epochs
+                  ("How ReLU avoids vanishing gradients",
                   TensorBoard view)
   ``saturation``  saturated and dead fractions per hidden layer over epochs
 
@@ -13,8 +15,10 @@ Per sweep (a :class:`~vgrad.analysis.tables.Sweep`):
   ``profile``     per-layer gradient norm (and delta norm) against layer index, at
                   initialisation and at the end, one line per value of an axis
   ``heatmap``     a final metric over two axes, averaged over seeds, diverged runs marked
-  ``bars``        final train/test accuracy per value of an axis (seed 003, Fig. 5.18)
-  ``curves``      a per-epoch metric per value of an axis (seed 003, Figs. 5.15, 5.17)
+  ``bars``        final train/test accuracy per value of an axis (the activations book
+                  chapter, Fig. 5.18)
+  ``curves``      a per-epoch metric per value of an axis (the activations book chapter,
+                  Figs. 5.15, 5.17)
 
 Each function returns a Figure, or None when the runs did not record what it needs; a
 missing panel within a figure is replaced by a note. With several seeds, lines are the
@@ -159,7 +163,8 @@ def _title(run: Run) -> str:
 
 
 def gradients(run: Run) -> Figure | None:
-    """Seed 000's figure: mean and std of each layer's kernel gradient, and the loss."""
+    """The figure of "Visualizing the vanishing gradient problem": mean and std of each
+    layer's kernel gradient, and the loss."""
     m = run.metrics
     if "grad_std" not in m:
         return None
@@ -185,7 +190,8 @@ def gradients(run: Run) -> Figure | None:
 
 
 def weights(run: Run) -> Figure | None:
-    """Seed 000's WeightCapture figure: mean and std of each kernel over epochs."""
+    """The WeightCapture figure of "Visualizing the vanishing gradient problem": mean and
+    std of each kernel over epochs."""
     m = run.metrics
     if "weight_std" not in m:
         return None
@@ -205,7 +211,8 @@ def weights(run: Run) -> Figure | None:
 
 
 def learning_speed(run: Run) -> Figure | None:
-    """Seed 004's figure: the speed of learning ||dC/db_l|| of each layer over training."""
+    """Nielsen's figure (chapter 5): the speed of learning ||dC/db_l|| of each layer over
+    training."""
     m = run.metrics
     if "bias_grad_norm" not in m and "probe_bias_grad_norm" not in m:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -22,9 +23,12 @@ from vgrad.train import CONF_DIR
 # environment variable carries this to the subprocesses the CLI tests start).
 jax.config.update("jax_disable_most_optimizations", True)
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-# No persistent compilation cache: tests see real compilations (and leave no files in
-# the user's cache); subprocesses inherit this.
-os.environ["VGRAD_COMPILE_CACHE"] = ""
+# One persistent compilation cache for the whole suite, outside the user's cache: the
+# workers and the subprocesses the CLI tests start compile each distinct program once
+# (tests that count compilations turn it off: see ``compile_counter``).
+TEST_CACHE = Path(tempfile.gettempdir()) / f"vgrad-test-jax-cache-{os.getuid()}"
+os.environ["VGRAD_COMPILE_CACHE"] = str(TEST_CACHE)
+runner.use_compile_cache(str(TEST_CACHE))
 
 
 # Hydra configures logging with dictConfig, which closes every existing handler. absl's
@@ -99,19 +103,25 @@ _COUNTER = CompileCounter()
 
 @pytest.fixture
 def compile_counter():
+    """Counts real compilations: the persistent cache is off and this process's compiled
+    programs are forgotten for the test."""
+    saved = dict(loop._CACHE)
+    loop._CACHE.clear()
+    jax.config.update("jax_enable_compilation_cache", False)
     _COUNTER.events.clear()
     _COUNTER.active = True
     yield _COUNTER
     _COUNTER.active = False
+    jax.config.update("jax_enable_compilation_cache", True)
+    loop._CACHE.update(saved)
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for ``python -m vgrad.train`` subprocesses: one persistent compilation
-    cache shared by them all (the tests of launchers, resuming and devices are about
-    those, not about compiling the same tiny programs again in every process)."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return dict(os.environ, VGRAD_COMPILE_CACHE=str(cache), PYTHONUNBUFFERED="1")
+def subprocess_env() -> dict[str, str]:
+    """Environment for ``python -m vgrad.train`` subprocesses: the suite's compilation
+    cache (the tests of launchers, resuming and devices are about those, not about
+    compiling the same tiny programs again in every process)."""
+    return dict(os.environ, VGRAD_COMPILE_CACHE=str(TEST_CACHE), PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture
@@ -132,6 +142,24 @@ def cli(monkeypatch, capsys):
         return code, out, err
 
     return invoke
+
+
+def cli_main(*args: str) -> int:
+    """``python -m vgrad.train ARGS`` in-process, for fixtures wider than a test (the
+    ``cli`` fixture is per test); returns the exit status."""
+    from vgrad import train
+
+    argv, outcomes = sys.argv, runner.OUTCOMES
+    sys.argv = ["vgrad.train", *args]
+    runner.OUTCOMES = runner.Outcomes()
+    try:
+        train.main()
+        return 0
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+        runner.OUTCOMES = outcomes
 
 
 def run_dirs(root: Path) -> list[Path]:

@@ -138,10 +138,10 @@ def test_a_different_sweep_into_a_used_folder_keeps_every_earlier_run(cli, tmp_p
 
 def test_an_extended_axis_reruns_only_the_new_jobs(cli, tmp_path):
     base = ["act=tanh,relu", *TINY, f"hydra.sweep.dir={tmp_path}"]
-    code, _, err = cli("-m", "depth=1,2", *base)
+    code, _, err = cli("-m", *base, "depth=1,2")
     assert code == 0, err
     before = {d.name: files_of(d) for d in run_dirs(tmp_path)}
-    code, out, err = cli("-m", "depth=1,2,3", *base)
+    code, out, err = cli("-m", *base, "depth=1,2,3")  # renumbers: (relu, 1) was job 2, now 3
     assert code == 0, err
     assert out.count("already holds an ended run") + err.count("already holds an ended run") == 4
     for name, files in before.items():

@@ -18,6 +18,7 @@ The IDX reader accepts plain or gzipped files with the usual names
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,11 @@ def _finish(x_tr, y_tr, x_te, y_te, cfg: Any) -> Dataset:
     if getattr(cfg, "n_test", None) is not None:
         x_te, y_te = x_te[: cfg.n_test], y_te[: cfg.n_test]
     n_classes = int(max(y_tr.max(initial=0), y_te.max(initial=0))) + 1
-    return Dataset(
-        np.ascontiguousarray(x_tr, np.float32),
-        y_tr.astype(np.int32),
-        np.ascontiguousarray(x_te, np.float32),
-        y_te.astype(np.int32),
-        n_classes,
-    )
+    arrays = [np.ascontiguousarray(x_tr, np.float32), y_tr.astype(np.int32),
+              np.ascontiguousarray(x_te, np.float32), y_te.astype(np.int32)]
+    for a in arrays:  # shared by every job of a sweep (see ``load``): never modified
+        a.flags.writeable = False
+    return Dataset(*arrays, n_classes)
 
 
 # --- loaders -----------------------------------------------------------------------------------
@@ -254,5 +253,16 @@ DATASETS: dict[str, Source] = {
 
 
 def load(cfg: Any) -> Dataset:
-    """Load the dataset named by the ``data`` config node."""
-    return DATASETS[cfg.name].load(cfg)
+    """Load the dataset named by the ``data`` config node. Loaded once per process and
+    config: a sweep's jobs share one dataset object (and one copy in memory)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+    key = json.dumps(node, sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED[key] = DATASETS[cfg.name].load(cfg)
+    return _LOADED[key]
+
+
+#: Datasets loaded in this process, by their config (see ``load``).
+_LOADED: dict[str, Dataset] = {}

@@ -101,7 +101,8 @@ def family(node: Mapping[str, Any], group: str) -> str:
 def structure(cfg: Any) -> dict[str, Any]:
     """What decides a job's program, besides the data shapes: the config without its
     knobs, families, seed, data values and the keys that change nothing computed."""
-    c = json.loads(json.dumps(resolved(cfg)))
+    original = resolved(cfg)
+    c = json.loads(json.dumps(original))
     knob = knobs(c)
     for path in list(knob) + list(KNOB_KEYS):
         node = c
@@ -110,7 +111,7 @@ def structure(cfg: Any) -> dict[str, Any]:
             node = node[p]
         node.pop(leaf, None)
     for group in FAMILY_GROUPS:
-        if group == "act" and not is_elementwise(resolved(cfg)["act"]):
+        if group == "act" and not is_elementwise(original["act"]):
             continue  # its module is part of the structure
         c[group] = "family"
     for path in ZERO_IS_STRUCTURE:
@@ -133,6 +134,11 @@ class Job:
     data: Dataset
     #: Training state and records to continue from (an interrupted run), or None.
     resume: Any = None
+    #: The config as plain values, resolved once (grouping reads it many times).
+    config: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.config = resolved(self.cfg)
 
     @property
     def seeds(self) -> np.ndarray:
@@ -147,7 +153,7 @@ def group_key(job: Job) -> str:
     """Jobs with the same key share one compiled program and train together."""
     ds = job.data
     shapes = [ds.x_train.shape, ds.x_test.shape, ds.n_classes]
-    return json.dumps([structure(job.cfg), shapes, job.epochs_done], sort_keys=True,
+    return json.dumps([structure(job.config), shapes, job.epochs_done], sort_keys=True,
                       default=str)
 
 
@@ -190,20 +196,20 @@ class Group:
 
     @property
     def knob_keys(self) -> list[str]:
-        return sorted({k for job in self.jobs for k in knobs(job.cfg)})
+        return sorted({k for job in self.jobs for k in knobs(job.config)})
 
     def members(self) -> Members:
         """The member inputs, built on the host."""
         keys = self.knob_keys
         defaults: dict[str, float] = {}
         for job in self.jobs:  # a knob a job's family lacks takes another job's value
-            for k, v in knobs(job.cfg).items():
+            for k, v in knobs(job.config).items():
                 defaults.setdefault(k, v)
         seed, act, init, bias, data = [], [], [], [], []
         values: dict[str, list[float]] = {k: [] for k in keys}
         for job in self.jobs:
-            own = knobs(job.cfg)
-            c = resolved(job.cfg)
+            own = knobs(job.config)
+            c = job.config
             index = {g: self._family_index(g, c[g]) for g in FAMILY_GROUPS}
             d = self._dataset_index(job.data)
             for s in job.seeds:
@@ -236,7 +242,7 @@ def make_group(jobs: Sequence[Job]) -> Group:
     order the jobs first use them."""
     group = Group(list(jobs), {g: [] for g in FAMILY_GROUPS}, [])
     for job in jobs:
-        c = resolved(job.cfg)
+        c = job.config
         for g in FAMILY_GROUPS:
             if all(family(f, g) != family(c[g], g) for f in group.families[g]):
                 group.families[g].append(c[g])

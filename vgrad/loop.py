@@ -31,6 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vgrad import activations, config, initializers, layers, losses, model, optim, probes
 from vgrad.data import Dataset
-from vgrad.group import Group, Job, Members, family, node_view, resolved, structure
+from vgrad.group import Group, Job, Members, family, node_view, structure
 from vgrad.step import (
     TrainState,
     init_state,
@@ -247,7 +248,7 @@ class Program:
     def __init__(self, group: Group):
         cfg = group.cfg
         self.group = group
-        self.config = resolved(cfg)
+        self.config = group.jobs[0].config
         self.loss = cfg.loss.value
         ds = group.datasets[0]
         self.out_dim = losses.out_dim(self.loss, ds.n_classes)
@@ -514,7 +515,9 @@ def _nan_where(cond: Array, stats: dict[str, Array]) -> dict[str, Array]:
 class Compiled:
     """A :class:`Program` with its jitted entry points, compiled ahead of time.
 
-    The chunk program is compiled once per distinct chunk length (one, unless
+    The initialisation and chunk programs are traced one after the other and compiled
+    at the same time, in two threads (XLA compiles without holding Python's lock). The
+    chunk program is compiled once per distinct chunk length (one, unless
     ``record.chunk_epochs`` does not divide ``epochs``); ``compile_s`` accumulates.
     """
 
@@ -531,11 +534,17 @@ class Compiled:
                            compiler_options=compiler_options(), **kwargs)
 
         self._chunk_jit = jit(prog.chunk, static_argnums=4, donate_argnums=0)
-        self._chunks: dict[int, Any] = {}
-        self.start = self._compile(jit(prog.start), members, data)
-        self._state = shard_members(jax.eval_shape(prog.start, members, data), mesh)
         self._members, self._data = members, data
-        self.chunk(prog.plan.chunk_epochs)
+        t0 = time.perf_counter()
+        start = jit(prog.start).lower(members, data)
+        self._state = shard_members(jax.tree.map(
+            lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), start.out_info), mesh)
+        n = prog.plan.chunk_epochs
+        chunk = self._chunk_jit.lower(self._state, members, jnp.int32(0), data, n)
+        with ThreadPoolExecutor(2) as pool:
+            self.start, first = pool.map(lambda lowered: lowered.compile(), (start, chunk))
+        self._chunks: dict[int, Any] = {n: first}
+        self.compile_s = time.perf_counter() - t0
         # The debugging engine's per-step pieces, compiled on first use (with the same
         # options, so that both engines give the same numbers).
         self.permutations = jit(prog.permutations)
@@ -588,7 +597,8 @@ def _cache_key(group: Group) -> str:
     jobs, the families it selects from, the knobs it takes, and the member count."""
     ds = group.datasets[0]
     families = {g: [family(f, g) for f in fs] for g, fs in group.families.items()}
-    return json.dumps([structure(group.cfg), [ds.x_train.shape, ds.x_test.shape, ds.n_classes],
+    return json.dumps([structure(group.jobs[0].config),
+                       [ds.x_train.shape, ds.x_test.shape, ds.n_classes],
                        families, group.knob_keys, group.n_members, len(group.datasets),
                        jax.default_backend()], sort_keys=True, default=str)
 

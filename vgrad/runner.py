@@ -47,6 +47,8 @@ class Outcomes:
 
     #: Jobs vgrad's launcher has trained: run folder -> status.
     trained: dict[Path, str] = field(default_factory=dict)
+    #: The errors of jobs whose program crashed: run folder -> one line.
+    errors: dict[Path, str] = field(default_factory=dict)
     #: Jobs that failed: run folder, one-line error, and whether it was bad input.
     failed: list[tuple[Path, str, bool]] = field(default_factory=list)
     #: Statuses of the jobs that ended (trained now or before).
@@ -207,7 +209,7 @@ class RunFolder:
 
     def __init__(self, job: Job, device: dict[str, Any]):
         self.job, self.device = job, device
-        self.config = resolved(job.cfg)
+        self.config = job.config
         self.board = None
         self.export_s = 0.0
         self.params_written: set[str] = set()
@@ -310,6 +312,7 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
                           exc_info=True)
                 for job in group.jobs:
                     write_failure(job.run_dir, job.cfg, error)
+                    OUTCOMES.errors[job.run_dir] = error
                 statuses = ["failed"] * len(group.jobs)
             for job, status in zip(group.jobs, statuses, strict=True):
                 results[job.run_dir] = status
@@ -319,11 +322,28 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
 
 
 def write_failure(run_dir: Path, cfg: Any, error: str) -> None:
-    """Record a job that could not run: ``status: failed`` with its error."""
-    store.write_json(Path(run_dir) / store.SUMMARY, {
-        "status": "failed",
-        "error": error,
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        if not isinstance(cfg, dict) else cfg,
-        "versions": dict(store.versions()),
-    })
+    """Record a job that could not run: ``status: failed`` with its error. When even
+    that cannot be written (a full disk, a read-only folder), say so in the log."""
+    try:
+        store.write_json(Path(run_dir) / store.SUMMARY, {
+            "status": "failed",
+            "error": error,
+            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+            if not isinstance(cfg, dict) else cfg,
+            "versions": dict(store.versions()),
+        })
+    except OSError as exc:
+        log.error("could not record the failure of %s: %s", run_dir, exc)
+
+
+def watch_parent() -> None:
+    """Exit when the process that started this one dies (a worker of a parallel sweep
+    whose launcher was killed would otherwise idle forever, holding its memory)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="vgrad-watch-parent", daemon=True).start()

@@ -123,12 +123,18 @@ def _remove_unused_folder(run_dir: Path) -> None:
             run_dir.parent.rmdir()  # the date folder, if nothing else is in it
 
 
+_WATCHING: list[bool] = []
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     single = hydra_cfg.mode == RunMode.RUN
     outcomes = runner.OUTCOMES
+    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) and not _WATCHING:
+        runner.watch_parent()  # a joblib worker: exit with the sweep that started it
+        _WATCHING.append(True)
     try:
         if run_dir in outcomes.trained:  # trained by vgrad's launcher, with its group
             status = outcomes.trained[run_dir]
@@ -158,8 +164,7 @@ def _hydra_main(cfg: DictConfig) -> str:
         outcomes.failed.append((run_dir, error, False))
         return "failed"
     if status == "failed":
-        summary = store.read_summary(run_dir)
-        outcomes.failed.append((run_dir, summary.get("error", "failed"), False))
+        outcomes.failed.append((run_dir, outcomes.errors.get(run_dir, "failed"), False))
         return status
     outcomes.ended.append(status)
     report(run_dir, status)
@@ -238,6 +243,13 @@ def main() -> None:
         if not own_errors:
             raise
         print(f"vgrad: error: {describe(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # Hydra could not make or write a run folder
+        if not own_errors:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"vgrad: error: {where}{exc.strerror or exc} (hydra.run.dir / hydra.sweep.dir "
+              "must be a folder vgrad can create and write)", file=sys.stderr)
         sys.exit(2)
     finally:
         if own_errors:

@@ -11,9 +11,13 @@ every job of a sweep at once (``Launcher.launch``); this one
 2. validates each job and skips those that already ended (resume);
 3. groups the rest by program structure and trains each group as one program
    (``vgrad.runner.train_jobs``), one progress bar for the sweep;
-4. runs Hydra's ``run_job`` for every job, as the basic launcher does, so that each job
-   folder gets its ``.hydra/`` files and job log and Hydra's callbacks see every job;
-   the task function reports the results trained in step 3.
+4. runs Hydra's ``run_job`` for every job it trained (or that failed validation), as
+   the basic launcher does, so that each job folder gets its ``.hydra/`` files and job
+   log and Hydra's callbacks see the job; the task function reports the results trained
+   in step 3. A job skipped because its folder holds an ended run of its config is left
+   untouched, byte for byte. (A sweep killed during
+   step 3 leaves job folders without ``.hydra/``: their ``summary.json`` holds the
+   config, which is all that resuming and the analysis read.)
 
 Hydra imports this module while scanning for plugins: vgrad is imported in ``launch``.
 (No ``from __future__ import annotations``: Hydra's scanner runs the module before it
@@ -60,8 +64,10 @@ class _Planned:
 
     idx: int
     config: DictConfig  # the whole config, hydra node included
+    task: DictConfig  # the job's own config (without the hydra node)
     run_dir: Path
     refused: Optional[Exception] = None  # noqa: UP045
+    ended: Optional[str] = None  # noqa: UP045 (the status of an earlier run, skipped)
 
 
 class VgradLauncher(Launcher):
@@ -116,7 +122,8 @@ class VgradLauncher(Launcher):
                     cfg.hydra.job.id = idx
                     cfg.hydra.job.num = idx
                 HydraConfig.instance().set_config(cfg)
-                own = _task_container(cfg)
+                task = _task_config(cfg)
+                own = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
                 default = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
                 same = [name for name, c in existing.items() if name not in used
                         and not store.config_diff(c, own, ignore=vconfig.VOLATILE)]
@@ -138,7 +145,7 @@ class VgradLauncher(Launcher):
                              "its earlier run" if same else f"{default} holds another run")
                     with read_write(cfg.hydra), open_dict(cfg.hydra):
                         cfg.hydra.sweep.subdir = name
-                planned.append(_Planned(idx, cfg, sweep_dir / name, refused))
+                planned.append(_Planned(idx, cfg, task, sweep_dir / name, refused))
         finally:
             HydraConfig.instance().cfg = original
         return planned
@@ -155,12 +162,12 @@ class VgradLauncher(Launcher):
         for p in planned:
             if p.refused is not None:
                 continue
-            cfg = _task_config(p.config)
+            cfg = p.task
             try:
-                if cfg.resume and runner.ended_before(p.run_dir, cfg) is not None:
-                    continue  # the task function reports it as skipped
-                if not cfg.resume:
-                    runner.ended_before(p.run_dir, cfg)
+                ended = runner.ended_before(p.run_dir, cfg)
+                if cfg.resume and ended is not None:
+                    p.ended = ended  # left as it is, .hydra/ included
+                    continue
                 job = runner.prepare(cfg, p.run_dir)
             except ConfigError:
                 continue  # the task function records the error
@@ -168,7 +175,6 @@ class VgradLauncher(Launcher):
                 job.resume = runner.resume_point(p.run_dir, cfg)
                 if job.resume is not None:
                     log.info("continuing %s from epoch %d", p.run_dir, job.resume.epochs_done)
-            _save_hydra_files(p)
             jobs.append(job)
         if not jobs:
             return
@@ -202,23 +208,38 @@ class VgradLauncher(Launcher):
     # -- 4. Hydra's own per-job step --
 
     def _report(self, p: _Planned) -> JobReturn:
+        from vgrad import runner
+
         assert self.hydra_context is not None and self.task_function is not None
         if p.refused is not None:  # never touch a folder holding another config's run
-            from vgrad import runner
-
             runner.OUTCOMES.failed.append((p.run_dir, str(p.refused), True))
-            ret = JobReturn(overrides=list(p.config.hydra.overrides.task),
-                            cfg=_task_config(p.config), hydra_cfg=p.config,
-                            working_dir=os.getcwd(), task_name=p.config.hydra.job.name,
-                            status=JobStatus.COMPLETED)
-            ret.return_value = "failed"
-            return ret
-        ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                      config=p.config, job_dir_key="hydra.sweep.dir",
-                      job_subdir_key="hydra.sweep.subdir")
+            return _untouched(p, "failed")
+        if p.ended is not None:  # an earlier run of this config: its folder stays as it is
+            log.info("%s already holds an ended run of this config (%s): skipped "
+                     "(resume=false trains it again)", p.run_dir, p.ended)
+            runner.OUTCOMES.ended.append(p.ended)
+            return _untouched(p, p.ended)
+        try:
+            ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
+                          config=p.config, job_dir_key="hydra.sweep.dir",
+                          job_subdir_key="hydra.sweep.subdir")
+        except OSError as exc:  # Hydra could not write the job's folder (full, read-only)
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("job %d: %s", p.idx, error)
+            runner.OUTCOMES.failed.append((p.run_dir, error, False))
+            ret = _untouched(p, "failed")
         assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
+
+
+def _untouched(p: _Planned, status: str) -> JobReturn:
+    """The result of a job whose folder this sweep leaves alone (no ``run_job``)."""
+    ret = JobReturn(overrides=list(p.config.hydra.overrides.task), cfg=p.task,
+                    hydra_cfg=p.config, working_dir=os.getcwd(),
+                    task_name=p.config.hydra.job.name, status=JobStatus.COMPLETED)
+    ret.return_value = status
+    return ret
 
 
 def _task_config(cfg: DictConfig) -> DictConfig:
@@ -226,10 +247,6 @@ def _task_config(cfg: DictConfig) -> DictConfig:
     with read_write(task), open_dict(task):
         del task["hydra"]
     return task
-
-
-def _task_container(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(_task_config(cfg), resolve=True, enum_to_str=True)
 
 
 def _runs_in(sweep_dir: Path) -> dict[str, dict[str, Any]]:
@@ -251,23 +268,6 @@ def _next_free_number(sweep_dir: Path, used: set[str]) -> int:
     taken = {int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()}
     taken |= {int(n) for n in used if n.isdigit()}
     return max(taken, default=-1) + 1
-
-
-def _save_hydra_files(p: _Planned) -> None:
-    """``.hydra/`` as ``run_job`` writes it, before training, so that a killed sweep's
-    folders have it too (``run_job`` writes the same files again afterwards)."""
-    cfg = p.config
-    if cfg.hydra.output_subdir is None:
-        return
-    out = p.run_dir / str(cfg.hydra.output_subdir)
-    out.mkdir(parents=True, exist_ok=True)
-    hydra_cfg = copy.deepcopy(cfg)
-    with read_write(hydra_cfg.hydra.runtime), open_dict(hydra_cfg.hydra.runtime):
-        hydra_cfg.hydra.runtime.output_dir = str(p.run_dir)
-    for name, node in (("config.yaml", _task_config(cfg)),
-                       ("hydra.yaml", OmegaConf.create({"hydra": hydra_cfg.hydra})),
-                       ("overrides.yaml", cfg.hydra.overrides.task)):
-        (out / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 
 def _group_timing(group: Any) -> dict[str, float]:

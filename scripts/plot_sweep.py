@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
                         "when there is a test set, else train accuracy)")
     parser.add_argument("--out", type=Path, help="output folder (default: SWEEP/figures)")
     args = parser.parse_args(argv)
+    if not args.sweep.is_dir():
+        parser.error(f"{args.sweep}: no such folder")
     sweep = load_sweep(args.sweep)
     if sweep.runs.empty:
-        parser.error(f"{args.sweep}: no run that ended")
+        parser.error(f"{args.sweep}: no run the analysis can read")
     out = args.out or args.sweep / "figures"
     hue = args.hue or args.x
     try:

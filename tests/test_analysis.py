@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI
+from conftest import DIVERGENT_CLI, cli_main
 
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
@@ -24,19 +24,8 @@ SWEEP = ["-m", "act=tanh,relu", "depth=1,2", "seeds=2", "epochs=2", "data.n_samp
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """A real multirun: 2 activations x 2 depths x 2 seeds, 2 epochs of 4 steps."""
-    import sys as _sys
-
-    from vgrad import runner, train
-
     out = tmp_path_factory.mktemp("sweep")
-    argv, outcomes = _sys.argv, runner.OUTCOMES
-    _sys.argv = ["vgrad.train", *SWEEP, f"hydra.sweep.dir={out}"]
-    runner.OUTCOMES = runner.Outcomes()
-    try:
-        train.main()
-    finally:
-        _sys.argv = argv
-        runner.OUTCOMES = outcomes
+    assert cli_main(*SWEEP, f"hydra.sweep.dir={out}") == 0
     return out
 
 
@@ -121,7 +110,10 @@ def test_sweep_figures(sweep_dir, tmp_path):
     assert "δ" in labels_of(profile)
     bars = figures.bars(sweep, "act")
     assert len(bars.axes[0].patches) == 2  # train accuracy per activation (no test set)
-    assert lines_of(figures.curves(sweep, "depth")) == [2]
+    curves = figures.curves(sweep, "depth")  # depth by colour, act by line style
+    assert lines_of(curves) == [4]
+    assert "pooled" not in labels_of(curves)
+    assert {line.get_linestyle() for line in curves.axes[0].get_lines()} == {"-", "--"}
     heat = figures.heatmap(sweep, "act", "depth")
     assert heat.axes[0].get_xlabel() == "act" and heat.axes[0].get_ylabel() == "depth"
     assert len(heat.axes[0].texts) == 4

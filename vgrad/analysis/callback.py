@@ -45,7 +45,10 @@ def write_runs_table(sweep_dir: Path) -> None:
     if runs.empty:
         log.warning("no run of the sweep %s ended", sweep_dir)
         return
-    runs.to_csv(sweep_dir / "runs.csv", index=False)
+    try:
+        runs.to_csv(sweep_dir / "runs.csv", index=False)
+    except OSError as exc:
+        log.error("could not write %s: %s", sweep_dir / "runs.csv", exc)
     per_run = runs.drop_duplicates("run")
     failed = per_run[per_run["status"] == "failed"]
     if len(failed) or sweep.skipped:

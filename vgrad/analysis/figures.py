@@ -6,17 +6,16 @@ Per run (a :class:`~vgrad.analysis.tables.Run`):
                   log axis)
   ``weights``     mean and std of each layer's kernel over epochs (visualize preset)
   ``learning_speed``  ||dC/db_l|| per layer over training (Nielsen's chapter 5)
-  ``histograms``  fixed-bin log10|gradient| histograms per layer over epochs
-                  ("How ReLU avoids vanishing gradients",
-                  TensorBoard view)
+  ``histograms``  fixed-bin log10|gradient| histograms per layer over epochs, pooled
+                  over seeds ("How ReLU avoids vanishing gradients", its TensorBoard view)
   ``saturation``  saturated and dead fractions per hidden layer over epochs
 
 Per sweep (a :class:`~vgrad.analysis.tables.Sweep`):
   ``profile``     per-layer gradient norm (and delta norm) against layer index, at
                   initialisation and at the end, one line per value of an axis
-  ``heatmap``     a final metric over two axes, averaged over seeds, diverged runs marked
+  ``heatmap``     a final metric over two axes (median over seeds), diverged runs marked
   ``bars``        final train/test accuracy per value of an axis (the activations book
-                  chapter, Fig. 5.18)
+                  chapter, Fig. 5.18): median and interquartile range over seeds
   ``curves``      a per-epoch metric per value of an axis (the activations book chapter,
                   Figs. 5.15, 5.17)
 
@@ -25,14 +24,23 @@ missing panel within a figure is replaced by a note. With several seeds, lines a
 mean over seeds (the geometric mean on log axes) and bands span min to max; from five
 seeds on, lines are the median and bands the interquartile range. Long step axes are
 averaged over blocks of steps (the title says how many) so that trends stay readable.
-Colours: layers on the sequential, colour-blind-safe viridis scale (input side dark);
-categories in the Okabe-Ito palette.
+
+**Nothing is pooled silently.** A sweep figure draws one line per value of its axis
+(colour) and, when a second axis varies, per value of that one too (line style); any
+further axis that varies is pooled and the title names it with its values. Categories
+keep the order of the sweep. **Nothing breaks on exploded runs**: what is finite is
+drawn, and a note says which seeds diverged, or that a log-scaled panel has no positive
+finite value (all zero, vanished, or diverged). Colours: layers on the sequential,
+colour-blind-safe viridis scale (input side dark; a colour bar instead of a legend from
+13 layers on); categories in the Okabe-Ito palette, then a longer one, never repeated
+within a figure.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -48,6 +56,8 @@ from vgrad.analysis.tables import Run, Sweep, axis_column  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
              "#000000"]
+#: Line styles for a second swept axis.
+STYLES = ["-", "--", ":", "-."]
 
 STYLE = {
     "figure.dpi": 100,
@@ -67,9 +77,21 @@ STYLE = {
     "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
 }
 
+#: From this many layers on, layers get a colour bar rather than a legend.
+MAX_LEGEND_LAYERS = 12
+
 
 def layer_colors(n: int) -> list:
     return [plt.get_cmap("viridis")(x) for x in np.linspace(0.0, 0.85, n)]
+
+
+def palette(n: int) -> list:
+    """``n`` distinct category colours: Okabe-Ito, then tab20 (never one colour twice)."""
+    if n <= len(OKABE_ITO):
+        return OKABE_ITO[:n]
+    more = [plt.get_cmap("tab20")(i) for i in range(20)]
+    extra = [plt.get_cmap("viridis")(x) for x in np.linspace(0, 1, max(n - 28, 0))]
+    return (OKABE_ITO + more + extra)[:n]
 
 
 def _figure(rows: int, cols: int = 1, width: float = 6.4, height: float = 2.3,
@@ -80,11 +102,13 @@ def _figure(rows: int, cols: int = 1, width: float = 6.4, height: float = 2.3,
     return fig, axes
 
 
-def _note(ax, text: str) -> None:
+def _note(ax, text: str, clear: bool = True) -> None:
+    """Write ``text`` in the middle of ``ax`` (clearing its ticks when it is empty)."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9,
             color="0.4", wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    if clear:
+        ax.set_xticks([])
+        ax.set_yticks([])
 
 
 #: Seeds from which lines are medians and bands interquartile ranges.
@@ -112,12 +136,17 @@ MAX_BANDS = 6
 
 
 def _band(ax, x, values: np.ndarray, color, label: str, log: bool = False,
-          band: bool = True) -> int:
+          band: bool = True, style: str = "-") -> tuple[int, bool]:
     """Plot values [S, T] over x: the seeds' centre line and spread band (see the module
-    docstring). Returns the block size used along x (1 = every point)."""
+    docstring). Non-finite values (and, on a log axis, values <= 0) are left out.
+    Returns the block size used along x (1 = every point) and whether anything was
+    drawn."""
     values = np.asarray(values, np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)
     if log:
         values = np.where(values > 0, values, np.nan)
+    if not np.isfinite(values).any():
+        return 1, False
     x, values, size = _blocks(np.asarray(x, np.float64), values, log)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (diverged seeds)
@@ -127,10 +156,20 @@ def _band(ax, x, values: np.ndarray, color, label: str, log: bool = False,
             center = (np.exp(np.nanmean(np.log(values), axis=0)) if log
                       else np.nanmean(values, axis=0))
             low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
-    ax.plot(x, center, color=color, label=label)
+    ax.plot(x, center, color=color, label=label, linestyle=style)
     if band and len(values) > 1:
         ax.fill_between(x, low, high, color=color, alpha=0.18, linewidth=0)
-    return size
+    return size, True
+
+
+def _log_scale(ax, drawn: bool, what: str) -> None:
+    """A log y axis, or a note when nothing positive and finite was drawn on it."""
+    if drawn:
+        ax.set_yscale("log")
+    else:
+        _note(ax, f"{what}: no positive finite value to draw (every value is zero, "
+                  "vanished below float range, or not finite after a divergence)",
+              clear=False)
 
 
 def _seed_note(n_seeds: int, block: int = 1, bands: bool = True) -> str:
@@ -146,20 +185,61 @@ def _seed_note(n_seeds: int, block: int = 1, bands: bool = True) -> str:
     return "; ".join(notes)
 
 
+def _diverged_note(runs: Sequence[Run]) -> str:
+    """'k of n seeds diverged (...)' for the runs of a figure, or ''."""
+    steps = [s["diverged_at_step"] for r in runs for s in r.summary.get("per_seed", [])]
+    bad = [s for s in steps if s is not None]
+    if not bad:
+        return ""
+    return (f"{len(bad)} of {len(steps)} seeds diverged (at step {min(bad)}"
+            f"{f'–{max(bad)}' if max(bad) > min(bad) else ''}; their lines stop there)")
+
+
+def _layer_legend(fig: Figure, ax, colors: list, names: list[str]) -> None:
+    """A legend of the layers below the figure, or a colour bar when there are many."""
+    if len(names) <= MAX_LEGEND_LAYERS:
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="outside lower center", ncols=min(6, len(labels)),
+                       fontsize=8)
+        return
+    norm = matplotlib.colors.Normalize(0, len(names) - 1)
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list("layers", colors)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=fig.axes,
+                 label="layer (0 = next to the input)", shrink=0.8)
+
+
 def _legend_below(fig: Figure, ax, ncols: int = 6) -> None:
     handles, labels = ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)),
-               fontsize=8 if len(labels) <= 8 else 7)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)),
+                   fontsize=8 if len(labels) <= 8 else 7)
 
 
 def _title(run: Run) -> str:
     c = run.config
     parts = [f"act={c.get('act', {}).get('name')}", f"init={c.get('init', {}).get('name')}",
              f"depth={c.get('depth')}"]
-    return f"{run.name}: " + ", ".join(parts)
+    status = "" if run.status == "completed" else f" [{run.status}]"
+    return f"{run.name}{status}: " + ", ".join(parts)
+
+
+def _suptitle(fig: Figure, *lines: str) -> None:
+    fig.suptitle("\n".join(line for line in lines if line), fontsize=9)
 
 
 # --- per run ---------------------------------------------------------------------------------
+
+
+def _layer_lines(ax, x, values: np.ndarray, names: list[str], log: bool = False) -> tuple:
+    """One line per layer of values [S, T, L]; returns (block, anything drawn)."""
+    colors = layer_colors(len(names))
+    bands = len(names) <= MAX_BANDS
+    block, drawn = 1, False
+    for layer, name in enumerate(names):
+        b, d = _band(ax, x, values[:, :, layer], colors[layer], name, log=log, band=bands)
+        block, drawn = max(block, b), drawn or d
+    return block, drawn
 
 
 def gradients(run: Run) -> Figure | None:
@@ -170,22 +250,23 @@ def gradients(run: Run) -> Figure | None:
         return None
     names, step, S = [str(n) for n in m["layer_names"]], m["step"], m["grad_std"].shape[0]
     fig, ax = _figure(3)
-    colors = layer_colors(len(names))
-    bands = len(names) <= MAX_BANDS
-    for layer, name in enumerate(names):
-        _band(ax[0, 0], step, m["grad_mean"][:, :, layer], colors[layer], name, band=bands)
-        block = _band(ax[1, 0], step, m["grad_std"][:, :, layer], colors[layer], name,
-                      log=True, band=bands)
+    _, drawn = _layer_lines(ax[0, 0], step, m["grad_mean"], names)
+    if not drawn:
+        _note(ax[0, 0], "no finite gradient mean was recorded", clear=False)
+    block, drawn = _layer_lines(ax[1, 0], step, m["grad_std"], names, log=True)
+    _log_scale(ax[1, 0], drawn, "gradient std")
     if "loss" in m:
-        _band(ax[2, 0], step, m["loss"], OKABE_ITO[0], "batch loss")
+        _, drawn = _band(ax[2, 0], step, m["loss"], OKABE_ITO[0], "batch loss")
+        if not drawn:
+            _note(ax[2, 0], "no finite batch loss was recorded", clear=False)
     else:
         _note(ax[2, 0], "the batch loss was not recorded in this run (probe global_norms)")
     ax[0, 0].set(title="Mean of the kernel gradient ∂L/∂W", ylabel="mean ∂L/∂W")
-    ax[1, 0].set(title="Standard deviation of the kernel gradient", yscale="log",
-                 ylabel="std ∂L/∂W")
+    ax[1, 0].set(title="Standard deviation of the kernel gradient", ylabel="std ∂L/∂W")
     ax[2, 0].set(title="Training loss on each step's batch", ylabel="loss", xlabel="step")
-    _legend_below(fig, ax[0, 0])
-    fig.suptitle(_title(run) + "\n" + _seed_note(S, block, bands), fontsize=9)
+    _layer_legend(fig, ax[0, 0], layer_colors(len(names)), names)
+    _suptitle(fig, _title(run), _seed_note(S, block, len(names) <= MAX_BANDS),
+              _diverged_note([run]))
     return fig
 
 
@@ -197,16 +278,14 @@ def weights(run: Run) -> Figure | None:
         return None
     names, epoch, S = [str(n) for n in m["layer_names"]], m["epoch"], m["weight_std"].shape[0]
     fig, ax = _figure(2)
-    colors = layer_colors(len(names))
-    bands = len(names) <= MAX_BANDS
-    for layer, name in enumerate(names):
-        _band(ax[0, 0], epoch, m["weight_mean"][:, :, layer], colors[layer], name, band=bands)
-        _band(ax[1, 0], epoch, m["weight_std"][:, :, layer], colors[layer], name, band=bands)
+    _layer_lines(ax[0, 0], epoch, m["weight_mean"], names)
+    _layer_lines(ax[1, 0], epoch, m["weight_std"], names)
     ax[0, 0].set(title="Mean of the kernel weights", ylabel="mean W")
     ax[1, 0].set(title="Standard deviation of the kernel weights", ylabel="std W",
                  xlabel="epoch (0 = initialisation)")
-    _legend_below(fig, ax[0, 0])
-    fig.suptitle(_title(run) + "\n" + _seed_note(S, bands=bands), fontsize=9)
+    _layer_legend(fig, ax[0, 0], layer_colors(len(names)), names)
+    _suptitle(fig, _title(run), _seed_note(S, bands=len(names) <= MAX_BANDS),
+              _diverged_note([run]))
     return fig
 
 
@@ -217,45 +296,64 @@ def learning_speed(run: Run) -> Figure | None:
     if "bias_grad_norm" not in m and "probe_bias_grad_norm" not in m:
         return None
     names = [str(n) for n in m["layer_names"]]
-    colors = layer_colors(len(names))
     fig, ax = _figure(2, sharex=False)
     S, block = 1, 1
     if "probe_bias_grad_norm" in m:
         S = m["probe_bias_grad_norm"].shape[0]
-        for layer, name in enumerate(names):
-            _band(ax[0, 0], m["epoch"], m["probe_bias_grad_norm"][:, :, layer], colors[layer],
-                  name, log=True, band=len(names) <= MAX_BANDS)
-        ax[0, 0].set(title="Averaged over the probe batch, at epoch boundaries", yscale="log",
+        _, drawn = _layer_lines(ax[0, 0], m["epoch"], m["probe_bias_grad_norm"], names, True)
+        _log_scale(ax[0, 0], drawn, "‖∂C/∂b_l‖")
+        ax[0, 0].set(title="Averaged over the probe batch, at epoch boundaries",
                      ylabel="‖∂C/∂b_l‖", xlabel="epoch (0 = initialisation)")
     else:
         _note(ax[0, 0], "probe-batch bias gradients were not recorded in this run")
     if "bias_grad_norm" in m:
         S = m["bias_grad_norm"].shape[0]
-        for layer, name in enumerate(names):
-            block = _band(ax[1, 0], m["step"], m["bias_grad_norm"][:, :, layer], colors[layer],
-                          name, log=True, band=len(names) <= MAX_BANDS)
-        ax[1, 0].set(title="On each step's mini-batch", yscale="log", ylabel="‖∂C/∂b_l‖",
-                     xlabel="step")
+        block, drawn = _layer_lines(ax[1, 0], m["step"], m["bias_grad_norm"], names, True)
+        _log_scale(ax[1, 0], drawn, "‖∂C/∂b_l‖")
+        ax[1, 0].set(title="On each step's mini-batch", ylabel="‖∂C/∂b_l‖", xlabel="step")
     else:
         _note(ax[1, 0], "per-step bias gradients were not recorded in this run")
-    _legend_below(fig, ax[1, 0] if "bias_grad_norm" in m else ax[0, 0])
-    fig.suptitle("Speed of learning ‖∂C/∂b_l‖ per layer — " + _title(run) + "\n"
-                 + _seed_note(S, block, len(names) <= MAX_BANDS), fontsize=9)
+    _layer_legend(fig, ax[1, 0] if "bias_grad_norm" in m else ax[0, 0],
+                  layer_colors(len(names)), names)
+    _suptitle(fig, "Speed of learning ‖∂C/∂b_l‖ per layer — " + _title(run),
+              _seed_note(S, block, len(names) <= MAX_BANDS), _diverged_note([run]))
     return fig
 
 
-def histograms(run: Run, key: str = "grad_hist", seed: int = 0) -> Figure | None:
+def _pooled_counts(counts: np.ndarray, seed: int | None) -> tuple[np.ndarray, str]:
+    """Histogram counts [E, L, B] of one seed, or summed over the seeds ([S, E, L, B])
+    wherever a seed's counts are finite; and a note on what was pooled."""
+    S = counts.shape[0]
+    if seed is not None:
+        return np.nan_to_num(counts[seed]), f"seed index {seed}"
+    finite = np.isfinite(counts).all(axis=(2, 3))  # [S, E]: not yet diverged
+    total = np.where(finite[:, :, None, None], counts, 0).sum(axis=0)
+    first_bin = counts[..., 0] / np.maximum(counts.sum(axis=-1), 1)  # [S, E, L]
+    vanished = [s for s in range(S) if finite[s, -1] and (first_bin[s, -1] > 0.999).all()]
+    parts = [f"pooled over {S} seed(s)" if S > 1 else "one seed"]
+    if (~finite).any():
+        parts.append(f"{int((~finite[:, -1]).sum())} diverged seed(s) counted until their "
+                     "divergence")
+    if vanished:
+        parts.append(f"{len(vanished)} seed(s) whose gradients ended all below 1e-12 "
+                     "(dead or vanished)")
+    return total, "; ".join(parts)
+
+
+def histograms(run: Run, key: str = "grad_hist", seed: int | None = None) -> Figure | None:
     """Fixed-bin histograms of log10|gradient| (or weight) per layer over epochs: one
-    panel per layer (x: log10 of the magnitude, y: epoch, colour: fraction of entries)."""
+    panel per layer (x: log10 of the magnitude, y: epoch, colour: fraction of entries),
+    pooled over the seeds (``seed``: one seed index instead)."""
     m = run.metrics
     if key not in m or "hist_edges" not in m:
         return None
-    names, edges, counts = [str(n) for n in m["layer_names"]], m["hist_edges"], m[key][seed]
+    names, edges = [str(n) for n in m["layer_names"]], m["hist_edges"]
+    counts, pooled = _pooled_counts(np.asarray(m[key], np.float64), seed)
     cols = min(len(names), 4)
     rows = -(-len(names) // cols)
     fig, ax = _figure(rows, cols, width=2.1 * cols + 1.0, height=2.3, sharex=True)
     what = "∂L/∂W" if key == "grad_hist" else "W"
-    filled = np.flatnonzero(np.nan_to_num(counts).sum(axis=(0, 1)))
+    filled = np.flatnonzero(counts.sum(axis=(0, 1)))
     lo, hi = (edges[max(filled[0] - 2, 0)], edges[min(filled[-1] + 3, len(edges) - 1)]) \
         if len(filled) else (edges[0], edges[-1])
     epoch_edges = np.append(m["epoch"], m["epoch"][-1] + 1) - 0.5
@@ -275,8 +373,8 @@ def histograms(run: Run, key: str = "grad_hist", seed: int = 0) -> Figure | None
         ax[layer // cols, layer % cols].set_visible(False)
     fig.colorbar(image, ax=ax, label="fraction of the layer's entries (square-root scale)",
                  shrink=0.8)
-    fig.suptitle(f"log10|{what}| per layer over training (seed {int(run.rows()[seed]['seed'])},"
-                 f" fixed bins) — {_title(run)}", fontsize=9)
+    _suptitle(fig, f"log10|{what}| per layer over training (fixed bins; {pooled})",
+              _title(run))
     return fig
 
 
@@ -285,23 +383,19 @@ def saturation(run: Run) -> Figure | None:
     m = run.metrics
     if "act_sat_frac" not in m:
         return None
-    hidden = [str(n) for n in m["layer_names"]][:-1]
+    hidden = [str(n) for n in m["layer_names"]][: m["act_sat_frac"].shape[2]]
     S = m["act_sat_frac"].shape[0]
-    colors = layer_colors(len(hidden) + 1)
     fig, ax = _figure(2)
-    bands = len(hidden) <= MAX_BANDS
-    for layer, name in enumerate(hidden):
-        _band(ax[0, 0], m["epoch"], m["act_sat_frac"][:, :, layer], colors[layer], name,
-              band=bands)
-        _band(ax[1, 0], m["epoch"], m["act_dead_frac"][:, :, layer], colors[layer], name,
-              band=bands)
+    _layer_lines(ax[0, 0], m["epoch"], m["act_sat_frac"], hidden)
+    _layer_lines(ax[1, 0], m["epoch"], m["act_dead_frac"], hidden)
     threshold = run.config.get("record", {}).get("sat_threshold", 0.1)
     ax[0, 0].set(title=f"Saturated: |f′(z)| < {threshold:g} × max |f′| (example-unit pairs)",
                  ylabel="fraction", ylim=(-0.02, 1.02))
     ax[1, 0].set(title="Dead: units with f′(z) = 0 on every probe example",
                  ylabel="fraction", ylim=(-0.02, 1.02), xlabel="epoch (0 = initialisation)")
-    _legend_below(fig, ax[0, 0])
-    fig.suptitle(_title(run) + "\n" + _seed_note(S, bands=bands), fontsize=9)
+    _layer_legend(fig, ax[0, 0], layer_colors(len(hidden)), hidden)
+    _suptitle(fig, _title(run), _seed_note(S, bands=len(hidden) <= MAX_BANDS),
+              _diverged_note([run]))
     return fig
 
 
@@ -309,19 +403,67 @@ RUN_FIGURES = {"gradients": gradients, "weights": weights, "learning_speed": lea
                "histograms": histograms, "saturation": saturation}
 
 
-# --- per sweep -------------------------------------------------------------------------------
+# --- per sweep: which runs make which line -----------------------------------------------
 
 
-def _groups(sweep: Sweep, axis: str) -> list[tuple[str, list[Run]]]:
-    """Runs grouped by the value of ``axis`` (failed runs left out), in table order."""
+def _ordered(values: pd.Series) -> list[str]:
+    """The distinct values of a column as text, in the order the sweep made them."""
+    return list(dict.fromkeys(values.astype(str)))
+
+
+@dataclass
+class Line:
+    """The runs drawn as one line (or bar) of a sweep figure."""
+
+    label: str
+    runs: list[Run]
+    color: object
+    style: str = "-"
+
+
+@dataclass
+class Split:
+    """How a sweep figure splits its runs: the lines, and what it pools (named in the
+    title)."""
+
+    lines: list[Line]
+    pooled: str  # "" or "pooled over depth (2, 4, 8)"
+
+
+#: Axes that change the number of layers come first for the line style: a profile
+#: across layers cannot pool nets of different depths.
+SHAPE_AXES = ("depth", "widths")
+
+
+def split(sweep: Sweep, hue: str) -> Split:
+    """One line per value of ``hue`` (colour) and of a second varying axis (line style,
+    up to four values; depth first); any other varying axis is pooled and named."""
     runs = sweep.runs
-    column = axis_column(runs, axis)
-    first = runs.drop_duplicates("run")
-    groups: dict[str, list[Run]] = {}
-    for _, row in first.iterrows():
-        if row["status"] != "failed":
-            groups.setdefault(str(row[column]), []).append(sweep.run(row["run"]))
-    return list(groups.items())
+    ended = runs[runs["status"] != "failed"].drop_duplicates("run")
+    hue_col = axis_column(runs, hue)
+    others = sorted((a for a in varying_axes(ended) if axis_column(runs, a) != hue_col),
+                    key=lambda a: a not in SHAPE_AXES)
+    style_axis = next((a for a in others
+                       if ended[axis_column(runs, a)].astype(str).nunique() <= len(STYLES)),
+                      None)
+    pooled = [a for a in others if a != style_axis]
+    hues = _ordered(ended[hue_col])
+    colors = dict(zip(hues, palette(len(hues)), strict=True))
+    styles = ({v: STYLES[i] for i, v in enumerate(_ordered(ended[axis_column(runs,
+                                                                              style_axis)]))}
+              if style_axis else {})
+    lines: dict[tuple[str, str], Line] = {}
+    for _, row in ended.iterrows():
+        h = str(row[hue_col])
+        s = str(row[axis_column(runs, style_axis)]) if style_axis else ""
+        label = f"{hue}={h}" + (f", {style_axis}={s}" if style_axis else "")
+        line = lines.setdefault((h, s), Line(label, [], colors[h], styles.get(s, "-")))
+        line.runs.append(sweep.run(row["run"]))
+    note = ""
+    if pooled:
+        parts = [f"{a} ({', '.join(_ordered(ended[axis_column(runs, a)]))})" for a in pooled]
+        note = "pooled over " + "; ".join(parts)
+    return Split(list(lines.values()), note)
 
 
 def _stack_ragged(parts: list[np.ndarray]) -> np.ndarray:
@@ -331,29 +473,30 @@ def _stack_ragged(parts: list[np.ndarray]) -> np.ndarray:
                                   constant_values=np.nan) for p in parts])
 
 
-def _by_depth(groups: list[tuple[str, list[Run]]]) -> list[tuple[str, list[Run]]]:
-    """Split each group by number of layers when depths differ within it: averaging
+def _by_depth(lines: list[Line]) -> list[Line]:
+    """Split each line by number of layers when depths differ within it: averaging
     layer k of nets of different depths would mean nothing."""
     out = []
-    for value, runs in groups:
+    for line in lines:
         depths: dict[int, list[Run]] = {}
-        for r in runs:
+        for r in line.runs:
             depths.setdefault(len(r.metrics["layer_names"]), []).append(r)
         if len(depths) == 1:
-            out.append((value, runs))
+            out.append(line)
         else:
-            out += [(f"{value}, {n} layers", rs) for n, rs in sorted(depths.items())]
+            out += [Line(f"{line.label}, {n} layers", rs, line.color, STYLES[i % len(STYLES)])
+                    for i, (n, rs) in enumerate(sorted(depths.items()))]
     return out
 
 
 def _profile_rows(runs: list[Run], key: str, at: str) -> np.ndarray | None:
     """[runs x seeds, L] per-layer values at the first step, or averaged over the last
-    tenth of the recorded steps."""
+    tenth of the recorded steps (NaN for a seed that diverged)."""
     rows = []
     for run in runs:
         if key not in run.metrics:
             return None
-        v = run.metrics[key]  # [S, T, L]
+        v = np.asarray(run.metrics[key], np.float64)  # [S, T, L]
         if at == "init":
             rows.append(v[:, 0])
         else:
@@ -364,34 +507,49 @@ def _profile_rows(runs: list[Run], key: str, at: str) -> np.ndarray | None:
     return np.concatenate(rows)
 
 
+def _seeds_of(lines: list[Line]) -> int:
+    counts = [sum(len(r.rows()) for r in line.runs) for line in lines]
+    return min(counts) if counts else 0
+
+
 def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_norm")
             ) -> Figure:
     """The vanishing profile: per-layer norms against layer index, one line per value."""
-    groups = _by_depth(_groups(sweep, hue))
+    how = split(sweep, hue)
+    lines = _by_depth(how.lines)
+    if len(lines) > len(how.lines):  # nets of different depths got lines of their own
+        how.pooled = "; ".join(p for p in how.pooled.removeprefix("pooled over ").split("; ")
+                               if not p.startswith(SHAPE_AXES))
+        how.pooled = f"pooled over {how.pooled}" if how.pooled else ""
     labels = {"grad_norm": "‖∂L/∂W_l‖", "delta_norm": "mean ‖δ_l‖"}
     fig, ax = _figure(len(keys), 2, width=8.0, height=2.8, sharex=False)
-    n_layers = max(len(r.metrics["layer_names"]) for _, runs in groups for r in runs)
+    n_layers = max((len(r.metrics["layer_names"]) for line in lines for r in line.runs),
+                   default=1)
     for row, key in enumerate(keys):
         for col, at in enumerate(("init", "end")):
             a = ax[row, col]
-            drawn = False
-            for i, (value, runs) in enumerate(groups):
-                values = _profile_rows(runs, key, at)
+            recorded, drawn = False, False
+            for line in lines:
+                values = _profile_rows(line.runs, key, at)
                 if values is None:
                     continue
+                recorded = True
                 x = np.arange(values.shape[1])
-                _band(a, x, values, OKABE_ITO[i % len(OKABE_ITO)], f"{hue}={value}", log=True)
-                drawn = True
-            if not drawn:
+                drawn |= _band(a, x, values, line.color, line.label, log=True,
+                               style=line.style)[1]
+            if not recorded:
                 _note(a, f"{key} was not recorded in these runs")
                 continue
             when = "at step 0" if at == "init" else "(last 10% of steps)"
-            a.set(yscale="log", title=f"{labels.get(key, key)} {when}",
-                  xlabel="layer (0 = next to the input)", ylabel=labels.get(key, key))
-            a.set_xticks(range(n_layers))
+            a.set(title=f"{labels.get(key, key)} {when}", xlabel="layer (0 = next to the input)",
+                  ylabel=labels.get(key, key))
+            _log_scale(a, drawn, labels.get(key, key))
+            a.set_xticks(range(n_layers) if n_layers <= 16 else
+                         np.linspace(0, n_layers - 1, 9).round().astype(int))
     _legend_below(fig, ax[0, 0], ncols=4)
-    seeds = sum(len(r.rows()) for _, runs in groups for r in runs) // max(len(groups), 1)
-    fig.suptitle(f"Gradient profile across layers by {hue}\n{_seed_note(seeds)}", fontsize=9)
+    runs = [r for line in lines for r in line.runs]
+    _suptitle(fig, f"Gradient profile across layers by {hue}", how.pooled,
+              _seed_note(_seeds_of(lines)), _diverged_note(runs))
     return fig
 
 
@@ -410,77 +568,122 @@ def default_metric(sweep: Sweep) -> str:
     return "final_test_acc" if has_test else "final_train_acc"
 
 
+def _pooled_note(runs: pd.DataFrame, named: Sequence[str]) -> str:
+    """'pooled over a (..); b (..)' for the varying axes not in ``named``."""
+    ended = runs[runs["status"] != "failed"].drop_duplicates("run")
+    cols = {axis_column(runs, a) for a in named}
+    pooled = [a for a in varying_axes(ended) if axis_column(runs, a) not in cols]
+    if not pooled:
+        return ""
+    parts = [f"{a} ({', '.join(_ordered(ended[axis_column(runs, a)]))})" for a in pooled]
+    return "pooled over " + "; ".join(parts)
+
+
 def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
-    """A final metric over two axes (mean over seeds and runs of a cell); cells where a
-    seed diverged are marked with the number of diverged seeds."""
+    """A final metric over two axes (the median over the seeds and runs of a cell);
+    cells where a seed diverged are marked with the number of diverged seeds."""
     runs = sweep.runs
     metric = _final_metric(sweep, metric or default_metric(sweep))
     cx, cy = axis_column(runs, x), axis_column(runs, y)
-    grid = runs.pivot_table(index=cy, columns=cx, values=metric, aggfunc="mean", dropna=False)
-    diverged = runs.pivot_table(index=cy, columns=cx, values="diverged", aggfunc="sum",
-                                dropna=False)
-    fig, ax = _figure(1, 1, width=1.1 * grid.shape[1] + 2.5, height=0.6 * grid.shape[0] + 1.6)
+    ended = runs[runs["status"] != "failed"].assign(
+        _x=lambda d: d[cx].astype(str), _y=lambda d: d[cy].astype(str))
+    xs, ys = _ordered(ended["_x"]), _ordered(ended["_y"])
+    grid = ended.pivot_table(index="_y", columns="_x", values=metric, aggfunc="median",
+                             dropna=False).reindex(index=ys, columns=xs)
+    diverged = ended.pivot_table(index="_y", columns="_x", values="diverged", aggfunc="sum",
+                                 dropna=False).reindex(index=ys, columns=xs)
+    fig, ax = _figure(1, 1, width=1.1 * len(xs) + 2.5, height=0.6 * len(ys) + 1.8)
     a = ax[0, 0]
-    image = a.imshow(grid.to_numpy(np.float64), cmap="viridis", aspect="auto")
-    a.set_xticks(range(grid.shape[1]), [str(v) for v in grid.columns])
-    a.set_yticks(range(grid.shape[0]), [str(v) for v in grid.index])
+    values = grid.to_numpy(np.float64)
+    finite = values[np.isfinite(values)]
+    image = a.imshow(np.where(np.isfinite(values), values, np.nan), cmap="viridis",
+                     aspect="auto", vmin=finite.min() if finite.size else 0,
+                     vmax=finite.max() if finite.size else 1)
+    a.set_xticks(range(len(xs)), xs)
+    a.set_yticks(range(len(ys)), ys)
     a.grid(False)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            value, n_div = grid.iat[i, j], diverged.iat[i, j]
-            text = "—" if np.isnan(value) else f"{value:.3f}"
+    middle = np.median(finite) if finite.size else 0.0
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            value, n_div = values[i, j], diverged.iat[i, j]
+            text = "—" if not np.isfinite(value) else f"{value:.3g}"
             if n_div and n_div > 0:
                 text += f"\n{int(n_div)} diverged"
             a.text(j, i, text, ha="center", va="center", fontsize=8,
-                   color="white" if np.isnan(value) or value < np.nanmean(grid.to_numpy())
-                   else "black")
-    a.set(xlabel=x, ylabel=y, title=f"{metric.replace('_', ' ')} (mean over seeds)")
+                   color="white" if not np.isfinite(value) or value < middle else "black")
+    notes = [f"{metric.replace('_', ' ')} (median over seeds)"]
+    for axis, n in ((y, len(ys)), (x, len(xs))):
+        if n == 1:
+            notes.append(f"{axis} was not swept: one value")
+    a.set(xlabel=x, ylabel=y, title="\n".join(
+        notes + [n for n in [_pooled_note(runs, (x, y))] if n]))
     fig.colorbar(image, ax=a, label=metric.replace("_", " "))
     return fig
 
 
 def bars(sweep: Sweep, x: str, metrics: Sequence[str] = ("final_train_acc", "final_test_acc")
          ) -> Figure:
-    """Final accuracy per value of an axis: bars = mean over seeds, whiskers = sd."""
+    """Final metrics per value of an axis: bars are the median over seeds (and over any
+    pooled axis, named in the title), whiskers the interquartile range."""
     runs = sweep.runs
     cx = axis_column(runs, x)
-    present = [m for m in metrics if m in runs and runs[m].notna().any()]
-    stats = runs.groupby(cx, sort=False)[present].agg(["mean", "std"])
-    fig, ax = _figure(1, 1, width=max(4.0, 0.9 * len(stats) + 2), height=3.2)
+    ended = runs[runs["status"] != "failed"].assign(_x=lambda d: d[cx].astype(str))
+    present = [m for m in metrics if m in ended and ended[m].notna().any()]
+    order = _ordered(ended["_x"])
+    fig, ax = _figure(1, 1, width=max(4.0, 0.9 * len(order) + 2), height=3.2)
     a = ax[0, 0]
-    width = 0.8 / max(len(present), 1)
+    if not present:
+        _note(a, "no finite final metric: every run diverged or failed")
+        return fig
+    width = 0.8 / len(present)
+    colors = palette(len(present))
     for i, m in enumerate(present):
-        pos = np.arange(len(stats)) + (i - (len(present) - 1) / 2) * width
-        a.bar(pos, stats[(m, "mean")], width, yerr=stats[(m, "std")].fillna(0), capsize=2,
-              label=m.replace("final_", "").replace("_", " "), color=OKABE_ITO[i])
-    a.set_xticks(range(len(stats)), [str(v) for v in stats.index])
-    a.set(xlabel=x, ylabel="accuracy" if all("acc" in m for m in present) else "value",
-          title=f"Final {' and '.join(m.replace('final_', '').replace('_', ' ') for m in present)}"
-          f" by {x}")
+        q = ended.groupby("_x", sort=False)[m].quantile([0.25, 0.5, 0.75]).unstack()
+        q = q.reindex(order)
+        pos = np.arange(len(order)) + (i - (len(present) - 1) / 2) * width
+        median = q[0.5].to_numpy(np.float64)
+        err = np.stack([median - q[0.25].to_numpy(np.float64),
+                        q[0.75].to_numpy(np.float64) - median])
+        a.bar(pos, np.nan_to_num(median), width, yerr=np.nan_to_num(err), capsize=2,
+              label=m.replace("final_", "").replace("_", " "), color=colors[i])
+    a.set_xticks(range(len(order)), order)
+    is_acc = all("acc" in m for m in present)
+    if is_acc:
+        a.set_ylim(0, 1.02)
+    what = " and ".join(m.replace("final_", "").replace("_", " ") for m in present)
+    n_seeds = ended.groupby("_x", sort=False).size().min()
+    a.set(xlabel=x, ylabel="accuracy" if is_acc else "value", title="\n".join(
+        n for n in [f"Final {what} by {x}: median of {n_seeds}+ seeds, whiskers: "
+                    "interquartile range", _pooled_note(runs, (x,))] if n))
     a.legend()
     return fig
 
 
 def curves(sweep: Sweep, hue: str, metric: str = "train_loss") -> Figure | None:
     """A per-epoch metric (default training loss) per value of an axis."""
-    groups = _groups(sweep, hue)
+    how = split(sweep, hue)
     fig, ax = _figure(1, 1, width=6.4, height=3.2)
     a = ax[0, 0]
-    drawn = False
-    for i, (value, runs) in enumerate(groups):
-        if any(metric not in r.metrics for r in runs):
+    recorded = drawn = False
+    for line in how.lines:
+        if any(metric not in r.metrics for r in line.runs):
             continue
-        values = _stack_ragged([r.metrics[metric] for r in runs])
-        epochs = max((r.metrics["epoch"] for r in runs), key=len)
-        _band(a, epochs, values, OKABE_ITO[i % len(OKABE_ITO)], f"{hue}={value}")
-        drawn = True
-    if not drawn:
+        recorded = True
+        values = _stack_ragged([r.metrics[metric] for r in line.runs])
+        epochs = max((r.metrics["epoch"] for r in line.runs), key=len)
+        drawn |= _band(a, epochs, values, line.color, line.label, style=line.style)[1]
+    if not recorded:
         plt.close(fig)
         return None
-    seeds = sum(len(r.rows()) for _, runs in groups for r in runs) // max(len(groups), 1)
+    if not drawn:
+        _note(a, f"no finite {metric.replace('_', ' ')}: every run diverged")
     a.set(xlabel="epoch (0 = initialisation)", ylabel=metric.replace("_", " "),
-          title=f"{metric.replace('_', ' ')} by {hue}\n{_seed_note(seeds)}")
-    a.legend()
+          title="\n".join(n for n in [
+              f"{metric.replace('_', ' ')} by {hue}", how.pooled,
+              _seed_note(_seeds_of(how.lines)),
+              _diverged_note([r for line in how.lines for r in line.runs])] if n))
+    if drawn:
+        a.legend()
     return fig
 
 
@@ -488,12 +691,13 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss") -> Figure | None:
 
 
 def save(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf``; close the figure."""
+    """Write ``stem.png`` and ``stem.pdf`` (the whole name kept: dots are not suffixes);
+    close the figure."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in formats:
-        path = stem.with_suffix(f".{ext}")
+        path = stem.parent / f"{stem.name}.{ext}"
         fig.savefig(path)
         paths.append(path)
     plt.close(fig)

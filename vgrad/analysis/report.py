@@ -1,15 +1,20 @@
 """One self-contained HTML page for a sweep (or a single run): the command that made
 it, a table of its runs, the sweep figures over the axes that vary, and each run's
-figures. Figures are written beside the page (PNG for the page, PDF for papers) and
-referenced by relative paths, so the folder opens in any browser from disk.
+figures. Figures are written beside the page as PNG and referenced by relative,
+URL-encoded paths, so the folder opens in any browser from disk, whatever the run
+folders are called (``scripts/plot_run.py`` and ``plot_sweep.py`` also write PDF).
 
     python scripts/report.py outputs/sweeps/DATE/TIME     # -> .../report/index.html
+
+A sweep whose runs all diverged still gets its page: the table says where each seed
+diverged and the figures draw what was finite before.
 """
 
 from __future__ import annotations
 
 import html
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 
@@ -21,42 +26,62 @@ MAX_RUN_FIGURES = 12
 
 
 def summary_table(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
-    """One row per run: its swept axes, status, seeds, diverged seeds and final metrics
-    (mean ± sd over seeds)."""
+    """One row per run: its swept axes, status, seeds, diverged seeds (and the steps
+    where they diverged) and final metrics (median and interquartile range over seeds)."""
     columns = [figures.axis_column(runs, a) for a in axes]
     rows = []
     for name, group in runs.groupby("run", sort=False):
+        steps = sorted(int(s) for s in group["diverged_at_step"].dropna())
         row = {"run": name, **{a: group[c].iloc[0] for a, c in zip(axes, columns, strict=True)},
                "status": group["status"].iloc[0], "seeds": len(group),
-               "diverged": int(group["diverged"].sum())}
+               "diverged": f"{len(steps)} (step {', '.join(map(str, steps))})" if steps
+               else "0"}
         for metric in ("final_train_acc", "final_test_acc", "final_train_loss"):
             values = group[metric].dropna()
-            row[metric.replace("final_", "")] = (
-                "—" if values.empty else f"{values.mean():.3f} ± {values.std(ddof=0):.3f}")
+            if values.empty:
+                row[metric.replace("final_", "")] = "—"
+            elif len(values) == 1:
+                row[metric.replace("final_", "")] = f"{values.iloc[0]:.3g}"
+            else:
+                q = values.quantile([0.25, 0.5, 0.75])
+                row[metric.replace("final_", "")] = (f"{q[0.5]:.3g} "
+                                                     f"[{q[0.25]:.3g}, {q[0.75]:.3g}]")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _img(path: Path, root: Path, caption: str) -> str:
-    rel = path.relative_to(root).as_posix()
-    return (f'<figure><a href="{rel}"><img src="{rel}" alt="{html.escape(caption)}"></a>'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    rel = quote(path.relative_to(root).as_posix())
+    return (f'<figure><a href="{html.escape(rel)}"><img src="{html.escape(rel)}" '
+            f'alt="{html.escape(caption)}"></a><figcaption>{html.escape(caption)}'
+            "</figcaption></figure>")
+
+
+def _status_text(runs: pd.DataFrame) -> str:
+    counts = runs.drop_duplicates("run")["status"].value_counts()
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
 def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path."""
+    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path. Raises
+    ValueError when the folder holds no run the analysis can read."""
     sweep: Sweep = load_sweep(sweep_dir)
     root = Path(out) if out is not None else Path(sweep_dir) / "report"
     figdir = root / "figures"
     runs = sweep.runs
     if runs.empty:
-        raise ValueError(f"no ended run under {sweep_dir}")
+        raise ValueError(f"no run under {sweep_dir} that the analysis can read")
+    ended = runs[runs["status"] != "failed"]
     axes = figures.varying_axes(runs)
     parts: list[str] = []
+    if not ended.empty and ended["diverged"].all():
+        parts.append("<p class=note><b>Every seed of every run diverged.</b> The table "
+                     "gives the step at which each diverged; the figures show what was "
+                     "finite before.</p>")
 
-    # Sweep figures over the axes that vary.
+    # Sweep figures over the axes that vary (PNG only: the page needs nothing more).
     sweep_figs: list[tuple[str, object]] = []
-    if axes:
+    if axes and not ended.empty:
         hue = axes[0]
         sweep_figs += [(f"Gradient profile across layers by {hue}", figures.profile(sweep, hue)),
                        (f"Final accuracy by {hue}", figures.bars(sweep, hue)),
@@ -66,32 +91,33 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
                                figures.heatmap(sweep, axes[0], axes[1])))
     for i, (caption, fig) in enumerate(sweep_figs):
         if fig is not None:
-            png = figures.save(fig, figdir / f"sweep_{i}")[0]
+            png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]
             parts.append(_img(png, root, caption))
 
-    # Per-run figures.
+    # Per-run figures, in files named by position (run folders may be named anything).
     run_sections = []
-    for run in [r for r in sweep.runs_list if r.status != "failed"][:MAX_RUN_FIGURES]:
+    shown = [r for r in sweep.runs_list if r.status != "failed"][:MAX_RUN_FIGURES]
+    for n, run in enumerate(shown):
         imgs, notes = [], []
         for kind, make in figures.RUN_FIGURES.items():
             fig = make(run)
             if fig is None:
                 notes.append(kind)
                 continue
-            safe = run.name.replace("/", "_")
-            png = figures.save(fig, figdir / f"run_{safe}_{kind}")[0]
+            png = figures.save(fig, figdir / f"run_{n:03d}_{kind}", formats=("png",))[0]
             imgs.append(_img(png, root, f"{run.name}: {kind.replace('_', ' ')}"))
         note = (f"<p class=note>Not recorded in this run: {', '.join(notes)}.</p>"
                 if notes else "")
-        run_sections.append(f"<h3>Run {html.escape(run.name)}</h3>{note}{''.join(imgs)}")
+        run_sections.append(f"<h3>Run {html.escape(run.name)} "
+                            f"({html.escape(run.status)})</h3>{note}{''.join(imgs)}")
 
-    runs_csv = root / "runs.csv"
-    runs.to_csv(runs_csv, index=False)
+    root.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(root / "runs.csv", index=False)
     table = summary_table(runs, axes).to_html(index=False, border=0, na_rep="—")
     command = sweep.command()
     skipped = "".join(f"<li>{html.escape(str(p))}: {html.escape(w)}</li>"
                       for p, w in sweep.skipped)
-    statuses = runs.drop_duplicates("run")["status"].value_counts().to_dict()
+    more = len([r for r in sweep.runs_list if r.status != "failed"]) - len(shown)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>vgrad report: {html.escape(str(sweep_dir))}</title>
@@ -106,19 +132,21 @@ figcaption, .note {{ color: #555; font-size: .9em; }}
 <h1>vgrad report</h1>
 <p>Folder: <code>{html.escape(str(Path(sweep_dir).resolve()))}</code></p>
 <p>Command: <code>{html.escape(command or "(a single run: see .hydra/overrides.yaml)")}</code></p>
-<p>{sum(statuses.values())} run(s): {html.escape(str(statuses))};
+<p>{runs["run"].nunique()} run(s): {html.escape(_status_text(runs))};
 swept axes: {html.escape(", ".join(axes) or "none")}.
 All runs, one row per seed: <a href="runs.csv">runs.csv</a>.</p>
-{f"<p>Skipped (did not end):</p><ul>{skipped}</ul>" if skipped else ""}
+{f"<p>Skipped (unreadable or not ended):</p><ul>{skipped}</ul>" if skipped else ""}
 <h2>Runs</h2>
+<p class=note>Final metrics: median [interquartile range] over seeds.</p>
 {table}
 <h2>Sweep</h2>
 {"".join(parts) or "<p class=note>One run: no sweep figures.</p>"}
 <h2>Runs in detail</h2>
 {"".join(run_sections)}
+{f"<p class=note>{more} more run(s) not drawn here: scripts/plot_run.py RUN.</p>" if more > 0
+ else ""}
 </body></html>
 """
-    root.mkdir(parents=True, exist_ok=True)
     index = root / "index.html"
     index.write_text(page)
     return index

@@ -51,7 +51,7 @@ def test_matmul_precision_reaches_both_engines_programs(precision, marks):
     mesh = loop.member_mesh(1)
     device_data = loop.device_data(g.datasets, cfg.record.probe_size, mesh)
     members = loop.shard_members(g.members(), mesh)
-    compiled = loop.compile_program(g, members, device_data, mesh)
+    compiled, _ = loop.compile_program(g, members, device_data, mesh)
     state = compiled.start(members, device_data)
     perms = compiled.permutations(members, jnp.int32(0))
     # The debugging engine's step is traced on first use, long after compile_program.

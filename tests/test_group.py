@@ -133,3 +133,23 @@ def test_an_invalid_job_is_recorded_and_the_others_run(cli, tmp_path):
     statuses = {store.read_summary(d)["config"]["depth"]: store.read_summary(d)["status"]
                 for d in run_dirs(tmp_path)}
     assert statuses == {2: "completed", 0: "failed", 3: "completed"}
+
+
+def test_each_job_is_composed_once_and_a_bad_override_stops_the_sweep_first(
+        cli, tmp_path, monkeypatch):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    composed = []
+    real = ConfigLoaderImpl.load_sweep_config
+
+    def counting(self, master_config, sweep_overrides):
+        composed.append(list(sweep_overrides))
+        return real(self, master_config, sweep_overrides)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", counting)
+    code, _, err = cli("-m", "act=tanh,relu", *TINY, f"hydra.sweep.dir={tmp_path / 'ok'}")
+    assert code == 0, err
+    assert len(composed) == 2  # Hydra's basic sweeper alone would compose each job twice
+    code, _, err = cli("-m", "act=tanh,bogus", *TINY, f"hydra.sweep.dir={tmp_path / 'bad'}")
+    assert code == 2
+    assert "act=bogus" in err and not run_dirs(tmp_path / "bad")

@@ -12,14 +12,18 @@ diverged and the figures draw what was finite before.
 
 from __future__ import annotations
 
+import dataclasses
 import html
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
 from vgrad.analysis import figures
-from vgrad.analysis.tables import Sweep, load_sweep
+from vgrad.analysis.tables import Run, Sweep, load_sweep
 
 #: Per-run figures are drawn for at most this many runs (the table lists them all).
 MAX_RUN_FIGURES = 12
@@ -62,9 +66,39 @@ def _status_text(runs: pd.DataFrame) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path. Raises
-    ValueError when the folder holds no run the analysis can read."""
+def run_figures(run: Run, stem: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Draw and save (PNG) one run's figures as ``stem_KIND.png``; return the figures
+    written, by kind, and the kinds the run did not record."""
+    written, missing = [], []
+    for kind, make in figures.RUN_FIGURES.items():
+        fig = make(run)
+        if fig is None:
+            missing.append(kind)
+            continue
+        png = figures.save(fig, stem.parent / f"{stem.name}_{kind}", formats=("png",))[0]
+        written.append((kind, png))
+    return written, missing
+
+
+def _draw_runs(runs: list[Run], figdir: Path, jobs: int) -> list:
+    """``run_figures`` of every run, in files named by position (run folders may be named
+    anything), drawn by ``jobs`` processes: drawing and rasterising figures is
+    matplotlib's single-threaded work, and a report's runs are independent."""
+    stems = [figdir / f"run_{n:03d}" for n in range(len(runs))]
+    if jobs <= 1 or len(runs) <= 1:
+        return [run_figures(r, s) for r, s in zip(runs, stems, strict=True)]
+    # spawn, not fork: the caller may hold threads (JAX's, in a sweep's process).
+    with ProcessPoolExecutor(min(jobs, len(runs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        light = [dataclasses.replace(r, _metrics=None) for r in runs]  # workers read files
+        return list(pool.map(run_figures, light, stems))
+
+
+def write_report(sweep_dir: str | Path, out: str | Path | None = None,
+                 jobs: int | None = None) -> Path:
+    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path. Run
+    figures are drawn by ``jobs`` processes (default: one per core). Raises ValueError
+    when the folder holds no run the analysis can read."""
     sweep: Sweep = load_sweep(sweep_dir)
     root = Path(out) if out is not None else Path(sweep_dir) / "report"
     figdir = root / "figures"
@@ -94,18 +128,13 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
             png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]
             parts.append(_img(png, root, caption))
 
-    # Per-run figures, in files named by position (run folders may be named anything).
+    # Per-run figures.
     run_sections = []
     shown = [r for r in sweep.runs_list if r.status != "failed"][:MAX_RUN_FIGURES]
-    for n, run in enumerate(shown):
-        imgs, notes = [], []
-        for kind, make in figures.RUN_FIGURES.items():
-            fig = make(run)
-            if fig is None:
-                notes.append(kind)
-                continue
-            png = figures.save(fig, figdir / f"run_{n:03d}_{kind}", formats=("png",))[0]
-            imgs.append(_img(png, root, f"{run.name}: {kind.replace('_', ' ')}"))
+    drawn = _draw_runs(shown, figdir, jobs if jobs is not None else os.cpu_count() or 1)
+    for run, (written, notes) in zip(shown, drawn, strict=True):
+        imgs = [_img(png, root, f"{run.name}: {kind.replace('_', ' ')}")
+                for kind, png in written]
         note = (f"<p class=note>Not recorded in this run: {', '.join(notes)}.</p>"
                 if notes else "")
         run_sections.append(f"<h3>Run {html.escape(run.name)} "

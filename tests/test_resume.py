@@ -41,10 +41,20 @@ def epochs_written(run_dir: Path) -> int:
         return 0
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, np.ndarray]:
+    """The metrics of the ``LONG`` run, trained without interruption."""
+    from conftest import cli_main
+
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    assert cli_main(*LONG, f"hydra.run.dir={run_dir}") == 0
+    return store.read_metrics(run_dir)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_keeps_what_was_trained_and_the_command_continues_it(
-        tmp_path, subprocess_env, sig):
+        tmp_path, subprocess_env, sig, uninterrupted):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "vgrad.train", *LONG, f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -76,13 +86,6 @@ def test_a_signal_keeps_what_was_trained_and_the_command_continues_it(
     assert store.read_summary(run_dir)["status"] == "completed"
     assert not (run_dir / store.CHECKPOINT).exists()
     resumed = store.read_metrics(run_dir)
-
-    fresh = tmp_path / "fresh"
-    whole = subprocess.run([sys.executable, "-m", "vgrad.train", *LONG,
-                            f"hydra.run.dir={fresh}"], cwd=REPO, capture_output=True,
-                           text=True, env=subprocess_env, timeout=300)
-    assert whole.returncode == 0, whole.stderr
-    uninterrupted = store.read_metrics(fresh)
     assert resumed.keys() == uninterrupted.keys()
     for k, v in uninterrupted.items():  # continuing changes no number
         np.testing.assert_array_equal(resumed[k], v, err_msg=k)
@@ -195,3 +198,19 @@ def test_a_corrupt_run_is_retrained_not_taken_as_finished(cli, tmp_path):
     assert code == 0, err
     assert "already holds" not in out + err
     assert store.npz_loads(metrics)
+
+
+def test_rerunning_an_ended_run_keeps_it_and_resume_false_retrains_it(cli, tmp_path):
+    args = [*TINY, f"hydra.run.dir={tmp_path}"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    metrics = tmp_path / store.METRICS
+    first = (metrics.stat().st_mtime_ns, metrics.read_bytes())
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert "already holds an ended run" in out + err
+    assert (metrics.stat().st_mtime_ns, metrics.read_bytes()) == first
+    code, _, err = cli(*args, "resume=false")
+    assert code == 0, err
+    assert metrics.stat().st_mtime_ns != first[0]
+    assert metrics.read_bytes() == first[1]  # the same numbers, trained again

@@ -1,4 +1,4 @@
-"""Scale and robustness: resuming a killed sweep, crashes recorded as failed jobs,
+"""Scale and robustness: crashes recorded as failed jobs,
 Hydra's launchers, seeds split across host devices, the benchmark's bookkeeping."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,39 +28,6 @@ def run(subprocess_env):
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                               timeout=timeout, env=env or subprocess_env)
     return run
-
-
-def test_a_killed_sweep_resumes_without_redoing_finished_jobs(tmp_path, run, subprocess_env):
-    sweep = tmp_path / "sweep"
-    cmd = vgrad_cmd("-m", "epochs=1,300,300", "data.n_samples=128", "progress=false",
-                   f"hydra.sweep.dir={sweep}")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=subprocess_env)
-    first = sweep / "0"
-    deadline = time.time() + 240
-    while not store.is_complete(first):  # kill right after the first job ends
-        assert time.time() < deadline and proc.poll() is None, "first job did not finish"
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    unfinished = [d for d in (sweep / "1", sweep / "2") if not store.is_complete(d)]
-    assert unfinished, "the sweep ended before it could be killed"
-    before = {f: (f.stat().st_mtime_ns, f.read_bytes()) for f in
-              (first / store.SUMMARY, first / store.METRICS)}
-
-    again = run(cmd)
-    assert again.returncode == 0, again.stderr
-    assert "already holds an ended run of this config" in again.stdout + again.stderr
-    for f, (mtime, content) in before.items():  # the finished job was not re-run
-        assert f.stat().st_mtime_ns == mtime and f.read_bytes() == content
-    for d in (sweep / "0", sweep / "1", sweep / "2"):
-        assert store.read_summary(d)["status"] == "completed"
-    assert len(json.loads(json.dumps(store.read_summary(sweep / "2")))["per_seed"]) == 1
-
-    forced = run(vgrad_cmd("epochs=1", "data.n_samples=128", "progress=false", "resume=false",
-                           f"hydra.run.dir={first}"))
-    assert forced.returncode == 0, forced.stderr
-    assert (first / store.METRICS).stat().st_mtime_ns != before[first / store.METRICS][0]
 
 
 def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path, monkeypatch):
@@ -144,7 +110,7 @@ def test_benchmark_tiny_mode_keeps_its_books(tmp_path, run):
                timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert [r["seeds"] for r in result["rows"]] == [1, 2]
+    assert [r["seeds"] for r in result["rows"]] == [2]
     steps = result["steps_per_run"]
     assert steps == 2 * (1000 // 32)
     for row in result["rows"]:

@@ -17,10 +17,12 @@ are the ``visualize`` preset ("Visualizing the vanishing gradient problem") over
 - 48 jobs: act=sigmoid,tanh,relu,elu,gelu,swish x init=normal,glorot_uniform,he_normal,
   lecun_normal x optim.lr=1e-3,1e-2
 
-For each: wall time of both, their ratio, the summed compile and train seconds of the
-jobs' ``summary.json`` (a group's are counted once), and the training throughput of the
-grouped programs relative to the same jobs trained one by one (seed-steps per second of
-training, compilation excluded; 1.0 = grouping costs nothing at run time).
+For each: wall time of both, their ratio, the programs compiled, the summed compile and
+train seconds of the jobs' ``summary.json`` (a group's are counted once; the basic
+launcher's jobs reuse the programs of earlier jobs of the same structure), and the
+training throughput of the grouped programs relative to the same jobs trained one by
+one (seed-steps per second of training, compilation excluded; 1.0 = grouping costs
+nothing at run time).
 
 ``--depth`` measures the compile time of the default program at depth 4, 25 and 100
 (width 5) and whether depth 1000 runs at all (width 32, one epoch).
@@ -63,11 +65,14 @@ def run_sweep(axes: list[str], launcher: str, out: Path, extra: list[str]) -> di
     for s in summaries:
         t = s["timing"]
         key = t["group"]["id"] if launcher == "vgrad" else len(groups)
-        groups.setdefault(key, {"compile_s": t["compile_s"], "run_s": t["run_s"]})
+        groups.setdefault(key, {"compile_s": t["compile_s"], "run_s": t["run_s"],
+                                "compiled": not t["group"].get("reused_program", False)})
         seed_steps += s["steps_per_epoch"] * s["epochs_done"] * len(s["seeds"])
+    # (a program reused by a later job of the same process records no compile time)
     compile_s = sum(g["compile_s"] for g in groups.values())
     run_s = sum(g["run_s"] for g in groups.values())
-    return {"wall_s": wall, "jobs": len(summaries), "programs": len(groups),
+    programs = sum(g["compiled"] for g in groups.values())
+    return {"wall_s": wall, "jobs": len(summaries), "programs": programs,
             "compile_s": compile_s, "train_s": run_s,
             "seed_steps_per_train_s": seed_steps / run_s if run_s else None}
 
@@ -133,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args(argv)
     extra = ["epochs=2"] if args.quick else []
-    print(f"# {platform.node()}: {os.cpu_count()} CPU(s), {platform.platform()}; "
-          "compilation cache off, process start included", flush=True)
+    print(f"# {platform.node()}: {os.cpu_count()} CPU(s), {platform.platform()}, load "
+          f"average {os.getloadavg()[0]:.2f}; compilation cache off, process start included",
+          flush=True)
     result: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     if not args.depth:
         result["sweeps"] = bench_sweeps([3] if args.quick else args.sweeps, extra)

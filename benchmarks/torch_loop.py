@@ -31,7 +31,9 @@ def make_model(act: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
 def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int
           ) -> dict[str, np.ndarray]:
     torch.manual_seed(seed)
-    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    # (copies: vgrad's loaded datasets are read-only, torch tensors are writable)
+    xt = torch.tensor(np.array(x, dtype=np.float32))
+    yt = torch.tensor(np.array(y, dtype=np.float32))
     model = make_model()
     dense = [m for m in model if isinstance(m, nn.Linear)]
     # Keras's defaults; PyTorch adds eps outside the square root, Keras inside.

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Regenerate the README's figures (docs/figures/) from a 20-seed sweep of the visualize
+# preset ("Visualizing the vanishing gradient problem"): sigmoid, tanh and ReLU.
+#     bash docs/make_figures.sh            # from the repository root, vgrad installed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sweep=outputs/sweeps/readme-visualize
+python -m vgrad.train -m +experiment=visualize act=sigmoid,tanh,relu seeds=20 \
+  progress=false hydra.sweep.dir="$sweep"
+python scripts/plot_sweep.py "$sweep" --x act --out "$sweep/figures"
+python scripts/report.py "$sweep"
+out=docs/figures
+mkdir -p "$out"
+cp "$sweep/figures/profile_act.png" "$out/visualize_profile.png"
+cp "$sweep/figures/bars_act.png" "$out/visualize_final_accuracy.png"
+cp "$sweep/figures/curves_act.png" "$out/visualize_train_loss.png"
+# Job folders 0, 1, 2 are sigmoid, tanh, relu (the sweep's order).
+for job in 0:sigmoid 1:tanh 2:relu; do
+  n=${job%%:*} act=${job#*:}
+  python scripts/plot_run.py "$sweep/$n" --out "$sweep/$n/figures"
+  cp "$sweep/$n/figures/gradients.png" "$out/visualize_${act}_gradients.png"
+done
+cp "$sweep/0/figures/weights.png" "$out/visualize_sigmoid_weights.png"
+cp "$sweep/2/figures/saturation.png" "$out/visualize_relu_saturation.png"
+echo "figures in $out; the sweep's report: $sweep/report/index.html"

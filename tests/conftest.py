@@ -29,6 +29,9 @@ os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 TEST_CACHE = Path(tempfile.gettempdir()) / f"vgrad-test-jax-cache-{os.getuid()}"
 os.environ["VGRAD_COMPILE_CACHE"] = str(TEST_CACHE)
 runner.use_compile_cache(str(TEST_CACHE))
+# Generated datasets are cached in the suite's own folder, not the user's.
+os.environ["VGRAD_DATA_CACHE"] = str(Path(tempfile.gettempdir())
+                                     / f"vgrad-test-data-cache-{os.getuid()}")
 
 
 # Hydra configures logging with dictConfig, which closes every existing handler. absl's

@@ -105,3 +105,45 @@ def test_standard_scaling_uses_training_statistics():
     np.testing.assert_allclose(ds.x_train.mean(0), 0, atol=1e-5)
     nonconstant = ds.x_train.std(0) > 0
     np.testing.assert_allclose(ds.x_train.std(0)[nonconstant], 1, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["circles", "moons", "digits"])
+def test_generated_datasets_come_back_from_the_disk_cache_bit_identical(
+        monkeypatch, tmp_path, name):
+    monkeypatch.setenv("VGRAD_DATA_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_LOADED", {})
+    cfg = compose_cfg(f"data={name}").data
+    fresh = data.load(cfg)
+    assert len(list(tmp_path.glob(f"{name}-*.npz"))) == 1
+
+    def not_again(_cfg):
+        raise AssertionError("generated again despite the cache")
+
+    monkeypatch.setitem(data.DATASETS, name, data.Source(data.DATASETS[name].schema,
+                                                         not_again, generated=True))
+    monkeypatch.setattr(data, "_LOADED", {})
+    cached = data.load(cfg)
+    assert cached.n_classes == fresh.n_classes
+    for field in ("x_train", "y_train", "x_test", "y_test"):
+        a, b = getattr(fresh, field), getattr(cached, field)
+        assert a.dtype == b.dtype and not b.flags.writeable
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_data_cache_keys_on_the_config_survives_corruption_and_can_be_off(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("VGRAD_DATA_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "_LOADED", {})
+    base = data.load(compose_cfg().data)
+    noisier = data.load(compose_cfg("data.noise=0.2").data)
+    files = sorted(tmp_path.glob("circles-*.npz"))
+    assert len(files) == 2 and not np.array_equal(base.x_train, noisier.x_train)
+    for f in files:
+        f.write_bytes(b"not a zip")  # corrupt: made again, not an error
+    monkeypatch.setattr(data, "_LOADED", {})
+    again = data.load(compose_cfg().data)
+    np.testing.assert_array_equal(again.x_train, base.x_train)
+    monkeypatch.setenv("VGRAD_DATA_CACHE", "")  # off: nothing written
+    monkeypatch.setattr(data, "_LOADED", {})
+    data.load(compose_cfg("data.noise=0.3").data)
+    assert len(list(tmp_path.glob("circles-*.npz"))) == 2

@@ -22,4 +22,11 @@ for job in 0:sigmoid 1:tanh 2:relu; do
 done
 cp "$sweep/0/figures/weights.png" "$out/visualize_sigmoid_weights.png"
 cp "$sweep/2/figures/saturation.png" "$out/visualize_relu_saturation.png"
+# Theory beside measurement: He-initialised width-256 nets on standardised digits, where
+# the mean-field prediction of delta at initialisation applies (sigmoid, tanh, ReLU).
+theory=outputs/sweeps/readme-theory
+python -m vgrad.train -m act=sigmoid,tanh,relu init=he_normal depth=8 width=256 data=digits \
+  data.scale=standard loss=ce epochs=20 seeds=8 progress=false hydra.sweep.dir="$theory"
+python scripts/plot_sweep.py "$theory" --x act --out "$theory/figures"
+cp "$theory/figures/profile_act.png" "$out/theory_profile.png"
 echo "figures in $out; the sweep's report: $sweep/report/index.html"

@@ -77,3 +77,40 @@ def test_measured_delta_profile_at_initialisation_follows_mean_field_theory(
                                  float(np.mean(ds.x_train ** 2)))
     assert np.abs(np.log(measured.mean(0) / predicted)).max() <= \
         np.abs(np.log(measured.mean(0) / crude)).max() + 1e-3
+
+
+def test_the_profile_figure_draws_the_theory_where_it_applies_and_says_where_not(
+        cli, tmp_path):
+    from conftest import TINY
+
+    from vgrad import store
+    from vgrad.analysis import figures, load_sweep
+
+    args = ["depth=3", "width=16", "seeds=2", *TINY]
+    code, _, err = cli("-m", "act=tanh,sigmoid", "init=he_normal", *args,
+                       f"hydra.sweep.dir={tmp_path / 'he'}")
+    assert code == 0, err
+    fig = figures.profile(load_sweep(tmp_path / "he"), "act")
+    delta_init = next(a for a in fig.axes if a.get_title().startswith("mean ‖δ_l‖ at step 0"))
+    drawn = {line.get_label(): line.get_ydata() for line in delta_init.get_lines()
+             if line.get_marker() == "o"}
+    assert set(drawn) == {"act=tanh (mean-field theory)", "act=sigmoid (mean-field theory)"}
+    for name in ("tanh", "sigmoid"):
+        run = next(d for d in (tmp_path / "he").iterdir()
+                   if (d / store.SUMMARY).is_file()
+                   and store.read_summary(d)["config"]["act"]["name"] == name)
+        cfg = compose_cfg(f"act={name}", "init=he_normal", *args)
+        ratio = theory.mean_delta_profile(act(name), 3, 2.0, 0.0, data.load(cfg.data).x_train)
+        out = np.median(store.read_metrics(run)["delta_norm"][:, 0, -1])
+        np.testing.assert_allclose(drawn[f"act={name} (mean-field theory)"], out * ratio,
+                                   rtol=1e-6)
+    text = fig._suptitle.get_text()
+    assert "mean-field theory" in text and text.count("χ₁ = ") == 2
+    assert "shrinks e-fold" in text  # sigmoid at sigma_w^2 = 2: chi_1 = 0.1
+
+    code, _, err = cli("-m", "act=tanh,relu", "init=normal", *args,
+                       f"hydra.sweep.dir={tmp_path / 'normal'}")
+    assert code == 0, err
+    fig = figures.profile(load_sweep(tmp_path / "normal"), "act")
+    assert not [line for a in fig.axes for line in a.get_lines() if line.get_marker() == "o"]
+    assert "no mean-field prediction: init=normal" in fig._suptitle.get_text()

@@ -38,6 +38,8 @@ within a figure.
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -512,9 +514,104 @@ def _seeds_of(lines: list[Line]) -> int:
     return min(counts) if counts else 0
 
 
-def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_norm")
-            ) -> Figure:
-    """The vanishing profile: per-layer norms against layer index, one line per value."""
+#: The config keys the mean-field prediction of a run depends on.
+THEORY_KEYS = ("act", "init", "bias_init", "depth", "bn", "data")
+
+
+@dataclass
+class Prediction:
+    """Mean-field theory of a net at initialisation: ||delta_l|| / ||delta_output|| for
+    the Dense layers (output last), the gradient factor chi_1 per layer at the fixed
+    point, and the gradient depth scale -1 / ln chi_1."""
+
+    delta_ratio: np.ndarray
+    chi: float
+    depth_scale: float
+
+
+def theory_prediction(run: Run) -> Prediction | str:
+    """The mean-field prediction for a run's config (Poole et al. 2016; Schoenholz et al.
+    2017: ``vgrad.theory``), or why there is none: the theory is for wide MLPs without
+    batch norm, with an elementwise activation, a zero-mean fan-in-scaled kernel
+    initializer and a zero-mean bias initializer, and is averaged over the run's own
+    training inputs."""
+    config = {k: run.config.get(k) for k in THEORY_KEYS}
+    return _prediction(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=256)
+def _prediction(config_json: str) -> Prediction | str:
+    from omegaconf import OmegaConf
+
+    from vgrad import data, theory
+    from vgrad.errors import ConfigError
+
+    cfg = OmegaConf.create(json.loads(config_json))
+    if cfg.bn not in (None, "none"):
+        return "batch norm"
+    try:
+        act = theory.activation(cfg.act)
+        sigma_w2, sigma_b2 = theory.sigma_w2_of(cfg.init), theory.sigma_b2_of(cfg.bias_init)
+        x = data.load(cfg.data).x_train
+    except (ValueError, ConfigError, OSError, KeyError, AttributeError) as exc:
+        return str(exc).split(";")[0]
+    q = theory.q_star(act, sigma_w2, sigma_b2)
+    return Prediction(theory.mean_delta_profile(act, int(cfg.depth), sigma_w2, sigma_b2, x),
+                      theory.chi(act, q, sigma_w2),
+                      theory.gradient_depth_scale(act, sigma_w2, sigma_b2))
+
+
+def _depth_scale_text(pred: Prediction) -> str:
+    """The depth scale xi = -1 / ln chi_1 in words: E||delta||^2 changes e-fold every
+    |xi| layers, shrinking towards the input below chi_1 = 1 and growing above."""
+    if abs(pred.chi - 1.0) < 1e-6:
+        return "critical (E‖δ‖² flat across layers)"
+    way = "shrinks" if pred.chi < 1 else "grows"
+    return f"E‖δ‖² {way} e-fold every {abs(pred.depth_scale):.3g} layers"
+
+
+def _draw_theory(ax, lines: list[Line], measured: list[np.ndarray | None]) -> str:
+    """Draw each line's mean-field delta profile (dotted, in the line's colour), scaled
+    to the measured median at the output layer; return the note that says what was
+    drawn and, for the lines without a prediction, why."""
+    drawn, missing = [], {}
+    for line, values in zip(lines, measured, strict=True):
+        configs = {json.dumps({k: r.config.get(k) for k in THEORY_KEYS}, sort_keys=True,
+                              default=str) for r in line.runs}
+        pred = (theory_prediction(line.runs[0]) if len(configs) == 1
+                else "the line pools nets the theory tells apart")
+        if isinstance(pred, str) or values is None:
+            missing.setdefault(pred if isinstance(pred, str) else "not recorded",
+                               []).append(line.label)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            anchor = np.nanmedian(values[:, -1])
+        if not np.isfinite(anchor) or len(pred.delta_ratio) != values.shape[1]:
+            missing.setdefault("no finite output-layer delta", []).append(line.label)
+            continue
+        ax.plot(np.arange(len(pred.delta_ratio)), anchor * pred.delta_ratio, color=line.color,
+                linestyle=":", linewidth=1.2, marker="o", markersize=3.5,
+                markerfacecolor="white", zorder=3, label=f"{line.label} (mean-field theory)")
+        drawn.append(f"{line.label}: χ₁ = {pred.chi:.3g}, {_depth_scale_text(pred)}")
+    parts = []
+    if drawn:
+        parts.append("open circles (δ at step 0): mean-field theory for infinite width, "
+                     "scaled to the measured output layer")
+        parts += drawn
+    if len(missing) == 1 and not drawn:
+        parts.append(f"no mean-field prediction: {next(iter(missing))}")
+    else:
+        parts += [f"no mean-field prediction for {', '.join(labels)} ({why})"
+                  for why, labels in missing.items()]
+    return "\n".join(parts)
+
+
+def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_norm"),
+            theory: bool = True) -> Figure:
+    """The vanishing profile: per-layer norms against layer index, one line per value.
+    With ``theory``, the delta panel at step 0 also draws the mean-field prediction of
+    each line where the theory applies, and says where it does not."""
     how = split(sweep, hue)
     lines = _by_depth(how.lines)
     if len(lines) > len(how.lines):  # nets of different depths got lines of their own
@@ -525,12 +622,15 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
     fig, ax = _figure(len(keys), 2, width=8.0, height=2.8, sharex=False)
     n_layers = max((len(r.metrics["layer_names"]) for line in lines for r in line.runs),
                    default=1)
+    theory_note = ""
     for row, key in enumerate(keys):
         for col, at in enumerate(("init", "end")):
             a = ax[row, col]
             recorded, drawn = False, False
+            measured = []
             for line in lines:
                 values = _profile_rows(line.runs, key, at)
+                measured.append(values)
                 if values is None:
                     continue
                 recorded = True
@@ -540,6 +640,8 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
             if not recorded:
                 _note(a, f"{key} was not recorded in these runs")
                 continue
+            if theory and key == "delta_norm" and at == "init":
+                theory_note = _draw_theory(a, lines, measured)
             when = "at step 0" if at == "init" else "(last 10% of steps)"
             a.set(title=f"{labels.get(key, key)} {when}", xlabel="layer (0 = next to the input)",
                   ylabel=labels.get(key, key))
@@ -549,7 +651,7 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
     _legend_below(fig, ax[0, 0], ncols=4)
     runs = [r for line in lines for r in line.runs]
     _suptitle(fig, f"Gradient profile across layers by {hue}", how.pooled,
-              _seed_note(_seeds_of(lines)), _diverged_note(runs))
+              _seed_note(_seeds_of(lines)), _diverged_note(runs), theory_note)
     return fig
 
 

@@ -114,3 +114,34 @@ def test_the_profile_figure_draws_the_theory_where_it_applies_and_says_where_not
     fig = figures.profile(load_sweep(tmp_path / "normal"), "act")
     assert not [line for a in fig.axes for line in a.get_lines() if line.get_marker() == "o"]
     assert "no mean-field prediction: init=normal" in fig._suptitle.get_text()
+
+
+def test_correlation_map_fixed_point_and_slope_in_both_phases():
+    tanh = act("tanh")
+    # Ordered (chi_1 < 1): inputs become perfectly correlated, and the map's slope at
+    # c* = 1 is chi_1 (Schoenholz et al. 2017, eq. 5).
+    q = theory.q_star(tanh, 1.0, 0.05)
+    assert theory.chi(tanh, q, 1.0) < 1
+    assert theory.c_star(tanh, 1.0, 0.05) == pytest.approx(1.0, abs=1e-6)
+    assert theory.chi_c(tanh, 1.0, 0.05) == pytest.approx(theory.chi(tanh, q, 1.0), rel=1e-9)
+    # Chaotic (chi_1 > 1): a fixed point below 1 that attracts (chi_c < 1), with a finite
+    # correlation depth scale.
+    q = theory.q_star(tanh, 4.0, 0.05)
+    assert theory.chi(tanh, q, 4.0) > 1
+    c = theory.c_star(tanh, 4.0, 0.05)
+    assert 0 < c < 0.5
+    assert theory.correlation_map(tanh, c, q, 4.0, 0.05) == pytest.approx(c, abs=1e-6)
+    assert theory.chi_c(tanh, 4.0, 0.05) < 1
+    assert 0 < theory.correlation_depth_scale(tanh, 4.0, 0.05) < float("inf")
+
+
+@pytest.mark.parametrize("name", ["tanh", "swish"])
+def test_correlation_map_matches_a_monte_carlo_estimate(name):
+    phi = act(name)
+    q, c, sigma_w2, sigma_b2 = 1.3, 0.5, 2.0, 0.05
+    z1, z2 = np.random.default_rng(0).standard_normal((2, 2_000_000))
+    u1 = np.sqrt(q) * z1
+    u2 = np.sqrt(q) * (c * z1 + np.sqrt(1 - c * c) * z2)
+    monte_carlo = (sigma_w2 * np.mean(phi.phi(u1) * phi.phi(u2)) + sigma_b2) / q
+    assert theory.correlation_map(phi, c, q, sigma_w2, sigma_b2) == pytest.approx(
+        monte_carlo, abs=3e-3)

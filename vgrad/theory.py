@@ -14,6 +14,13 @@ through transient chaos"; Schoenholz et al. 2017, "Deep information propagation"
   the depth scale xi_grad = -1 / ln chi_1 (e.g. ReLU: chi = sigma_w^2 / 2, so He's
   sigma_w^2 = 2 keeps gradients flat).
 
+- two inputs whose pre-activations have correlation c_l: the *correlation map*
+  c_{l+1} = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q* has a fixed point c*
+  (1 in the ordered phase, below 1 in the chaotic one) approached over the depth scale
+  xi_c = -1 / ln chi_c, chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at c*; xi_c diverges at
+  the order-to-chaos boundary chi_1 = 1, and nets train only while their depth is below
+  about 6 xi_c (Schoenholz et al. 2017).
+
 So ``delta_profile`` gives the predicted ||delta_l|| of every layer relative to the
 output layer's, the quantity vgrad records as ``delta_norm`` (batch mean of per-example
 norms; for wide layers the norms concentrate, so mean and root-mean-square agree).
@@ -139,6 +146,66 @@ def mean_delta_profile(act: Activation, depth: int, sigma_w2: float, sigma_b2: f
     q_grid = np.quantile(q_inputs, (np.arange(quantiles) + 0.5) / quantiles)
     return np.mean([delta_profile(act, depth, sigma_w2, sigma_b2, float(q)) for q in q_grid],
                    axis=0)
+
+
+# --- two inputs: the correlation map (Poole et al. 2016; Schoenholz et al. 2017) ----------
+
+# A coarser midpoint rule in two dimensions (the 1-D one squared would be 5.8e10 points).
+_EDGES_2D = np.linspace(-8.0, 8.0, 801)
+_NODES_2D = (_EDGES_2D[:-1] + _EDGES_2D[1:]) / 2
+_WEIGHTS_2D = np.exp(-_NODES_2D ** 2 / 2)
+_WEIGHTS_2D = _WEIGHTS_2D / _WEIGHTS_2D.sum()
+
+
+def gaussian_mean_2d(f: Callable[[np.ndarray, np.ndarray], np.ndarray], q: float,
+                     c: float) -> float:
+    """E[f(u1, u2)] for (u1, u2) Gaussian with variances q and correlation c:
+    u1 = sqrt(q) z1, u2 = sqrt(q) (c z1 + sqrt(1 - c^2) z2), z1, z2 ~ N(0, 1). ``f``
+    takes two flat arrays."""
+    z1, z2 = np.meshgrid(_NODES_2D, _NODES_2D, indexing="ij")
+    u1 = np.sqrt(q) * z1
+    u2 = np.sqrt(q) * (c * z1 + np.sqrt(max(1.0 - c * c, 0.0)) * z2)
+    weights = _WEIGHTS_2D[:, None] * _WEIGHTS_2D[None, :]
+    return float(np.sum(weights.ravel() * f(u1.ravel(), u2.ravel())))
+
+
+def correlation_map(act: Activation, c: float, q: float, sigma_w2: float,
+                    sigma_b2: float) -> float:
+    """c_{l+1} = (sigma_w^2 E[phi(u1) phi(u2)] + sigma_b^2) / q for two inputs whose
+    pre-activations have length q (at the fixed point q*) and correlation c_l."""
+    return (sigma_w2 * gaussian_mean_2d(lambda a, b: act.phi(a) * act.phi(b), q, c)
+            + sigma_b2) / q
+
+
+def c_star(act: Activation, sigma_w2: float, sigma_b2: float, c0: float = 0.5,
+           iterations: int = 1000, tol: float = 1e-9) -> float:
+    """The fixed point of the correlation map at q* (by iteration from ``c0``): 1 in the
+    ordered phase (chi_1 < 1), below 1 in the chaotic phase."""
+    q = q_star(act, sigma_w2, sigma_b2)
+    c = c0
+    for _ in range(iterations):
+        c_next = min(correlation_map(act, c, q, sigma_w2, sigma_b2), 1.0)
+        if abs(c_next - c) <= tol:
+            return c_next
+        c = c_next
+    return c
+
+
+def chi_c(act: Activation, sigma_w2: float, sigma_b2: float) -> float:
+    """chi_c = sigma_w^2 E[phi'(u1) phi'(u2)] at (q*, c*): the slope of the correlation
+    map at its fixed point. Equal to chi_1 where c* = 1 (the ordered phase)."""
+    q, c = q_star(act, sigma_w2, sigma_b2), c_star(act, sigma_w2, sigma_b2)
+    if c >= 1.0 - 1e-9:
+        return chi(act, q, sigma_w2)
+    return sigma_w2 * gaussian_mean_2d(lambda a, b: act.dphi(a) * act.dphi(b), q, c)
+
+
+def correlation_depth_scale(act: Activation, sigma_w2: float, sigma_b2: float) -> float:
+    """xi_c = -1 / ln chi_c: the depth over which two inputs' correlation reaches c*
+    (infinite at the order-to-chaos boundary); Schoenholz et al. 2017 find that nets
+    train only while their depth is below about 6 xi_c."""
+    c = chi_c(act, sigma_w2, sigma_b2)
+    return float("inf") if c >= 1.0 else -1.0 / np.log(c)
 
 
 def sigma_b2_of(bias_init: Any) -> float:

@@ -535,8 +535,13 @@ def theory_prediction(run: Run) -> Prediction | str:
     batch norm, with an elementwise activation, a zero-mean fan-in-scaled kernel
     initializer and a zero-mean bias initializer, and is averaged over the run's own
     training inputs."""
-    config = {k: run.config.get(k) for k in THEORY_KEYS}
-    return _prediction(json.dumps(config, sort_keys=True, default=str))
+    return _prediction(_theory_config(run))
+
+
+def _theory_config(run: Run) -> str:
+    """The part of a run's config the prediction depends on, as canonical JSON."""
+    return json.dumps({k: run.config.get(k) for k in THEORY_KEYS}, sort_keys=True,
+                      default=str)
 
 
 @functools.lru_cache(maxsize=256)
@@ -576,8 +581,7 @@ def _draw_theory(ax, lines: list[Line], measured: list[np.ndarray | None]) -> st
     drawn and, for the lines without a prediction, why."""
     drawn, missing = [], {}
     for line, values in zip(lines, measured, strict=True):
-        configs = {json.dumps({k: r.config.get(k) for k in THEORY_KEYS}, sort_keys=True,
-                              default=str) for r in line.runs}
+        configs = {_theory_config(r) for r in line.runs}
         pred = (theory_prediction(line.runs[0]) if len(configs) == 1
                 else "the line pools nets the theory tells apart")
         if isinstance(pred, str) or values is None:

@@ -130,7 +130,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
 
     # Per-run figures.
     run_sections = []
-    shown = [r for r in sweep.runs_list if r.status != "failed"][:MAX_RUN_FIGURES]
+    drawable = [r for r in sweep.runs_list if r.status != "failed"]
+    shown = drawable[:MAX_RUN_FIGURES]
     drawn = _draw_runs(shown, figdir, jobs if jobs is not None else os.cpu_count() or 1)
     for run, (written, notes) in zip(shown, drawn, strict=True):
         imgs = [_img(png, root, f"{run.name}: {kind.replace('_', ' ')}")
@@ -146,7 +147,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
     command = sweep.command()
     skipped = "".join(f"<li>{html.escape(str(p))}: {html.escape(w)}</li>"
                       for p, w in sweep.skipped)
-    more = len([r for r in sweep.runs_list if r.status != "failed"]) - len(shown)
+    more = len(drawable) - len(shown)
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>vgrad report: {html.escape(str(sweep_dir))}</title>

@@ -7,26 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_to_end
+from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_to_end, step_once
 from test_instruments import ACTS, numpy_backprop
 
-from vgrad import config, layers, loop, losses, model, optim, probes, store
-from vgrad.step import StepOut, init_state, make_eval_fn, make_train_step
+from vgrad import layers, loop, losses, model, optim, probes, store
+from vgrad.step import StepOut, init_state, make_eval_fn
 
 
-def bn_step(bn: str, batch: int = 12):
+def bn_step(bn: str):
     """One step of a 2-3-3-1 tanh net with batch norm, with both kinds of deltas."""
-    cfg = compose_cfg("depth=2", "width=3", "act=tanh", f"bn={bn}", "bias_init=normal")
-    net = model.build(cfg, 1)
-    tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    layout = model.layout(config.hidden_widths(cfg))
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(batch, 2)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32)
-    state = init_state(net, tx, jax.random.key(4), x, len(layout.names))
-    step = jax.jit(make_train_step(net, tx, "bce", layout, with_own_deltas=True))
-    _, out = step(state, x, y, jax.random.key(5))
-    return cfg, layout, state, out, x, y
+    overrides = ("act=tanh", f"bn={bn}", "bias_init=normal")
+    layout, state, _, out, x, y = step_once(*overrides, batch=12, seed=3, own_deltas=True)
+    return compose_cfg("depth=2", "width=3", *overrides), layout, state, out, x, y
 
 
 def reference_losses(params, x, y, bn: str, eps: float, extra: list) -> jnp.ndarray:

@@ -7,23 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import compose_cfg
+from conftest import compose_cfg, step_once
 
-from vgrad import config, losses, model, optim, probes
-from vgrad.step import init_state, make_train_step
+from vgrad import model, probes
 
 
-def one_step(*overrides: str, batch: int = 16):
-    cfg = compose_cfg("depth=2", "width=3", *overrides)
-    net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
-    tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    layout = model.layout(config.hidden_widths(cfg))
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(batch, 2)), jnp.float32)
-    y = jnp.asarray(rng.integers(0, 2, size=batch), jnp.int32)
-    state = init_state(net, tx, jax.random.key(1), x, len(layout.names))
-    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout, with_own_deltas=True))
-    new_state, out = step(state, x, y, jax.random.key(2))
+def one_step(*overrides: str):
+    """One step of a 2-3-3-1 net on 16 examples, with both kinds of deltas."""
+    layout, state, new_state, out, _, _ = step_once(*overrides, batch=16, own_deltas=True)
     return layout, state, new_state, out
 
 

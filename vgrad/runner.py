@@ -336,10 +336,17 @@ def write_failure(run_dir: Path, cfg: Any, error: str) -> None:
         log.error("could not record the failure of %s: %s", run_dir, exc)
 
 
+_WATCHED: set[int] = set()  # parents already watched by this process
+
+
 def watch_parent() -> None:
     """Exit when the process that started this one dies (a worker of a parallel sweep
-    whose launcher was killed would otherwise idle forever, holding its memory)."""
+    whose launcher was killed would otherwise idle forever, holding its memory). Called
+    for every job a worker runs; it starts one watcher per parent."""
     parent = os.getppid()
+    if parent in _WATCHED:
+        return
+    _WATCHED.add(parent)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -123,18 +123,14 @@ def _remove_unused_folder(run_dir: Path) -> None:
             run_dir.parent.rmdir()  # the date folder, if nothing else is in it
 
 
-_WATCHING: list[bool] = []
-
-
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     single = hydra_cfg.mode == RunMode.RUN
     outcomes = runner.OUTCOMES
-    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")) and not _WATCHING:
+    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")):
         runner.watch_parent()  # a joblib worker: exit with the sweep that started it
-        _WATCHING.append(True)
     try:
         if run_dir in outcomes.trained:  # trained by vgrad's launcher, with its group
             status = outcomes.trained[run_dir]

@@ -15,7 +15,7 @@ import pytest
 from absl import logging as absl_logging
 from hydra import compose, initialize_config_dir
 
-from vgrad import config, group, loop, losses, model, optim, runner
+from vgrad import group, loop, losses, models, optim, runner
 from vgrad.step import init_state, make_train_step
 from vgrad.train import CONF_DIR
 
@@ -73,9 +73,9 @@ def step_once(*overrides: str, batch: int = 8, seed: int = 0, own_deltas: bool =
     """One real training step of a small MLP (with each example's own deltas too, when
     asked); returns its parts and the batch."""
     cfg = compose_cfg("depth=2", "width=3", *overrides)
-    net = model.build(cfg, losses.out_dim(cfg.loss.value, 2))
+    net = models.build(cfg, losses.out_dim(cfg.loss.value, 2))
     tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
-    layout = model.layout(config.hidden_widths(cfg))
+    layout = models.layout(cfg)
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 2)).astype(np.float32)
     y = rng.integers(0, 2, size=batch).astype(np.int32)

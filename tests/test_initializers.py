@@ -85,9 +85,9 @@ def test_bias_initializers(name, mean, var, overrides):
 
 def test_nielsen_init_draws_kernels_and_biases_as_network2():
     cfg = compose_cfg("init=nielsen", "depth=1", "width=30")
-    from vgrad import model
+    from vgrad import models
 
-    net = model.build(cfg, 10)
+    net = models.build(cfg, 10)
     params = net.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
     np.testing.assert_allclose(np.var(params["dense_0"]["kernel"]), 1 / 784, rtol=0.05)
     np.testing.assert_allclose(np.var(params["dense_1"]["kernel"]), 1 / 30, rtol=0.3)

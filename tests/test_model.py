@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from conftest import compose_cfg
 
-from vgrad import model
+from vgrad import models
 
 
 def build(*overrides: str, out_dim: int = 1):
-    return model.build(compose_cfg(*overrides), out_dim)
+    return models.build(compose_cfg(*overrides), out_dim)
 
 
 def test_layers_are_named_from_the_input_side():
@@ -60,7 +60,7 @@ def test_evaluation_uses_the_running_averages(where):
     assert not np.allclose(training_mode, expected)  # batch statistics differ
 
 
-def test_capture_sows_activations_and_slopes_of_every_hidden_layer():
+def test_capture_sows_the_signal_activations_and_slopes_of_every_layer():
     net = build("depth=2", "width=3", "act=sigmoid")
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 2)), jnp.float32)
     variables = net.init(jax.random.key(0), x)
@@ -71,5 +71,6 @@ def test_capture_sows_activations_and_slopes_of_every_hidden_layer():
     np.testing.assert_allclose(inter["activation_0"][0], s, rtol=1e-6)
     np.testing.assert_allclose(inter["slope_0"][0], s * (1 - s), rtol=1e-5)
     np.testing.assert_allclose(inter["slope_max_0"][0], 0.25, rtol=1e-6)
-    assert set(inter) == {f"{k}_{i}" for k in ("activation", "slope", "slope_max")
-                          for i in range(2)}
+    np.testing.assert_allclose(inter["delta_0"][0], z, rtol=1e-6)  # the forward signal
+    assert set(inter) == ({f"{k}_{i}" for k in ("activation", "slope", "slope_max")
+                           for i in range(2)} | {f"delta_{i}" for i in range(3)})

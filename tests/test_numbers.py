@@ -10,7 +10,7 @@ import pytest
 from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_to_end, step_once
 from test_instruments import ACTS, numpy_backprop
 
-from vgrad import layers, loop, losses, model, optim, probes, store
+from vgrad import layers, loop, losses, models, optim, probes, store
 from vgrad.step import StepOut, init_state, make_eval_fn
 
 
@@ -82,8 +82,8 @@ def test_norms_of_huge_finite_gradients_are_finite_and_exact():
     rng = np.random.default_rng(0)
     kernels = [rng.normal(size=(1, 3, 4)) * 1e30, rng.normal(size=(1, 4, 2)) * 1e-30]
     layout = layers.Layout((
-        layers.Segment(("dense_0",), ("dense_0",), False, ("delta_0",)),
-        layers.Segment(("dense_1",), ("dense_1",), False, ("delta_1",), hidden=False)))
+        layers.Segment(("dense_0",), (("dense_0",),), ("delta_0",), False),
+        layers.Segment(("dense_1",), (("dense_1",),), ("delta_1",), False)), ())
     grads = {f"dense_{i}": {"kernel": jnp.asarray(k[0], jnp.float32),
                             "bias": jnp.asarray(k[0, 0] * 0.5, jnp.float32)}
              for i, k in enumerate(kernels)}
@@ -129,7 +129,7 @@ def test_snapshots_after_a_divergence_are_nan_like_the_metrics():
 
 def test_accuracy_of_non_finite_logits_is_nan():
     cfg = compose_cfg("depth=1", "width=3")
-    net = model.build(cfg, 1)
+    net = models.build(cfg, 1)
     params = net.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
     x = jnp.ones((4, 2))
     y = jnp.array([0, 1, 0, 1])
@@ -192,7 +192,7 @@ def test_saved_parameters_are_the_runs_own(cli, tmp_path):
                                        kernel.mean(axis=(1, 2)), rtol=1e-4, atol=1e-7)
     # ... and the initial ones are what the model's initialiser draws for the seed.
     cfg = compose_cfg(*TINY)
-    net = model.build(cfg, 1)
+    net = models.build(cfg, 1)
     drawn = init_state(net, optim.make(cfg.clip, cfg.optim, 1, 1),
                        loop.seed_keys(jnp.int32(1)).init, jnp.zeros((32, 2)), 5)
     np.testing.assert_array_equal(params["initial.dense_2.kernel"][1],

@@ -9,7 +9,7 @@ import optax
 import pytest
 from conftest import compose_cfg, step_once
 
-from vgrad import model, probes
+from vgrad import models, probes
 
 
 def one_step(*overrides: str):
@@ -47,7 +47,7 @@ def test_gradient_is_the_loss_gradient_before_clipping():
     """The returned pytree is d(mean BCE)/d(params) of the batch, whatever the clipping."""
     layout, state, _, out = one_step("clip=value", "clip.max=1e-4")
     cfg = compose_cfg("depth=2", "width=3")
-    net = model.build(cfg, 1)
+    net = models.build(cfg, 1)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 2)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 2, size=16), jnp.int32)

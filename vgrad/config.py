@@ -24,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from vgrad import activations, data, initializers, optim, probes
+from vgrad import activations, data, initializers, models, optim, probes
 from vgrad.errors import ConfigError
 
 
@@ -75,15 +75,16 @@ class Record:
 
 @dataclass
 class Config:
+    model: Any = MISSING  # mlp | resmlp (vgrad/models)
     act: Any = MISSING
     init: Any = MISSING  # kernel initializer
     bias_init: Any = MISSING
     clip: Any = MISSING
     optim: Any = MISSING
     data: Any = MISSING
-    depth: int = 4  # hidden layers; the output layer comes on top
-    width: int = 5  # units per hidden layer
-    widths: list[int] | None = None  # per-layer widths instead (len must equal depth)
+    depth: int = 4  # hidden layers (the output layer comes on top); resmlp: blocks
+    width: int = 5  # units per hidden layer; resmlp: of every block
+    widths: list[int] | None = None  # MLP: per-layer widths instead (len must equal depth)
     bn: Norm = Norm.none
     bn_momentum: float = 0.99  # Keras BatchNormalization defaults
     bn_eps: float = 0.001
@@ -115,6 +116,7 @@ VOLATILE = ("progress", "resume", "compile_cache", "tensorboard")
 
 
 GROUPS: dict[str, dict[str, Any]] = {
+    "model": models.MODELS,
     "act": activations.ACTIVATIONS,
     "init": initializers.KERNEL_INITIALIZERS,
     "bias_init": initializers.BIAS_INITIALIZERS,
@@ -151,11 +153,6 @@ def _one_of(key: str, value: str, allowed: Any) -> None:
         raise ConfigError(key, value, "one of " + ", ".join(allowed))
 
 
-def hidden_widths(cfg: Any) -> list[int]:
-    """Widths of the hidden layers, input side first."""
-    return list(cfg.widths) if cfg.widths is not None else [cfg.width] * cfg.depth
-
-
 def validate(cfg: Any) -> None:
     """Check what the schemas cannot: ranges and consistent combinations.
 
@@ -167,15 +164,8 @@ def validate(cfg: Any) -> None:
         if key not in known:  # added with +key=...: nothing would read it
             raise ConfigError(f"+{key}", cfg[key], "a known key (nothing reads this one); "
                               "top-level keys are " + ", ".join(known))
-    _at_least("depth", cfg.depth, 1)
     _at_least("width", cfg.width, 1)
-    if cfg.widths is not None:
-        if len(cfg.widths) != cfg.depth:
-            raise ConfigError("widths", list(cfg.widths),
-                              f"{cfg.depth} entries to match depth={cfg.depth} "
-                              "(or set widths=null)")
-        for w in cfg.widths:
-            _at_least("widths", w, 1)
+    models.MODELS[cfg.model.name].validate(cfg)
     _at_least("epochs", cfg.epochs, 1)
     _at_least("batch_size", cfg.batch_size, 1)
     _at_least("seeds", cfg.seeds, 1)

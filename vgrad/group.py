@@ -14,7 +14,7 @@ This module decides, from a job's composed config:
   initializer, and every elementwise activation (no parameters, no noise, one output per
   input: sigmoid ... swish), is a *family* chosen per member by an index, so that jobs
   differing in them share one program (the program evaluates the group's families and
-  selects; see ``vgrad.model``). PReLU, RReLU, learnable Swish and maxout change the
+  selects; see ``vgrad.models``). PReLU, RReLU, learnable Swish and maxout change the
   parameters or the noise and stay part of the structure;
 - its **structure**: everything else (depth, widths, batch norm, optimizer and clipping
   kind, loss, epochs, batch size, probes, data shapes, ...). Jobs with equal structure
@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from vgrad import activations, config
+from vgrad import activations, config, models
 from vgrad.data import Dataset
 
 #: Config nodes whose float fields are traced knobs (each has a registry of choices).
@@ -283,7 +283,7 @@ def member_bytes(job: Job) -> int:
     and on an evaluation block, and the records of the whole run kept on the host."""
     cfg, ds = job.cfg, job.data
     pieces = int(getattr(cfg.act, "pieces", 1) or 1)
-    sizes = [ds.n_features, *config.hidden_widths(cfg)]
+    sizes = [ds.n_features, *models.MODELS[cfg.model.name].widths(cfg)]
     params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     params += (sizes[-1] + 1) * max(ds.n_classes, 1)
     units = sum(sizes[1:]) * pieces

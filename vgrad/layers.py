@@ -1,12 +1,26 @@
 """Where a model's instrumented layers live in its variables: the model's declaration.
 
-A model's layers are stored in *segments*: a single layer (``dense_0``: its kernel at
-``params["dense_0"]["kernel"]``), or a stack of identical layers run as one scan
-(``nn.scan``: the kernels of layers 1 ... n at ``params["hidden"]["dense"]["kernel"]``,
-one leading axis over the layers). Probes, the divergence guard and the writers read
-layers only through a :class:`Layout`, which hands every segment over with a leading
-layer axis, so that a per-layer statistic is one reduction per segment whatever the
-depth, and every per-layer array keeps its meaning (index l = layer l, input side first).
+Every model in the registry (``vgrad.models``) declares its layers, input side first, as
+a :class:`Layout`; probes, the divergence guard and the writers read layers only through
+it, never through ``range(depth)``. A *layer* is what one entry of a per-layer array
+means: a Dense layer of the MLP, the input projection, a residual block or the output
+layer of a residual net. Each layer has
+
+- its **Dense parameters** (one Dense, or several: a residual block of two Dense
+  layers), whose kernels and biases the per-layer statistics reduce together;
+- its **delta point**: where ``Module.perturb`` takes delta = dL/dz in the
+  ``perturbations`` collection (the MLP's pre-activation z_l; a residual block's output
+  on the residual stream), where the forward signal (q^l, c^l) is sown too, in
+  ``intermediates`` under the same path;
+- for every layer but the last, the **activation applied to its output** (its captures
+  f(z), f'(z), max |f'|: the ``hidden`` axis), declared separately in ``captures``.
+
+Layers are stored in *segments*: a single layer (the MLP's ``dense_0``, its kernel at
+``params["dense_0"]["kernel"]``), or identical layers run as one scan (``nn.scan``: the
+kernels of layers 1 ... n at ``params["hidden"]["dense"]["kernel"]``, one leading axis
+over the layers). A :class:`Layout` hands every segment over with a leading layer axis,
+so that a per-layer statistic is one reduction per segment whatever the depth, and every
+per-layer array keeps its meaning (index l = layer l, input side first).
 """
 
 from __future__ import annotations
@@ -20,22 +34,47 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+Path = tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Segment:
-    """Consecutive layers stored together."""
+    """Consecutive layers stored together.
+
+    ``params`` names the parameter nodes of these layers for the flat ``<layer>.<leaf>``
+    keys of ``grads.npz`` and ``params.npz``: pairs (one name per layer, path), e.g.
+    ``(("dense_3",), ("dense_3",))`` or, stacked, ``(("dense_1", ..., "dense_9"),
+    ("hidden", "dense"))``; every leaf under the path is keyed ``<name>.<its path>``.
+    """
 
     names: tuple[str, ...]  # the layers' names, input side first ("dense_3", ...)
-    path: tuple[str, ...]  # where the Dense parameters are: ("dense_3",) or ("hidden", "dense")
+    dense: tuple[Path, ...]  # where each layer's Dense parameters are (one or more)
+    delta: Path  # where delta is taken in "perturbations" (the signal in "intermediates")
     stacked: bool  # parameters, deltas and captures carry a leading layer axis
-    delta: tuple[str, ...]  # where delta is taken in "perturbations": ("delta_3",) ...
-    norm: tuple[str, ...] | None = None  # where its batch norm's parameters are, if any
-    act: tuple[str, ...] | None = None  # where its activation's parameters are, if any
-    hidden: bool = True  # a hidden layer (activation captured), not the output layer
+    params: tuple[tuple[tuple[str, ...], Path], ...] = ()
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Where the activations applied to some layers' outputs sow their captures: the
+    ``intermediates`` node at ``path``, keys ``<capture><suffix>`` ("activation_3"), one
+    activation or (``stacked``) a leading axis of them."""
+
+    path: Path
+    suffix: str
+    stacked: bool
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A residual net's blocks, for the branch/skip probe: the ``intermediates`` node
+    where each block sows ``branch`` (alpha F(h)) and ``skip`` (h), stacked over blocks."""
+
+    path: Path
+    count: int
 
 
 def _get(tree: Any, path: Sequence[str]) -> Any:
@@ -44,11 +83,18 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
+def _lead(x: Array, stacked: bool) -> Array:
+    return x if stacked else x[None]
+
+
 @dataclass(frozen=True)
 class Layout:
-    """A model's layers, in segments, input side first."""
+    """A model's layers, in segments, input side first; the activations applied to every
+    layer's output but the last's, in order; and the residual blocks, if any."""
 
     segments: tuple[Segment, ...]
+    captures: tuple[Capture, ...]
+    blocks: Blocks | None = None
 
     @property
     def names(self) -> list[str]:
@@ -56,36 +102,38 @@ class Layout:
 
     @property
     def hidden_names(self) -> list[str]:
-        return [n for s in self.segments if s.hidden for n in s.names]
-
-    def _stack(self, seg: Segment, x: Array) -> Array:
-        return x if seg.stacked else x[None]
+        """The layers whose output goes through an activation: all but the last."""
+        return self.names[:-1]
 
     def leaves(self, tree: Any, leaf: str) -> list[Array]:
-        """Parameter ``leaf`` ("kernel", "bias") of every segment, [n, ...] each."""
-        return [self._stack(s, _get(tree, s.path)[leaf]) for s in self.segments]
+        """Parameter ``leaf`` ("kernel", "bias") of every segment, [n, ...] each; a layer
+        of several Dense layers has their leaves flattened side by side, [n, K]."""
+        out = []
+        for s in self.segments:
+            parts = [_lead(_get(tree, p)[leaf], s.stacked) for p in s.dense]
+            out.append(parts[0] if len(parts) == 1 else jnp.concatenate(
+                [x.reshape(x.shape[0], -1) for x in parts], axis=1))
+        return out
 
     def deltas(self, perturbation_grads: Any) -> list[Array]:
         """The gradient at each segment's perturbation, [n, batch, units] each."""
-        return [self._stack(s, _get(perturbation_grads, s.delta)) for s in self.segments]
+        return [_lead(_get(perturbation_grads, s.delta), s.stacked) for s in self.segments]
+
+    def signals(self, intermediates: Any) -> list[Array]:
+        """The forward signal at each segment's delta point (sown under the same path),
+        [n, batch, units] each."""
+        return [_lead(_get(intermediates, s.delta)[0], s.stacked) for s in self.segments]
 
     def captured(self, intermediates: Any, name: str) -> list[Array]:
-        """A value sown by the hidden layers under ``name`` ("activation", "slope",
-        "slope_max"), [n, ...] per hidden segment."""
-        out = []
-        for s in self.segments:
-            if not s.hidden:
-                continue
-            if s.stacked:
-                out.append(_get(intermediates, s.path[:-1])[name][0])
-            else:
-                out.append(intermediates[f"{name}_{s.names[0].split('_')[-1]}"][0][None])
-        return out
+        """A value sown by the activations under ``name`` ("activation", "slope",
+        "slope_max"), [n, ...] per capture."""
+        return [_lead(_get(intermediates, c.path)[f"{name}{c.suffix}"][0], c.stacked)
+                for c in self.captures]
 
-
-def _named(seg: Segment, kind: str) -> list[str]:
-    index = [n.split("_")[-1] for n in seg.names]
-    return [f"{kind}_{i}" for i in index]
+    def block_values(self, intermediates: Any) -> tuple[Array, Array]:
+        """Each block's branch output and skip path, [blocks, batch, units] each."""
+        node = _get(intermediates, self.blocks.path)
+        return node["branch"][0], node["skip"][0]
 
 
 def flat_params(layout: Layout, tree: Any, lead: int = 0) -> dict[str, Array]:
@@ -95,22 +143,18 @@ def flat_params(layout: Layout, tree: Any, lead: int = 0) -> dict[str, Array]:
     ``tree`` may carry ``lead`` leading axes (seeds, snapshots) before the layer axis."""
     out: dict[str, Array] = {}
     for seg in layout.segments:
-        parts = [("dense", seg.path), ("bn", seg.norm), ("act", seg.act)]
-        for kind, path in parts:
-            if path is None:
-                continue
+        for names, path in seg.params:
             try:
                 node = _get(tree, path)
             except (KeyError, TypeError):
                 continue
-            leaves = jax.tree_util.tree_flatten_with_path(node)[0]
-            for keypath, value in leaves:
+            for keypath, value in jax.tree_util.tree_flatten_with_path(node)[0]:
                 leaf = ".".join(str(getattr(k, "key", k)) for k in keypath)
                 if seg.stacked:
-                    for i, name in enumerate(_named(seg, kind)):
+                    for i, name in enumerate(names):
                         out[f"{name}.{leaf}"] = value[(slice(None),) * lead + (i,)]
                 else:
-                    out[f"{_named(seg, kind)[0]}.{leaf}"] = value
+                    out[f"{names[0]}.{leaf}"] = value
     return out
 
 

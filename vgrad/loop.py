@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vgrad import activations, config, initializers, layers, losses, model, optim, probes
+from vgrad import activations, initializers, layers, losses, models, optim, probes
 from vgrad.data import Dataset
 from vgrad.group import Group, Job, Members, family, node_view, structure
 from vgrad.step import (
@@ -53,6 +53,8 @@ from vgrad.step import (
 
 Array = jax.Array
 
+#: Epoch probes that read values the network sows on the probe batch (``capture=True``).
+CAPTURING = {"activation_stats", "forward_signal", "residual_signal"}
 #: Examples per block when evaluating on a full set (bounds activation memory).
 EVAL_BLOCK = 4096
 #: Work per chunk chosen by record.chunk_epochs=0, in multiply-adds (about a second on
@@ -254,7 +256,8 @@ class Program:
         self.out_dim = losses.out_dim(self.loss, ds.n_classes)
         self.n_features = ds.n_features
         self.dtype = jnp.dtype(cfg.dtype)
-        self.layout = model.layout(config.hidden_widths(cfg))
+        self.model = models.MODELS[cfg.model.name]
+        self.layout = self.model.layout(cfg)
         self.names = self.layout.names
         template = jax.tree.map(lambda a: a[0], group.members())
         self.n_params = count_params(self.net(template), ds.n_features)
@@ -265,12 +268,14 @@ class Program:
         self.snapshot_every = cfg.record.full_grads_every
         self.matmul_precision = cfg.matmul_precision
         self.step_probes = tuple(cfg.record.step_probes)
-        self.epoch_probes = tuple(cfg.record.epoch_probes)
+        # (a probe of residual blocks does not run on a model without blocks)
+        self.epoch_probes = probes.applicable(probes.EPOCH_PROBES, cfg.record.epoch_probes,
+                                              self.layout)
         self.zero_perturbations = perturbation_zeros(self.net(template))
 
     # -- a member's network and optimizer, from its knobs --
 
-    def net(self, m: Members) -> model.MLP:
+    def net(self, m: Members) -> Any:
         """Member ``m``'s network (``m``: one member's values, traced or not)."""
         fam, cfg = self.group.families, self.group.cfg
         if len(fam["act"]) == 1:
@@ -284,10 +289,9 @@ class Program:
         bias_init = initializers.drawn_in_float32(initializers.select(
             [initializers.bias_init(node_view(f, m.knobs, "bias_init"))
              for f in fam["bias_init"]], m.bias_init))
-        return model.MLP(widths=tuple(config.hidden_widths(cfg)), out_dim=self.out_dim,
-                         act=act, kernel_init=kernel_init, bias_init=bias_init, pieces=pieces,
-                         bn=cfg.bn.value, bn_momentum=m.knobs["bn_momentum"],
-                         bn_eps=m.knobs["bn_eps"], dtype=self.dtype)
+        parts = models.Parts(act, kernel_init, bias_init, pieces, m.knobs["bn_momentum"],
+                             m.knobs["bn_eps"], self.dtype)
+        return self.model.build(cfg, parts, self.out_dim)
 
     def tx(self, m: Members) -> optim.Transforms:
         """Member ``m``'s clipping and optimizer."""
@@ -328,12 +332,17 @@ class Program:
         test = mean_over_set(eval_batch, params, batch_stats,
                              data.x_test, data.y_test, self.n_test)
         sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
-        if "activation_stats" in self.epoch_probes:  # (only traced when asked for)
+        signals = branches = skips = None
+        if CAPTURING & set(self.epoch_probes):  # (only traced when asked for)
             variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
                                               else {})}
             _, captured = net.apply(variables, data.x_probe, train=False, capture=True,
                                     mutable=["intermediates"])
-            sown = {k: self.layout.captured(captured["intermediates"], k) for k in sown}
+            inter = captured["intermediates"]
+            sown = {k: self.layout.captured(inter, k) for k in sown}
+            signals = self.layout.signals(inter)
+            if self.layout.blocks is not None:
+                branches, skips = self.layout.block_values(inter)
         probe_grads = None
         if {"histograms", "probe_bias_grad_norm"} & set(self.epoch_probes):
             loss_fn = make_loss_fn(net, self.loss)
@@ -344,7 +353,8 @@ class Program:
         return probes.EpochView(
             params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
             slope_max=sown["slope_max"], probe_grads=probe_grads,
-            sat_threshold=m.knobs["record.sat_threshold"])
+            sat_threshold=m.knobs["record.sat_threshold"], signals=signals,
+            branches=branches, skips=skips)
 
     def _epoch_stats_one(self, state: TrainState, m: Members, data: DeviceData
                          ) -> dict[str, Array]:
@@ -356,8 +366,9 @@ class Program:
     # -- the shapes of what the probes return (from their declarations, not traced) --
 
     def axis_sizes(self) -> dict[str, int]:
+        blocks = self.layout.blocks
         return {"layer": len(self.names), "hidden": len(self.layout.hidden_names),
-                "bin": probes.HIST_EDGES.size - 1}
+                "bin": probes.HIST_EDGES.size - 1, "block": blocks.count if blocks else 0}
 
     def step_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
         axes = probes.outputs(probes.STEP_PROBES, self.step_probes)

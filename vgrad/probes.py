@@ -184,10 +184,15 @@ def clip_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
 
 @dataclass(frozen=True)
 class Probe:
-    """A registry entry: the reduction and the arrays it returns, with their axes."""
+    """A registry entry: the reduction and the arrays it returns, with their axes; a
+    probe of residual blocks (``blocks``) runs on models that declare blocks only."""
 
     fn: Callable[[Any, Layout], dict[str, Array]]
     outputs: Mapping[str, tuple[str, ...]]
+    blocks: bool = False
+
+    def applies(self, layout: Layout) -> bool:
+        return not self.blocks or layout.blocks is not None
 
     def __call__(self, view: Any, layout: Layout) -> dict[str, Array]:
         return self.fn(view, layout)
@@ -215,9 +220,15 @@ def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,
              which: Sequence[str] | None) -> dict[str, Array]:
     stats: dict[str, Array] = {}
     for name, probe in registry.items():
-        if which is None or name in which:
+        if (which is None or name in which) and probe.applies(layout):
             stats.update(probe(view, layout))
     return stats
+
+
+def applicable(registry: Mapping[str, Probe], which: Sequence[str], layout: Layout
+               ) -> tuple[str, ...]:
+    """The probes of ``which`` that run on a model of this ``layout``."""
+    return tuple(n for n in which if registry[n].applies(layout))
 
 
 def outputs(registry: Mapping[str, Probe], which: Sequence[str] | None
@@ -260,6 +271,11 @@ class EpochView(NamedTuple):
     slope_max: list[Array]  # per hidden segment: max |f'| over z in [-10, 10], [n, units]
     probe_grads: Any  # gradient of the loss on the probe batch (training mode)
     sat_threshold: Array | float
+    # per segment: the signal at each layer's delta point on the probe batch (the MLP's
+    # pre-activation z_l, a residual block's output h_k), [n, probe, units]
+    signals: list[Array] | None = None
+    branches: Array | None = None  # residual nets: alpha F(h) per block, [D, probe, units]
+    skips: Array | None = None  # and the skip path h, [D, probe, units]
 
 
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -301,6 +317,53 @@ def activation_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
 
     dead, sat = _per_layer(fractions, packed)
     return {"act_mean": mean, "act_std": std, "act_dead_frac": dead, "act_sat_frac": sat}
+
+
+#: Probe examples whose pairwise correlations give c^l (the first ones of the probe batch):
+#: 64 examples are 2,016 pairs, and the cost stays small at any depth.
+CORR_EXAMPLES = 64
+
+
+def forward_signal(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """The forward signal at every layer's delta point on the probe batch (examples n,
+    units j; the MLP's pre-activation z_l, a residual block's output h_k):
+
+    - ``signal_q``: q^l = mean over n and j of z_nj^2, the squared length per unit that
+      mean-field theory's length map predicts (Poole et al. 2016; ``vgrad.theory``);
+    - ``signal_c``: c^l = mean over pairs n != m of z_n . z_m / (|z_n| |z_m|), among
+      the first ``CORR_EXAMPLES`` probe examples: the correlation of the
+      representations of different inputs, which the C-map predicts (Schoenholz et al.
+      2017). c^l -> 1: every input looks alike to the deep layers (the ordered phase).
+    """
+    blocks = pack(view.signals, axis=2)
+
+    def length(rows: Rows) -> Array:  # [n]
+        s = _scale(rows.x.reshape(rows.x.shape[0], -1))[:, 0]
+        y = rows.x / s[:, None, None]
+        return jnp.sum(y * y, axis=(1, 2)) / (rows.count * rows.x.shape[1]) * s * s
+
+    def correlation(rows: Rows) -> Array:  # [n]
+        z = rows.x[:, :CORR_EXAMPLES]
+        norms = _norms(z)  # [n, E]
+        u = z / jnp.where(norms > 0, norms, jnp.nan)[..., None]
+        gram = jnp.einsum("nak,nbk->nab", u, u)
+        e = z.shape[1]
+        return (jnp.sum(gram, axis=(1, 2)) - jnp.trace(gram, axis1=1, axis2=2)) / (e * (e - 1))
+
+    return {"signal_q": _per_layer(length, blocks),
+            "signal_c": _per_layer(correlation, blocks)}
+
+
+def residual_signal(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """Per residual block k, on the probe batch: the variance of the branch output
+    alpha F(h_{k-1}) and of the skip path h_{k-1} (over examples, averaged over units),
+    the signal-propagation plots of Brock, De & Smith 2021 ("Characterizing signal
+    propagation to close the performance gap in unnormalized ResNets"). The stream's
+    variance after the block is their sum plus twice their covariance."""
+    def variance(x: Array) -> Array:
+        return jnp.mean(jnp.var(x, axis=1), axis=-1)
+
+    return {"branch_var": variance(view.branches), "skip_var": variance(view.skips)}
 
 
 def log10_hists(xs: list[Array]) -> Array:
@@ -353,6 +416,9 @@ EPOCH_PROBES: dict[str, Probe] = {
     "probe_bias_grad_norm": Probe(probe_bias_grad_norm, {"probe_bias_grad_norm": _LAYER}),
     "histograms": Probe(histograms, {"grad_hist": ("layer", "bin"),
                                      "weight_hist": ("layer", "bin")}),
+    "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER}),
+    "residual_signal": Probe(residual_signal, {"branch_var": ("block",),
+                                               "skip_var": ("block",)}, blocks=True),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).

@@ -1,4 +1,4 @@
-"""The MLP under study: Dense layers with stable names and injected parts.
+"""The MLP (``model=mlp``): Dense layers with stable names and injected parts.
 
 Layers are ``dense_0`` (next to the input) ... ``dense_{depth}`` (the output layer), so
 an array indexed by layer means the same thing in every run. The activation and the
@@ -13,8 +13,10 @@ activation, never on the output layer; its running averages live in ``batch_stat
 are used whenever ``train=False``.
 
 With ``capture=True`` each hidden layer also sows, into ``intermediates``, its
-activation a = f(z), the slope f'(z) and the activation's largest slope over
-z in [-10, 10] (per unit), from which the probes measure dead and saturated units.
+pre-activation z (under its delta's name: the forward signal), its activation a = f(z),
+the slope f'(z) and the activation's largest slope over z in [-10, 10] (per unit), from
+which the probes measure the signal's length and correlation and dead and saturated
+units.
 
 **Deep nets compile in constant time.** From ``SCAN_FROM`` identical hidden layers on
 (same width, the common case ``depth=D width=W``), layers 1 ... depth-1 are one
@@ -27,21 +29,32 @@ shallower net keeps its layers unrolled, which XLA fuses a little better.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vgrad import activations, initializers
-from vgrad.config import hidden_widths
-from vgrad.layers import Layout, Segment
+from vgrad.errors import ConfigError
+from vgrad.layers import Capture, Layout, Segment
+from vgrad.models.common import Parts, activate, delta_point
 
-#: Where the activation's maximum slope is searched (includes 0, where sigmoid peaks).
-SLOPE_GRID = np.linspace(-10.0, 10.0, 2001, dtype=np.float32)
 #: Identical hidden layers (after the first) from which they run as one scan.
 SCAN_FROM = 8
+
+
+@dataclass
+class MLPModel:
+    """``conf/model/mlp.yaml``: the shape comes from the top-level ``depth``, ``width``
+    (or ``widths``) and ``bn`` keys, as before models were an axis."""
+
+    name: str = "mlp"
+
+
+def hidden_widths(cfg: Any) -> list[int]:
+    """Widths of the hidden layers, input side first."""
+    return list(cfg.widths) if cfg.widths is not None else [cfg.width] * cfg.depth
 
 
 def layer_names(depth: int) -> list[str]:
@@ -56,27 +69,30 @@ def scanned_layers(widths: Sequence[int]) -> int:
     return len(rest) if len(rest) >= SCAN_FROM and len(set(rest)) == 1 else 0
 
 
-def layout(widths: Sequence[int]) -> Layout:
+def layout_of(widths: Sequence[int]) -> Layout:
     """Where the layers of an MLP with hidden ``widths`` live in its variables."""
     depth, stack = len(widths), scanned_layers(widths)
 
     def single(i: int, hidden: bool = True) -> Segment:
-        return Segment((f"dense_{i}",), (f"dense_{i}",), False, (f"delta_{i}",),
-                       (f"bn_{i}",) if hidden else None, (f"act_{i}",) if hidden else None,
-                       hidden)
+        kinds = ("dense", "bn", "act") if hidden else ("dense",)
+        return Segment((f"dense_{i}",), ((f"dense_{i}",),), (f"delta_{i}",), False,
+                       tuple(((f"{k}_{i}",), (f"{k}_{i}",)) for k in kinds))
 
     if not stack:
         segments = [single(i) for i in range(depth)]
+        captures = [Capture((), f"_{i}", False) for i in range(depth)]
     else:
+        names = tuple(f"dense_{i}" for i in range(1, depth))
         segments = [single(0), Segment(
-            tuple(f"dense_{i}" for i in range(1, depth)), ("hidden", "dense"), True,
-            ("hidden", "delta"), ("hidden", "bn"), ("hidden", "act"))]
-    return Layout((*segments, single(depth, hidden=False)))
+            names, (("hidden", "dense"),), ("hidden", "delta"), True,
+            tuple((tuple(n.replace("dense", k) for n in names), ("hidden", k))
+                  for k in ("dense", "bn", "act")))]
+        captures = [Capture((), "_0", False), Capture(("hidden",), "", True)]
+    return Layout((*segments, single(depth, hidden=False)), tuple(captures))
 
 
-def _slopes(act: nn.Module, z: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-    """f(z) and the elementwise slope f'(z) (a forward-mode derivative through ``act``)."""
-    return nn.jvp(lambda mdl, u: mdl(u, train), act, (z,), (jnp.ones_like(z),), {})
+def layout(cfg: Any) -> Layout:
+    return layout_of(hidden_widths(cfg))
 
 
 class _Parts(nn.Module):
@@ -91,39 +107,26 @@ class _Parts(nn.Module):
     bn_eps: float = 1e-3
     dtype: Any = jnp.float32  # of the parameters and the computation
 
-    def hidden_layer(self, x: jax.Array, width: int, names: dict[str, str], train: bool,
+    def hidden_layer(self, x: jax.Array, width: int, suffix: str, train: bool,
                      capture: bool) -> jax.Array:
         """Dense -> [BatchNorm] -> activation -> [BatchNorm], delta and captures; the
-        submodules and collections are named by ``names`` (dense, bn, act, delta, and
-        the captures activation, slope, slope_max)."""
+        submodules and collections are named ``dense<suffix>``, ``bn<suffix>``,
+        ``act<suffix>``, ``delta<suffix>`` and the captures ``activation<suffix>``, ..."""
         dense = nn.Dense(width * self.pieces, kernel_init=self.kernel_init,
                          bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.dtype,
-                         name=names["dense"])
-        z = self.perturb(names["delta"], dense(x))
+                         name=f"dense{suffix}")
+        z = delta_point(self, f"delta{suffix}", dense(x), capture)
         if self.bn == "pre":
-            z = self._norm(names["bn"], train)(z)
-        act = self.act(name=names["act"])
-        if capture:
-            x, slope = _slopes(act, z, train)
-            grid = jnp.broadcast_to(jnp.asarray(SLOPE_GRID, z.dtype)[:, None],
-                                    (SLOPE_GRID.size, z.shape[-1]))
-            _, grid_slope = _slopes(act, grid, False)
-            self.sow("intermediates", names["activation"], x)
-            self.sow("intermediates", names["slope"], slope)
-            self.sow("intermediates", names["slope_max"], jnp.abs(grid_slope).max(axis=0))
-        else:
-            x = act(z, train)
+            z = self._norm(f"bn{suffix}", train)(z)
+        x = activate(self, self.act(name=f"act{suffix}"), z, train, capture, suffix)
         if self.bn == "post":
-            x = self._norm(names["bn"], train)(x)
+            x = self._norm(f"bn{suffix}", train)(x)
         return x
 
     def _norm(self, name: str, train: bool) -> nn.BatchNorm:
         return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                             epsilon=self.bn_eps, dtype=self.dtype, param_dtype=self.dtype,
                             name=name)
-
-
-_IN_STACK = {k: k for k in ("dense", "bn", "act", "delta", "activation", "slope", "slope_max")}
 
 
 class _StackLayer(_Parts):
@@ -135,7 +138,7 @@ class _StackLayer(_Parts):
 
     @nn.compact
     def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
-        return self.hidden_layer(x, self.width, _IN_STACK, self.train, self.capture), None
+        return self.hidden_layer(x, self.width, "", self.train, self.capture), None
 
 
 class MLP(_Parts):
@@ -149,8 +152,7 @@ class MLP(_Parts):
         stack = scanned_layers(self.widths)
         unrolled = range(len(self.widths) - stack)
         for i in unrolled:
-            names = {k: f"{k}_{i}" for k in _IN_STACK}
-            x = self.hidden_layer(x, self.widths[i], names, train, capture)
+            x = self.hidden_layer(x, self.widths[i], f"_{i}", train, capture)
         if stack:
             parts = {k: getattr(self, k) for k in (
                 "act", "kernel_init", "bias_init", "pieces", "bn", "bn_momentum", "bn_eps",
@@ -166,20 +168,27 @@ class MLP(_Parts):
         depth = len(self.widths)
         out = nn.Dense(self.out_dim, kernel_init=self.kernel_init, bias_init=self.bias_init,
                        dtype=self.dtype, param_dtype=self.dtype, name=f"dense_{depth}")
-        return self.perturb(f"delta_{depth}", out(x))
+        return delta_point(self, f"delta_{depth}", out(x), capture)
 
 
-def build(cfg: Any, out_dim: int) -> MLP:
-    """The MLP described by a validated config (Dense infers its input size)."""
-    act, pieces = activations.build(cfg.act)
-    return MLP(
-        widths=tuple(hidden_widths(cfg)),
-        out_dim=out_dim,
-        act=act,
-        kernel_init=initializers.kernel_init(cfg.init),
-        bias_init=initializers.bias_init(cfg.bias_init),
-        pieces=pieces,
-        bn=cfg.bn.value,
-        bn_momentum=cfg.bn_momentum,
-        bn_eps=cfg.bn_eps,
-    )
+def build(cfg: Any, parts: Parts, out_dim: int) -> MLP:
+    """The MLP described by a validated config, from a member's ``parts`` (Dense infers
+    its input size)."""
+    return MLP(widths=tuple(hidden_widths(cfg)), out_dim=out_dim, act=parts.act,
+               kernel_init=parts.kernel_init, bias_init=parts.bias_init, pieces=parts.pieces,
+               bn=cfg.bn.value if hasattr(cfg.bn, "value") else cfg.bn,
+               bn_momentum=parts.bn_momentum, bn_eps=parts.bn_eps, dtype=parts.dtype)
+
+
+def validate(cfg: Any) -> None:
+    """The MLP's keys: at least one hidden layer; ``widths``, if given, one per layer."""
+    if cfg.depth < 1:
+        raise ConfigError("depth", cfg.depth, "a number >= 1")
+    if cfg.widths is not None:
+        if len(cfg.widths) != cfg.depth:
+            raise ConfigError("widths", list(cfg.widths),
+                              f"{cfg.depth} entries to match depth={cfg.depth} "
+                              "(or set widths=null)")
+        for w in cfg.widths:
+            if w < 1:
+                raise ConfigError("widths", w, "a number >= 1")

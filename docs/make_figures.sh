@@ -29,4 +29,14 @@ python -m vgrad.train -m act=sigmoid,tanh,relu init=he_normal depth=8 width=256 
   data.scale=standard loss=ce epochs=20 seeds=8 progress=false hydra.sweep.dir="$theory"
 python scripts/plot_sweep.py "$theory" --x act --out "$theory/figures"
 cp "$theory/figures/profile_act.png" "$out/theory_profile.png"
+# Skip connections (residual_fix preset): plain vs residual vs ReZero, sigmoid, 30 blocks.
+res=outputs/sweeps/readme-residual
+python -m vgrad.train -m +experiment=residual_fix model.skip=false,true progress=false \
+  hydra.sweep.dir="$res"
+python -m vgrad.train +experiment=residual_fix model.alpha=rezero progress=false \
+  hydra.run.dir="$res/2"
+python scripts/plot_sweep.py "$res" --x model.skip --hue model.alpha --out "$res/figures"
+cp "$res/figures/profile_model.alpha.png" "$out/residual_fix_profile.png"
+python scripts/plot_run.py "$res/1" --out "$res/1/figures"
+cp "$res/1/figures/signal.png" "$out/residual_fix_signal.png"
 echo "figures in $out; the sweep's report: $sweep/report/index.html"

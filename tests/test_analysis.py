@@ -92,6 +92,7 @@ def test_run_figures_have_the_expected_panels_lines_and_labels(sweep_dir, tmp_pa
     assert lines_of(figures.weights(run)) == [3, 3]
     assert lines_of(figures.learning_speed(run)) == [3, 3]
     assert lines_of(figures.saturation(run)) == [2, 2]  # hidden layers only
+    assert lines_of(figures.signal(run)) == [2, 2]  # q and c, at init and at the end
     hist = figures.histograms(run)
     assert sum(len(ax.collections) for ax in hist.axes) >= 3
     plt.close("all")

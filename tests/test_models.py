@@ -8,11 +8,13 @@ import json
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import TINY, compose_cfg, run_to_end, step_once
 
 from vgrad import models, probes, store
+from vgrad.analysis import figures, load_run
 from vgrad.config import validate
 from vgrad.errors import ConfigError
 from vgrad.layers import flat_params
@@ -37,6 +39,15 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     assert {"signal_q", "signal_c", "delta_norm", "grad_norm"} <= set(metrics)
     assert np.isfinite(metrics["delta_norm"]).all()
     assert summary["status"] == "completed"
+    # Every run figure draws, the signal figure with a block panel for residual nets.
+    run_ = load_run(run)
+    for make in figures.RUN_FIGURES.values():
+        assert make(run_) is not None
+    fig = figures.signal(run_)
+    assert len(fig.axes) == (3 if "branch_var" in metrics else 2)
+    if name != "mlp":
+        assert f"model={name}" in figures.theory_prediction(run_)
+    plt.close("all")
 
 
 def test_model_keys_are_checked_with_one_line_naming_key_and_value():

@@ -40,7 +40,8 @@ def jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["exploding", "mnist_losses", "nielsen", "relu_fix", "visualize"]
+    assert PRESETS == ["exploding", "mnist_losses", "nielsen", "relu_fix", "residual_fix",
+                       "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -1,8 +1,9 @@
 """vgrad: measure vanishing and exploding gradients layer by layer.
 
-``python -m vgrad.train`` trains a Flax MLP with a jit-compiled optax step that returns
-its gradient pytree every step, reduces it to per-layer statistics inside the compiled
-program, and writes a self-describing run folder. See the README for the output contract.
+``python -m vgrad.train`` trains a Flax network (an MLP or a residual MLP: ``vgrad.models``)
+with a jit-compiled optax step that returns its gradient pytree every step, reduces it to
+per-layer statistics inside the compiled program, and writes a self-describing run
+folder. See the README for the output contract.
 
 On import, vgrad asks XLA for one CPU device per core (``VGRAD_HOST_DEVICES``, default:
 the cores this process may use; ``1`` turns it off), so that the seeds of a run are

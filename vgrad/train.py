@@ -168,7 +168,7 @@ def _hydra_main(cfg: DictConfig) -> str:
 
 
 #: The sweep axes listed by ``--help``, with what each chooses.
-HELP_GROUPS = {"act": "activation", "init": "kernel initializer",
+HELP_GROUPS = {"model": "network", "act": "activation", "init": "kernel initializer",
                "bias_init": "bias initializer", "clip": "gradient clipping",
                "optim": "optimizer", "data": "dataset"}
 
@@ -180,8 +180,9 @@ def help_text() -> str:
     lines = [
         "vgrad: measure vanishing and exploding gradients layer by layer.",
         "",
-        "Trains an MLP with a jit-compiled optax step and records, per layer and per step,",
-        "the gradient statistics (norms, deltas, update ratios, saturation, histograms).",
+        "Trains an MLP or a residual MLP with a jit-compiled optax step and records, per",
+        "layer and per step, the gradient statistics (norms, deltas, update ratios,",
+        "saturation, histograms) and the forward signal (length and correlation per layer).",
         "",
         "usage: python -m vgrad.train [KEY=VALUE ...]        one run (all its seeds at once)",
         "       python -m vgrad.train -m KEY=A,B,C ...        a sweep over every combination",
@@ -194,6 +195,7 @@ def help_text() -> str:
                                subsequent_indent=" " * 13)
     lines += [
         "  depth, width (or widths=[...]), bn=none|pre|post, loss=bce|ce|mse|bce_onehot,",
+        "  model.skip, model.norm, model.alpha, model.block_dense (model=resmlp),",
         "  epochs, batch_size, seed, seeds, dtype=float32|float64, record.* (what is measured)",
         "",
         "Presets, one per source experiment (+experiment=NAME):",

@@ -220,8 +220,11 @@ def _legend_below(fig: Figure, ax, ncols: int = 6) -> None:
 
 def _title(run: Run) -> str:
     c = run.config
+    model = (c.get("model") or {}).get("name", "mlp")
     parts = [f"act={c.get('act', {}).get('name')}", f"init={c.get('init', {}).get('name')}",
              f"depth={c.get('depth')}"]
+    if model != "mlp":
+        parts.insert(0, f"model={model}")
     status = "" if run.status == "completed" else f" [{run.status}]"
     return f"{run.name}{status}: " + ", ".join(parts)
 
@@ -401,8 +404,63 @@ def saturation(run: Run) -> Figure | None:
     return fig
 
 
+def _at_init_and_end(ax, values: np.ndarray, label: str, colors: Sequence, log: bool,
+                     style: str = "-") -> bool:
+    """A profile across layers (values [S, E, L]) at initialisation and at the last
+    epoch, one line each; whether anything was drawn."""
+    x = np.arange(values.shape[2])
+    drawn = False
+    for e, when, color in ((0, "initialisation", colors[0]), (-1, "end", colors[1])):
+        _, d = _band(ax, x, values[:, e, :], color, f"{label} at {when}", log=log, style=style)
+        drawn = drawn or d
+    return drawn
+
+
+def signal(run: Run) -> Figure | None:
+    """The forward signal across layers, at initialisation and at the end: its length
+    q^l (mean squared pre-activation) and the correlation c^l between different inputs
+    (mean-field theory's length and correlation maps: Poole et al. 2016, Schoenholz et
+    al. 2017); for residual nets also each block's branch and skip-path variance (Brock,
+    De & Smith 2021)."""
+    m = run.metrics
+    if "signal_q" not in m:
+        return None
+    names, S = [str(n) for n in m["layer_names"]], m["signal_q"].shape[0]
+    residual = "branch_var" in m
+    fig, ax = _figure(3 if residual else 2, sharex=False)
+    drawn = _at_init_and_end(ax[0, 0], m["signal_q"], "signal", OKABE_ITO, log=True)
+    _log_scale(ax[0, 0], drawn, "$q^l$")
+    _at_init_and_end(ax[1, 0], m["signal_c"], "signal", OKABE_ITO, log=False)
+    ax[0, 0].set(title="Length of the signal: $q^l$ = mean of z² per unit (probe batch)",
+                 ylabel="$q^l$")
+    ax[1, 0].set(title="Correlation between different inputs: $c^l$ (mean over pairs)",
+                 ylabel="$c^l$", ylim=(-1.05, 1.05))
+    for a in ax[:2, 0]:
+        a.set_xticks(range(len(names)) if len(names) <= 16 else
+                     np.linspace(0, len(names) - 1, 9).round().astype(int))
+        a.set_xlabel("layer (0 = next to the input; " + f"{names[0]} … {names[-1]})")
+    if residual:
+        blocks = np.arange(1, m["branch_var"].shape[2] + 1)
+        drawn = False
+        for key, what, style in (("skip_var", "skip path h", "-"),
+                                 ("branch_var", "branch α·F(h)", "--")):
+            for e, when, color in ((0, "initialisation", OKABE_ITO[0]),
+                                   (-1, "end", OKABE_ITO[1])):
+                _, d = _band(ax[2, 0], blocks, m[key][:, e, :], color,
+                             f"{what} at {when}", log=True, style=style)
+                drawn = drawn or d
+        _log_scale(ax[2, 0], drawn, "variance")
+        ax[2, 0].set(title="Per residual block: variance of the skip path and of the branch",
+                     ylabel="variance", xlabel="block")
+        _legend_below(fig, ax[2, 0], ncols=2)
+    else:
+        _legend_below(fig, ax[0, 0], ncols=2)
+    _suptitle(fig, "Forward signal — " + _title(run), _seed_note(S), _diverged_note([run]))
+    return fig
+
+
 RUN_FIGURES = {"gradients": gradients, "weights": weights, "learning_speed": learning_speed,
-               "histograms": histograms, "saturation": saturation}
+               "histograms": histograms, "saturation": saturation, "signal": signal}
 
 
 # --- per sweep: which runs make which line -----------------------------------------------
@@ -515,7 +573,7 @@ def _seeds_of(lines: list[Line]) -> int:
 
 
 #: The config keys the mean-field prediction of a run depends on.
-THEORY_KEYS = ("act", "init", "bias_init", "depth", "bn", "data")
+THEORY_KEYS = ("model", "act", "init", "bias_init", "depth", "bn", "data")
 
 
 @dataclass
@@ -552,6 +610,8 @@ def _prediction(config_json: str) -> Prediction | str:
     from vgrad.errors import ConfigError
 
     cfg = OmegaConf.create(json.loads(config_json))
+    if cfg.model is not None and cfg.model.name != "mlp":
+        return f"model={cfg.model.name} (the theory drawn is for plain MLPs)"
     if cfg.bn not in (None, "none"):
         return "batch norm"
     try:

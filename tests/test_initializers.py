@@ -27,6 +27,7 @@ MOMENTS = {
     "orthogonal": (0.0, 1 / FAN_OUT),  # orthonormal rows of a 256 x 512 matrix
     "variance_scaling": (0.0, 1 / FAN_IN),
     "nielsen": (0.0, 1 / FAN_IN),
+    "mean_field": (0.0, 1 / FAN_IN),
 }
 
 
@@ -63,6 +64,18 @@ def test_variance_scaling_sweeps_sigma_w_squared():
             np.testing.assert_allclose(w.var(), scale / fan, rtol=0.03)
 
 
+def test_mean_field_init_is_sigma_w2_over_fan_in_and_feeds_the_theory():
+    from vgrad import theory
+
+    for sigma_w2 in (1.0, 1.76, 4.0):
+        w = draw("init", "mean_field", (FAN_IN, FAN_OUT), f"init.sigma_w2={sigma_w2}")
+        np.testing.assert_allclose(w.var(), sigma_w2 / FAN_IN, rtol=0.03)
+        assert abs(w).max() > 4.5 * np.sqrt(sigma_w2 / FAN_IN)  # untruncated Gaussian
+    cfg = compose_cfg("init=mean_field", "init.sigma_w2=1.76", "bias_init=mean_field")
+    assert theory.sigma_w2_of(cfg.init) == 1.76
+    assert theory.sigma_b2_of(cfg.bias_init) == 0.05
+
+
 def test_normal_and_uniform_parameters_are_wired():
     w = draw("init", "normal", (FAN_IN, FAN_OUT), "init.mean=0.3", "init.std=0.2")
     np.testing.assert_allclose([w.mean(), w.std()], [0.3, 0.2], atol=3e-3)
@@ -76,6 +89,8 @@ def test_normal_and_uniform_parameters_are_wired():
     ("constant", -2.0, 0.0, ["bias_init.value=-2"]),
     ("normal", 0.0, 1.0, []),
     ("uniform", 0.0, 0.1 ** 2 / 12, []),
+    ("mean_field", 0.0, 0.05, []),
+    ("mean_field", 0.0, 2.5, ["bias_init.sigma_b2=2.5"]),
 ])
 def test_bias_initializers(name, mean, var, overrides):
     b = draw("bias_init", name, (200_000,), *overrides)

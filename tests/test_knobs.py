@@ -56,3 +56,16 @@ def test_clipping_changes_plain_sgd(clip):
     # The recorded gradient is the one before clipping: identical at the first step.
     np.testing.assert_allclose(plain.step_stats["grad_norm"][:, 0],
                                clipped.step_stats["grad_norm"][:, 0], rtol=1e-6)
+
+
+def test_mean_field_sigmas_are_traced_knobs_of_one_program():
+    """A phase-diagram axis (init.sigma_w2) groups into one program, and each job's
+    kernels and biases have its own variances (weight_std at initialisation)."""
+    from conftest import run_group
+
+    cfgs = [compose_cfg(*BASE, "width=64", "init=mean_field", f"init.sigma_w2={s}",
+                        "bias_init=mean_field", f"bias_init.sigma_b2={b}")
+            for s, b in ((1.0, 0.05), (4.0, 0.5))]
+    low, high = run_group(cfgs)  # asserts that they share one structure
+    ratio = high.epoch_stats["weight_std"][0, 0, 1] / low.epoch_stats["weight_std"][0, 0, 1]
+    np.testing.assert_allclose(ratio, 2.0, rtol=0.1)  # sqrt(4 / 1), 64 x 64 kernels

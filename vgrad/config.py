@@ -246,6 +246,10 @@ def _validate_init(node: Any, key: str) -> None:
         _finite_at_least(f"{key}.std", node.std, 0)
     if node.name == "uniform" and not node.min < node.max:
         raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
+    if "sigma_w2" in node:
+        _positive(f"{key}.sigma_w2", node.sigma_w2)
+    if "sigma_b2" in node:
+        _finite_at_least(f"{key}.sigma_b2", node.sigma_b2, 0)
     if node.name == "variance_scaling":
         _positive(f"{key}.scale", node.scale)
         _one_of(f"{key}.mode", node.mode, ("fan_in", "fan_out", "fan_avg"))

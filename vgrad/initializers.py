@@ -87,6 +87,32 @@ class VarianceScalingInit:
     distribution: str = "normal"  # normal | truncated_normal | uniform
 
 
+@dataclass
+class MeanFieldInit:
+    """W ~ N(0, sigma_w2 / fan_in), in the units of mean-field theory (Poole et al. 2016;
+    Schoenholz et al. 2017), so that ``init.sigma_w2=1,1.25,...`` is a phase-diagram axis."""
+
+    name: str = "mean_field"
+    sigma_w2: float = 1.0
+
+
+@dataclass
+class MeanFieldBias:
+    """b ~ N(0, sigma_b2): mean-field theory's bias variance."""
+
+    name: str = "mean_field"
+    sigma_b2: float = 0.05
+
+
+def mean_field_bias(sigma_b2: Any) -> Initializer:
+    """N(0, sigma_b2) (``sigma_b2`` may be traced: a sweep's knob)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jnp.sqrt(jnp.asarray(sigma_b2, dtype)) * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
 @dataclass(frozen=True)
 class Init:
     """A registry entry: config schema and initializer factory."""
@@ -113,6 +139,9 @@ KERNEL_INITIALIZERS: dict[str, Init] = {
         VarianceScalingInit,
         lambda c: jax.nn.initializers.variance_scaling(c.scale, c.mode, c.distribution),
     ),
+    "mean_field": Init(
+        MeanFieldInit, lambda c: jax.nn.initializers.variance_scaling(c.sigma_w2, "fan_in",
+                                                                      "normal")),
     # Nielsen's network2 default_weight_initializer: W ~ N(0, 1/n_in) (untruncated);
     # conf/init/nielsen.yaml also selects his bias init, N(0, 1).
     "nielsen": Init(
@@ -125,6 +154,7 @@ BIAS_INITIALIZERS: dict[str, Init] = {
     "constant": Init(ConstantInit, lambda c: jax.nn.initializers.constant(c.value)),
     "normal": Init(NormalInit, lambda c: normal(c.mean, c.std)),
     "uniform": Init(UniformInit, lambda c: uniform(c.min, c.max)),
+    "mean_field": Init(MeanFieldBias, lambda c: mean_field_bias(c.sigma_b2)),
 }
 
 

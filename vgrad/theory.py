@@ -214,7 +214,10 @@ def sigma_b2_of(bias_init: Any) -> float:
         return 0.0
     if bias_init.name == "normal" and bias_init.mean == 0:
         return float(bias_init.std) ** 2
-    raise ValueError(f"bias_init={bias_init.name}: use zeros or a zero-mean normal")
+    if bias_init.name == "mean_field":
+        return float(bias_init.sigma_b2)
+    raise ValueError(f"bias_init={bias_init.name}: use zeros, mean_field or a zero-mean "
+                     "normal")
 
 
 def sigma_w2_of(init: Any) -> float:
@@ -225,5 +228,7 @@ def sigma_w2_of(init: Any) -> float:
         return fan_in_scales[init.name]
     if init.name == "variance_scaling" and init.mode == "fan_in":
         return float(init.scale)
+    if init.name == "mean_field":
+        return float(init.sigma_w2)
     raise ValueError(f"init={init.name}: sigma_w^2 is not a constant of the fan-in; use "
-                     "variance_scaling (mode=fan_in) or he_*/lecun_*/nielsen")
+                     "mean_field, variance_scaling (mode=fan_in) or he_*/lecun_*/nielsen")

@@ -177,18 +177,37 @@ def correlation_map(act: Activation, c: float, q: float, sigma_w2: float,
             + sigma_b2) / q
 
 
-def c_star(act: Activation, sigma_w2: float, sigma_b2: float, c0: float = 0.5,
-           iterations: int = 1000, tol: float = 1e-9) -> float:
-    """The fixed point of the correlation map at q* (by iteration from ``c0``): 1 in the
-    ordered phase (chi_1 < 1), below 1 in the chaotic phase."""
+def c_star(act: Activation, sigma_w2: float, sigma_b2: float) -> float:
+    """The stable fixed point of the correlation map at q*: 1 in the ordered phase
+    (chi_1 <= 1); in the chaotic phase c = 1 is unstable and c* < 1 is the root of
+    c_map(c) - c below it (Brent's method: iterating the map crawls near the boundary)."""
+    from scipy.optimize import brentq
+
     q = q_star(act, sigma_w2, sigma_b2)
-    c = c0
-    for _ in range(iterations):
-        c_next = min(correlation_map(act, c, q, sigma_w2, sigma_b2), 1.0)
-        if abs(c_next - c) <= tol:
-            return c_next
-        c = c_next
-    return c
+    if chi(act, q, sigma_w2) <= 1.0:
+        return 1.0
+
+    def gap(c: float) -> float:
+        return correlation_map(act, c, q, sigma_w2, sigma_b2) - c
+
+    # Just below 1 the map falls below the diagonal (slope chi_1 > 1 at c = 1); the
+    # closer to the boundary, the closer to 1 that is.
+    top = 1.0 - 1e-2
+    while gap(top) >= 0.0 and top < 1.0 - 1e-9:
+        top = 1.0 - (1.0 - top) / 10.0
+    if gap(top) >= 0.0:
+        return 1.0
+    return float(brentq(gap, 0.0, top, xtol=1e-12)) if gap(0.0) > 0.0 else 0.0
+
+
+def critical_sigma_w2(act: Activation, sigma_b2: float, low: float = 0.5,
+                      high: float = 8.0) -> float:
+    """The order-to-chaos boundary: the sigma_w^2 at which chi_1 = 1 at q* (tanh,
+    sigma_b^2 = 0.05: 1.76, Schoenholz et al. 2017)."""
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda s: chi(act, q_star(act, s, sigma_b2), s) - 1.0, low, high,
+                        xtol=1e-6))
 
 
 def chi_c(act: Activation, sigma_w2: float, sigma_b2: float) -> float:
@@ -232,3 +251,53 @@ def sigma_w2_of(init: Any) -> float:
         return float(init.sigma_w2)
     raise ValueError(f"init={init.name}: sigma_w^2 is not a constant of the fan-in; use "
                      "mean_field, variance_scaling (mode=fan_in) or he_*/lecun_*/nielsen")
+
+
+# --- per-input iterates on real data (what the probes measure on the probe batch) ---------
+
+#: Gauss-Hermite rule for the per-pair iterates: smooth activations need few nodes, and
+#: thousands of input pairs are iterated at once.
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(48)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def signal_profiles(act: Activation, depth: int, sigma_w2: float, sigma_b2: float,
+                    x: np.ndarray, examples: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted q^l and c^l at the pre-activations of the Dense layers l = 0 .. depth (the
+    output layer last) of a wide MLP fed the first ``examples`` rows of ``x``: the
+    quantities of the ``forward_signal`` probe (``signal_q``, ``signal_c``).
+
+    Each input a starts at q_a^0 = sigma_w^2 |x_a|^2 / n + sigma_b^2 and each pair at
+    q_ab^0 = sigma_w^2 x_a.x_b / n + sigma_b^2; then, layer by layer,
+    q_a <- sigma_w^2 E[phi(u_a)^2] + sigma_b^2 and q_ab <- sigma_w^2 E[phi(u_a) phi(u_b)]
+    + sigma_b^2 with (u_a, u_b) Gaussian of covariance [[q_a, q_ab], [q_ab, q_b]]: the
+    length and correlation maps applied to every pair (Poole et al. 2016), without
+    assuming the inputs already sit at q*. Returns (mean_a q_a^l, mean over pairs a != b
+    of c_ab^l = q_ab / sqrt(q_a q_b)). Gauss-Hermite quadrature (48 x 48 nodes): for
+    smooth activations (tanh, sigmoid, erf-like); kinked ones need ``gaussian_mean_2d``."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[1]
+    q_all = sigma_w2 * np.sum(x ** 2, axis=1) / n + sigma_b2
+    xe = x[:examples]
+    rows, cols = np.triu_indices(len(xe), k=1)
+    q = sigma_w2 * np.sum(xe ** 2, axis=1) / n + sigma_b2
+    qab = sigma_w2 * np.sum(xe[rows] * xe[cols], axis=1) / n + sigma_b2
+    z1, z2 = np.meshgrid(_GH_NODES, _GH_NODES, indexing="ij")
+    w2 = (_GH_WEIGHTS[:, None] * _GH_WEIGHTS[None, :]).ravel()
+    z1, z2 = z1.ravel(), z2.ravel()
+    lengths, correlations = [], []
+    for layer in range(depth + 1):
+        lengths.append(float(np.mean(q_all)))
+        c = np.clip(qab / np.sqrt(q[rows] * q[cols]), -1.0, 1.0)
+        correlations.append(float(np.mean(c)))
+        if layer == depth:
+            break
+        q_all = sigma_w2 * np.array([np.sum(_GH_WEIGHTS * act.phi(np.sqrt(v) * _GH_NODES) ** 2)
+                                     for v in q_all]) + sigma_b2
+        ua = np.sqrt(q[rows])[:, None] * z1[None, :]
+        ub = np.sqrt(q[cols])[:, None] * (c[:, None] * z1[None, :]
+                                          + np.sqrt(1.0 - c ** 2)[:, None] * z2[None, :])
+        qab = sigma_w2 * (act.phi(ua) * act.phi(ub)) @ w2 + sigma_b2
+        q = sigma_w2 * (act.phi(np.sqrt(q)[:, None] * _GH_NODES[None, :]) ** 2) @ _GH_WEIGHTS \
+            + sigma_b2
+    return np.array(lengths), np.array(correlations)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
-from vgrad.analysis import figures
+from vgrad.analysis import figures, theory_figures
 from vgrad.analysis.tables import Run, Sweep, load_sweep
 
 #: Per-run figures are drawn for at most this many runs (the table lists them all).
@@ -123,6 +123,12 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         if len(axes) > 1:
             sweep_figs.append((f"{figures.default_metric(sweep)} over {axes[0]} × {axes[1]}",
                                figures.heatmap(sweep, axes[0], axes[1])))
+        # Signal-propagation theory beside the measurements, where it applies.
+        sweep_figs += [
+            ("Trainability phase diagram with the 6 ξ_c curve of mean-field theory",
+             theory_figures.phase_diagram(sweep)),
+            ("Correlation and δ across layers at initialisation: measured vs theory",
+             theory_figures.signal_theory(sweep))]
     for i, (caption, fig) in enumerate(sweep_figs):
         if fig is not None:
             png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]

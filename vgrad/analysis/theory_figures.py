@@ -1,0 +1,198 @@
+"""Sweep figures that put signal-propagation theory beside the measurements.
+
+- :func:`phase_diagram`: the trainability phase diagram of Schoenholz, Gilmer, Ganguli &
+  Sohl-Dickstein 2017 ("Deep information propagation"): final training accuracy over
+  (sigma_w^2, depth), with the 6 xi_c curve and the order-to-chaos boundary
+  (chi_1 = 1) from ``vgrad.theory``;
+- :func:`signal_theory`: measured against predicted c^l and delta_l profiles at
+  initialisation for three sigma_w^2 of a sweep (ordered, nearest the boundary, chaotic).
+
+Both need runs the theory describes: plain MLPs without batch norm, an elementwise
+activation, ``init=mean_field`` (or another fan-in-scaled initializer) and a zero-mean
+Gaussian or zero bias; otherwise they return None and say why in ``why_not``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from vgrad.analysis.figures import OKABE_ITO, _band, _figure, _suptitle
+from vgrad.analysis.tables import Run, Sweep
+
+#: sigma_w^2 points of the 6 xi_c curve (each costs ~0.3-2 s of quadrature).
+CURVE_POINTS = 25
+
+
+def _theory_inputs(run: Run) -> tuple | str:
+    """(activation, sigma_w^2, sigma_b^2, config) of a run the theory describes, or why
+    not (the rules of the profile figure's overlay)."""
+    from omegaconf import OmegaConf
+
+    from vgrad import theory
+
+    cfg = OmegaConf.create(run.config)
+    model = cfg.get("model")
+    if model is not None and model.name != "mlp":
+        return f"model={model.name} (the theory drawn is for plain MLPs)"
+    if cfg.get("bn") not in (None, "none"):
+        return "batch norm"
+    try:
+        return (theory.activation(cfg.act), theory.sigma_w2_of(cfg.init),
+                theory.sigma_b2_of(cfg.bias_init), cfg)
+    except (ValueError, KeyError, AttributeError) as exc:
+        return str(exc).split(";")[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _boundary(act_json: str, sigma_b2: float, low: float, high: float, points: int
+              ) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The 6 xi_c curve over sigma_w^2 in [low, high] and the critical sigma_w^2."""
+    from omegaconf import OmegaConf
+
+    from vgrad import theory
+
+    act = theory.activation(OmegaConf.create(json.loads(act_json)))
+    grid = np.linspace(low, high, points)
+    xi = np.array([theory.correlation_depth_scale(act, float(s), sigma_b2) for s in grid])
+    try:
+        critical = theory.critical_sigma_w2(act, sigma_b2)
+    except ValueError:  # no boundary in the bracket (e.g. a linear activation)
+        critical = None
+    return grid, 6.0 * xi, critical
+
+
+def why_not(sweep: Sweep) -> str | None:
+    """Why the theory figures cannot be drawn for this sweep, or None if they can."""
+    runs = [r for r in sweep.runs_list if r.status != "failed"]
+    if not runs:
+        return "no run ended"
+    inputs = _theory_inputs(runs[0])
+    if isinstance(inputs, str):
+        return inputs
+    described = [_theory_inputs(r) for r in runs]
+    reasons = [i for i in described if isinstance(i, str)]
+    if reasons:
+        return reasons[0]
+    if len({(json.dumps(dict(i[3].act), sort_keys=True, default=str), i[2])
+            for i in described}) > 1:
+        return "the runs differ in activation or sigma_b^2"
+    return None
+
+
+def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
+                  points: int = CURVE_POINTS) -> Figure | None:
+    """Median ``metric`` over seeds in each (sigma_w^2, depth) cell, with the theory's
+    6 xi_c curve and critical sigma_w^2; None unless the sweep varies both and the
+    theory applies (``why_not``)."""
+    runs = sweep.runs
+    if why_not(sweep) is not None or "depth" not in runs:
+        return None
+    inputs = [_theory_inputs(r) for r in sweep.runs_list if r.status != "failed"]
+    sw = {r.name: i[1] for r, i in zip(
+        [r for r in sweep.runs_list if r.status != "failed"], inputs, strict=True)}
+    ended = runs[runs["status"] != "failed"].assign(sigma_w2=lambda d: d["run"].map(sw))
+    if ended["sigma_w2"].nunique() < 2 or ended["depth"].nunique() < 2:
+        return None
+    grid = ended.pivot_table(index="depth", columns="sigma_w2", values=metric,
+                             aggfunc="median").sort_index().sort_index(axis=1)
+    xs, ys = grid.columns.to_numpy(float), grid.index.to_numpy(float)
+
+    def edges(v: np.ndarray) -> np.ndarray:
+        mid = (v[1:] + v[:-1]) / 2
+        return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
+
+    fig, ax = _figure(1, 1, width=6.4, height=4.6)
+    a = ax[0, 0]
+    mesh = a.pcolormesh(edges(xs), edges(ys), grid.to_numpy(float), cmap="viridis",
+                        vmin=0.0, vmax=1.0, shading="flat")
+    a.grid(False)
+    act, _, sigma_b2, cfg = inputs[0]
+    act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
+    curve_x, curve_y, critical = _boundary(act_json, float(sigma_b2), float(xs.min()),
+                                           float(xs.max()), points)
+    a.plot(curve_x, np.where(np.isfinite(curve_y), curve_y, np.nan), color="white",
+           linewidth=2.0, label="6 ξ_c (mean-field theory)")
+    if critical is not None and xs.min() <= critical <= xs.max():
+        a.axvline(critical, color="white", linestyle="--", linewidth=1.2,
+                  label=f"order-to-chaos boundary χ₁ = 1 (σ_w² = {critical:.3g})")
+    a.set(xlim=(edges(xs)[0], edges(xs)[-1]), ylim=(edges(ys)[0], edges(ys)[-1]),
+          xlabel="σ_w² (kernel variance × fan-in)", ylabel="depth (hidden layers)")
+    a.legend(loc="upper right", fontsize=8, facecolor="0.3", labelcolor="white", framealpha=0.7)
+    fig.colorbar(mesh, ax=a, label=metric.replace("_", " ") + " (median over seeds)")
+    seeds = ended.groupby("run").size().min()
+    _suptitle(fig, f"Trainability phase diagram: {cfg.act.name}, σ_b² = {sigma_b2:g}, "
+              f"width {cfg.width}, {cfg.data.name}, {cfg.optim.name} lr {cfg.optim.lr:g}, "
+              f"{cfg.epochs} epochs",
+              f"{metric.replace('_', ' ')}, median of {seeds} seed(s) per cell; nets "
+              "train below about 6 ξ_c (Schoenholz et al. 2017)")
+    return fig
+
+
+def _three(values: list[float], critical: float | None) -> list[float]:
+    """The smallest, the one nearest ``critical`` and the largest of ``values``."""
+    values = sorted(set(values))
+    middle = (min(values, key=lambda v: abs(v - critical)) if critical is not None
+              else values[len(values) // 2])
+    return list(dict.fromkeys([values[0], middle, values[-1]]))
+
+
+def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
+    """Measured (lines, median over seeds) against predicted (open circles) correlation
+    c^l and delta_l / delta_output across layers at initialisation, for three sigma_w^2
+    of the sweep at one depth (default: the depth nearest the sweep's median)."""
+    from vgrad import data, theory
+
+    if why_not(sweep) is not None:
+        return None
+    runs = [r for r in sweep.runs_list if r.status != "failed"
+            and "signal_c" in r.metrics and "delta_norm" in r.metrics]
+    if not runs:
+        return None
+    depths = sorted({int(r.config["depth"]) for r in runs})
+    depth = depth if depth in depths else min(depths, key=lambda d: abs(d - np.median(depths)))
+    at_depth = [r for r in runs if int(r.config["depth"]) == depth]
+    inputs = {r.name: _theory_inputs(r) for r in at_depth}
+    act, _, sigma_b2, cfg = inputs[at_depth[0].name]
+    act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
+    _, _, critical = _boundary(act_json, float(sigma_b2), 0.5, 8.0, 2)
+    chosen = _three([inputs[r.name][1] for r in at_depth], critical)
+    x = data.load(cfg.data).x_train
+    probe = x[: int(cfg.record.probe_size)]
+    fig, ax = _figure(2, sharex=True)
+    layers = np.arange(depth + 1)
+    for color, sigma_w2 in zip(OKABE_ITO, chosen, strict=False):
+        group = [r for r in at_depth if inputs[r.name][1] == sigma_w2]
+        c = np.concatenate([r.metrics["signal_c"][:, 0, :] for r in group])
+        d = np.concatenate([r.metrics["delta_norm"][:, 0, :] for r in group])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            d = d / d[:, -1:]
+        phase = ("ordered" if critical is not None and sigma_w2 < critical - 1e-9 else
+                 "chaotic" if critical is not None and sigma_w2 > critical + 1e-9 else "")
+        label = f"σ_w² = {sigma_w2:g}" + (f" ({phase})" if phase else "")
+        _band(ax[0, 0], layers, c, color, label)
+        _band(ax[1, 0], layers, d, color, label, log=True)
+        _, c_pred = theory.signal_profiles(act, depth, sigma_w2, float(sigma_b2), probe)
+        d_pred = theory.mean_delta_profile(act, depth, sigma_w2, float(sigma_b2), x)
+        for a, pred in ((ax[0, 0], c_pred), (ax[1, 0], d_pred)):
+            a.plot(layers, pred, color=color, linestyle=":", marker="o", markersize=3.5,
+                   markerfacecolor="white", label=f"{label}, theory")
+    ax[1, 0].set_yscale("log")
+    ax[0, 0].set(title="Correlation between different inputs $c^l$ at initialisation",
+                 ylabel="$c^l$")
+    ax[1, 0].set(title="‖δ_l‖ / ‖δ_output‖ at step 0", ylabel="ratio",
+                 xlabel="layer (0 = next to the input; the last is the output layer)")
+    handles, labels = ax[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    _suptitle(fig, f"Measured (lines) vs mean-field theory (open circles): {cfg.act.name}, "
+              f"depth {depth}, σ_b² = {sigma_b2:g}, width {cfg.width}",
+              "theory: the length and correlation maps iterated for every probe input "
+              "and pair; δ from χ per layer")
+    return fig
+
+

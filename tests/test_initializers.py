@@ -71,6 +71,9 @@ def test_mean_field_init_is_sigma_w2_over_fan_in_and_feeds_the_theory():
         w = draw("init", "mean_field", (FAN_IN, FAN_OUT), f"init.sigma_w2={sigma_w2}")
         np.testing.assert_allclose(w.var(), sigma_w2 / FAN_IN, rtol=0.03)
         assert abs(w).max() > 4.5 * np.sqrt(sigma_w2 / FAN_IN)  # untruncated Gaussian
+    w = draw("init", "mean_field", (FAN_IN, FAN_IN), "init.sigma_w2=1.05",
+             "init.distribution=orthogonal")
+    np.testing.assert_allclose(w.T @ w, 1.05 * np.eye(FAN_IN), atol=1e-4)
     cfg = compose_cfg("init=mean_field", "init.sigma_w2=1.76", "bias_init=mean_field")
     assert theory.sigma_w2_of(cfg.init) == 1.76
     assert theory.sigma_b2_of(cfg.bias_init) == 0.05

@@ -20,7 +20,15 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 #: What makes each preset's data tiny.
 TINY_DATA = {
     "circles": ["data.n_samples=64"],
+    "digits": ["data.n_train=64", "record.probe_size=32"],
     "fashion_mnist": ["data.n_train=64", "data.n_test=32", "record.probe_size=32"],
+}
+
+
+#: Sweep axes of a first command cut to two values (the phase diagram is 130 jobs).
+SHRINK = {
+    "phase_diagram": {"init.sigma_w2": "init.sigma_w2=1,4", "depth": "depth=10"},
+    "isometry": {"depth": "depth=16,32"},
 }
 
 
@@ -40,8 +48,8 @@ def jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["exploding", "mnist_losses", "nielsen", "relu_fix", "residual_fix",
-                       "visualize"]
+    assert PRESETS == ["exploding", "isometry", "mnist_losses", "nielsen", "phase_diagram",
+                       "relu_fix", "residual_fix", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -58,7 +66,7 @@ def test_first_command_runs_as_a_tiny_multirun(cli, tmp_path, preset):
     data = compose_cfg(f"+experiment={preset}").data.name
     if data == "fashion_mnist" and not FASHION.is_dir():
         pytest.skip("apt-get install dataset-fashion-mnist")
-    cmd = commands(preset)[0]
+    cmd = [SHRINK.get(preset, {}).get(a.split("=")[0], a) for a in commands(preset)[0]]
     tiny = ["epochs=1", "seeds=1", "batch_size=16", "record.every=1", "progress=false",
             *TINY_DATA[data], f"hydra.sweep.dir={tmp_path}"]
     code, _, err = cli(*cmd, *tiny)

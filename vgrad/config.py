@@ -70,7 +70,8 @@ class Record:
     # compilation. The evaluation probe (losses and accuracies) always runs.
     step_probes: list[str] = field(default_factory=lambda: [
         p for p in probes.STEP_PROBES if p not in probes.OPT_IN])
-    epoch_probes: list[str] = field(default_factory=lambda: list(probes.EPOCH_PROBES))
+    epoch_probes: list[str] = field(default_factory=lambda: [
+        p for p in probes.EPOCH_PROBES if p not in probes.OPT_IN])
 
 
 @dataclass
@@ -248,6 +249,7 @@ def _validate_init(node: Any, key: str) -> None:
         raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
     if "sigma_w2" in node:
         _positive(f"{key}.sigma_w2", node.sigma_w2)
+        _one_of(f"{key}.distribution", node.distribution, ("normal", "orthogonal"))
     if "sigma_b2" in node:
         _finite_at_least(f"{key}.sigma_b2", node.sigma_b2, 0)
     if node.name == "variance_scaling":

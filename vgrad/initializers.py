@@ -90,10 +90,25 @@ class VarianceScalingInit:
 @dataclass
 class MeanFieldInit:
     """W ~ N(0, sigma_w2 / fan_in), in the units of mean-field theory (Poole et al. 2016;
-    Schoenholz et al. 2017), so that ``init.sigma_w2=1,1.25,...`` is a phase-diagram axis."""
+    Schoenholz et al. 2017), so that ``init.sigma_w2=1,1.25,...`` is a phase-diagram axis;
+    ``distribution=orthogonal``: sqrt(sigma_w2) times a random orthogonal matrix, the
+    same sigma_w^2 for square kernels (Saxe et al. 2014; Pennington et al. 2017)."""
 
     name: str = "mean_field"
     sigma_w2: float = 1.0
+    distribution: str = "normal"  # normal | orthogonal
+
+
+def mean_field_kernel(cfg: Any) -> Initializer:
+    """``init=mean_field``: Gaussian or scaled orthogonal kernels of a given sigma_w^2."""
+    if cfg.distribution == "orthogonal":
+        def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
+                 ) -> jax.Array:
+            q = jax.nn.initializers.orthogonal()(key, shape, dtype)
+            return jnp.sqrt(jnp.asarray(cfg.sigma_w2, dtype)) * q
+
+        return init
+    return jax.nn.initializers.variance_scaling(cfg.sigma_w2, "fan_in", "normal")
 
 
 @dataclass
@@ -139,9 +154,7 @@ KERNEL_INITIALIZERS: dict[str, Init] = {
         VarianceScalingInit,
         lambda c: jax.nn.initializers.variance_scaling(c.scale, c.mode, c.distribution),
     ),
-    "mean_field": Init(
-        MeanFieldInit, lambda c: jax.nn.initializers.variance_scaling(c.sigma_w2, "fan_in",
-                                                                      "normal")),
+    "mean_field": Init(MeanFieldInit, mean_field_kernel),
     # Nielsen's network2 default_weight_initializer: W ~ N(0, 1/n_in) (untruncated);
     # conf/init/nielsen.yaml also selects his bias init, N(0, 1).
     "nielsen": Init(

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vgrad import activations, initializers, layers, losses, models, optim, probes
+from vgrad import activations, initializers, jacobian, layers, losses, models, optim, probes
 from vgrad.data import Dataset
 from vgrad.group import Group, Job, Members, family, node_view, structure
 from vgrad.step import (
@@ -162,10 +162,17 @@ def device_data(datasets: list[Dataset], probe_size: int, mesh: Mesh,
     return DeviceData(*(jax.device_put(a, replicated) for a in joined))
 
 
-def member_mesh(n_members: int) -> Mesh:
+#: Epoch probes whose programs hang when the member axis is split across several CPU
+#: devices (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program
+#: stops on every device at once, idle; one CPU device runs it). They train on one device.
+SINGLE_CPU_DEVICE = ("jacobian_spectrum",)
+
+
+def member_mesh(n_members: int, one_device: bool = False) -> Mesh:
     """The devices the member axis is split across: as many as divide ``n_members``
-    evenly (all of them when they do), so each device trains an equal share."""
-    devices = jax.devices()
+    evenly (all of them when they do), so each device trains an equal share; only the
+    first with ``one_device``."""
+    devices = jax.devices()[:1] if one_device else jax.devices()
     count = max(d for d in range(1, len(devices) + 1) if n_members % d == 0)
     return Mesh(np.array(devices[:count]), ("members",))
 
@@ -343,6 +350,13 @@ class Program:
             signals = self.layout.signals(inter)
             if self.layout.blocks is not None:
                 branches, skips = self.layout.block_values(inter)
+        jacobian_sv = None
+        if "jacobian_spectrum" in self.epoch_probes:
+            variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                              else {})}
+            jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
+                net, variables, self.layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
+                self.zero_perturbations))
         probe_grads = None
         if {"histograms", "probe_bias_grad_norm"} & set(self.epoch_probes):
             loss_fn = make_loss_fn(net, self.loss)
@@ -354,7 +368,7 @@ class Program:
             params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
             slope_max=sown["slope_max"], probe_grads=probe_grads,
             sat_threshold=m.knobs["record.sat_threshold"], signals=signals,
-            branches=branches, skips=skips)
+            branches=branches, skips=skips, jacobian_sv=jacobian_sv)
 
     def _epoch_stats_one(self, state: TrainState, m: Members, data: DeviceData
                          ) -> dict[str, Array]:
@@ -368,7 +382,8 @@ class Program:
     def axis_sizes(self) -> dict[str, int]:
         blocks = self.layout.blocks
         return {"layer": len(self.names), "hidden": len(self.layout.hidden_names),
-                "bin": probes.HIST_EDGES.size - 1, "block": blocks.count if blocks else 0}
+                "bin": probes.HIST_EDGES.size - 1, "block": blocks.count if blocks else 0,
+                "sv_bin": probes.SV_EDGES.size - 1}
 
     def step_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
         axes = probes.outputs(probes.STEP_PROBES, self.step_probes)
@@ -776,7 +791,9 @@ def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[
 def _run(group: Group, engine: str, group_id: int) -> Iterator[list[Records]]:
     if engine not in ("scan", "python"):
         raise ValueError(f"engine={engine!r}: expected scan or python")
-    mesh = member_mesh(group.n_members)
+    one_device = (jax.default_backend() == "cpu"
+                  and bool(set(SINGLE_CPU_DEVICE) & set(group.cfg.record.epoch_probes)))
+    mesh = member_mesh(group.n_members, one_device)
     data = device_data(group.datasets, group.cfg.record.probe_size, mesh)
     members = shard_members(group.members(), mesh)
     compiled, reused = compile_program(group, members, data, mesh)

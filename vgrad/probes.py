@@ -212,8 +212,9 @@ STEP_PROBES: dict[str, Probe] = {
 }
 
 
-#: Probes left out of the default ``record.step_probes`` (their cost is not small).
-OPT_IN = ("delta_norm_own",)
+#: Probes left out of the default ``record.step_probes`` and ``record.epoch_probes``
+#: (their cost is not small).
+OPT_IN = ("delta_norm_own", "jacobian_spectrum")
 
 
 def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,
@@ -276,6 +277,9 @@ class EpochView(NamedTuple):
     signals: list[Array] | None = None
     branches: Array | None = None  # residual nets: alpha F(h) per block, [D, probe, units]
     skips: Array | None = None  # and the skip path h, [D, probe, units]
+    # singular values of the deep part's Jacobian d h_last / d h_0 for the first
+    # JACOBIAN_EXAMPLES probe inputs, [examples, k] (``vgrad.jacobian``)
+    jacobian_sv: Array | None = None
 
 
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -366,6 +370,30 @@ def residual_signal(view: EpochView, layout: Layout) -> dict[str, Array]:
     return {"branch_var": variance(view.branches), "skip_var": variance(view.skips)}
 
 
+#: Probe inputs whose Jacobian spectrum is measured (each costs width forward passes).
+JACOBIAN_EXAMPLES = 4
+#: Fixed bins of log10 singular values: 0.125 decades from 1e-4 to 1e4.
+SV_EDGES = np.linspace(-4.0, 4.0, 65, dtype=np.float32)
+
+
+def jacobian_spectrum(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """The singular values s of J = d h_last / d h_0 (``vgrad.jacobian``) on the first
+    ``JACOBIAN_EXAMPLES`` probe inputs: the largest and smallest (mean over inputs), the
+    mean of s^2 (chi_1^depth in mean-field theory: 1 at criticality) and a fixed-bin
+    histogram of log10 s over all inputs (``SV_EDGES``; below and above count in the
+    first and last bins). Dynamical isometry (Pennington et al. 2017) is every s near 1.
+    Opt-in: ``record.epoch_probes=[...,jacobian_spectrum]``."""
+    s = view.jacobian_sv
+    bins = SV_EDGES.size - 1
+    low, width = SV_EDGES[0], SV_EDGES[1] - SV_EDGES[0]
+    col = jnp.clip(jnp.floor((jnp.log10(s) - low) / width), 0, bins - 1)
+    finite = jnp.isfinite(col)
+    counts = jnp.bincount(jnp.where(finite, col, 0).astype(jnp.int32).ravel(),
+                          weights=finite.astype(s.dtype).ravel(), length=bins)
+    return {"jac_sv_max": jnp.mean(s[:, 0]), "jac_sv_min": jnp.mean(s[:, -1]),
+            "jac_sv_ms": jnp.mean(s * s), "jac_sv_hist": counts}
+
+
 def log10_hists(xs: list[Array]) -> Array:
     """Counts of log10|x| in the fixed bins ``HIST_EDGES``, one row per row of each array
     (arrays [n, ...]: n layers), [sum of n, B].
@@ -419,6 +447,9 @@ EPOCH_PROBES: dict[str, Probe] = {
     "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER}),
     "residual_signal": Probe(residual_signal, {"branch_var": ("block",),
                                                "skip_var": ("block",)}, blocks=True),
+    "jacobian_spectrum": Probe(jacobian_spectrum, {
+        **dict.fromkeys(("jac_sv_max", "jac_sv_min", "jac_sv_ms"), ()),
+        "jac_sv_hist": ("sv_bin",)}),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).

@@ -188,7 +188,7 @@ def status_of(diverged_at: np.ndarray) -> str:
 
 def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
     """The ``metrics.npz`` arrays of a :class:`vgrad.loop.Records`."""
-    from vgrad.probes import HIST_EDGES
+    from vgrad.probes import HIST_EDGES, SV_EDGES
 
     arrays = {
         "step": rec.step.astype(np.int64),
@@ -200,19 +200,24 @@ def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
     }
     arrays.update(rec.step_stats)
     arrays.update(rec.epoch_stats)
+    if "jac_sv_hist" in rec.epoch_stats:  # the bins of the Jacobian spectrum probe
+        arrays["sv_edges"] = np.asarray(SV_EDGES, dtype=np.float32)
     return arrays
 
 
 def array_axes(rec: Any) -> dict[str, list[str]]:
     """The axis names of every array of ``metrics.npz``, from the probes' declarations,
     so that readers need not guess from shapes: seed, step, epoch, layer (all Dense
-    layers), hidden (hidden layers), bin (histogram bins), edge (histogram edges)."""
+    layers), hidden (hidden layers), block (residual blocks), bin and edge (histogram
+    bins and edges), sv_bin and sv_edge (the Jacobian spectrum's)."""
     from vgrad import probes
 
     declared = {**probes.outputs(probes.STEP_PROBES, None), **probes.epoch_outputs(None)}
     axes = {"step": ["step"], "epoch": ["epoch"], "layer_names": ["layer"],
             "hist_edges": ["edge"], "diverged_at_step": ["seed"],
             "nonfinite_grads": ["seed", "layer"]}
+    if "jac_sv_hist" in rec.epoch_stats:
+        axes["sv_edges"] = ["sv_edge"]
     for time, stats in (("step", rec.step_stats), ("epoch", rec.epoch_stats)):
         for name in stats:
             axes[name] = ["seed", time, *declared[name]]

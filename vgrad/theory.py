@@ -200,6 +200,17 @@ def c_star(act: Activation, sigma_w2: float, sigma_b2: float) -> float:
     return float(brentq(gap, 0.0, top, xtol=1e-12)) if gap(0.0) > 0.0 else 0.0
 
 
+def critical_sigma_b2(act: Activation, sigma_w2: float, high: float = 1.0) -> float:
+    """The sigma_b^2 that puts sigma_w^2 on the order-to-chaos boundary (chi_1 = 1):
+    for tanh, sigma_w^2 slightly above 1 with a tiny sigma_b^2 gives a small q*, the
+    near-linear regime where orthogonal kernels achieve dynamical isometry (Pennington
+    et al. 2017)."""
+    from scipy.optimize import brentq
+
+    return float(brentq(lambda b: chi(act, q_star(act, sigma_w2, b), sigma_w2) - 1.0,
+                        0.0, high, xtol=1e-12))
+
+
 def critical_sigma_w2(act: Activation, sigma_b2: float, low: float = 0.5,
                       high: float = 8.0) -> float:
     """The order-to-chaos boundary: the sigma_w^2 at which chi_1 = 1 at q* (tanh,

@@ -128,7 +128,9 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
             ("Trainability phase diagram with the 6 ξ_c curve of mean-field theory",
              theory_figures.phase_diagram(sweep)),
             ("Correlation and δ across layers at initialisation: measured vs theory",
-             theory_figures.signal_theory(sweep))]
+             theory_figures.signal_theory(sweep)),
+            ("Dynamical isometry: Jacobian singular values against depth",
+             theory_figures.isometry(sweep))]
     for i, (caption, fig) in enumerate(sweep_figs):
         if fig is not None:
             png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]

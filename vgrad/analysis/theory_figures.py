@@ -122,7 +122,9 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
                   label=f"order-to-chaos boundary χ₁ = 1 (σ_w² = {critical:.3g})")
     a.set(xlim=(edges(xs)[0], edges(xs)[-1]), ylim=(edges(ys)[0], edges(ys)[-1]),
           xlabel="σ_w² (kernel variance × fan-in)", ylabel="depth (hidden layers)")
-    a.legend(loc="upper right", fontsize=8, facecolor="0.3", labelcolor="white", framealpha=0.7)
+    handles, labels = a.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8,
+               facecolor="0.35", labelcolor="white")
     fig.colorbar(mesh, ax=a, label=metric.replace("_", " ") + " (median over seeds)")
     seeds = ended.groupby("run").size().min()
     _suptitle(fig, f"Trainability phase diagram: {cfg.act.name}, σ_b² = {sigma_b2:g}, "
@@ -196,3 +198,56 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
     return fig
 
 
+
+
+def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
+    """Dynamical isometry (Pennington, Schoenholz & Ganguli 2017): the largest singular
+    value and the mean squared singular value of the deep part's Jacobian at
+    initialisation against depth, one line per value of ``hue`` (and activation), and
+    the spectrum of the deepest nets. None unless the runs recorded the
+    ``jacobian_spectrum`` probe and vary depth."""
+    from vgrad.probes import SV_EDGES
+
+    runs = [r for r in sweep.runs_list if r.status != "failed" and "jac_sv_max" in r.metrics]
+    if len({int(r.config["depth"]) for r in runs}) < 2:
+        return None
+
+    def key(r: Run) -> str:
+        node = r.config.get("init", {})
+        value = node.get(hue.split(".", 1)[1]) if hue.startswith("init.") else None
+        return f"{r.config['act']['name']}, {node.get('name')}" + (
+            f" {value}" if value is not None else "") + \
+            f", σ_w² = {node.get('sigma_w2', '?')}"
+
+    lines: dict[str, list[Run]] = {}
+    for r in runs:
+        lines.setdefault(key(r), []).append(r)
+    fig, ax = _figure(3, sharex=False)
+    centres = 10 ** ((SV_EDGES[1:] + SV_EDGES[:-1]) / 2)
+    for color, (label, group) in zip(OKABE_ITO, sorted(lines.items()), strict=False):
+        group = sorted(group, key=lambda r: int(r.config["depth"]))
+        depths = [int(r.config["depth"]) for r in group]
+        top = np.array([np.median(r.metrics["jac_sv_max"][:, 0]) for r in group])
+        ms = np.array([np.median(r.metrics["jac_sv_ms"][:, 0]) for r in group])
+        ax[0, 0].plot(depths, top, color=color, marker="o", label=label)
+        ax[1, 0].plot(depths, ms, color=color, marker="o", label=label)
+        deepest = group[-1].metrics["jac_sv_hist"][:, 0].sum(axis=0)
+        density = deepest / max(deepest.sum(), 1) / np.diff(SV_EDGES)
+        ax[2, 0].step(centres, density, where="mid", color=color,
+                      label=f"{label}, depth {depths[-1]}")
+    for a in ax[:2, 0]:
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("depth (hidden layers)")
+    ax[0, 0].set(title="Largest singular value of J = ∂h_last/∂h_0 at initialisation",
+                 ylabel="max s")
+    ax[1, 0].set(title="Mean squared singular value (χ₁^depth: 1 at criticality)",
+                 ylabel="mean s²")
+    ax[2, 0].set(xscale="log", title="Spectrum of the deepest nets (all probe inputs)",
+                 xlabel="singular value s", ylabel="density per decade")
+    handles, labels = ax[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
+    _suptitle(fig, "Dynamical isometry: singular values of the input-output Jacobian",
+              "median over seeds; orthogonal kernels at criticality keep s near 1 "
+              "(Pennington et al. 2017)")
+    return fig

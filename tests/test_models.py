@@ -25,7 +25,9 @@ MODEL_NAMES = sorted(models.MODELS)
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_path, name):
     run = tmp_path / name
-    code, _, err = cli(f"model={name}", "depth=3", "width=4", *TINY, f"hydra.run.dir={run}")
+    code, _, err = cli(f"model={name}", "depth=3", "width=4", *TINY, f"hydra.run.dir={run}",
+                       "record.epoch_probes=[evaluation,weight_stats,activation_stats,"
+                       "probe_bias_grad_norm,histograms,forward_signal,residual_signal]")
     assert code == 0, err
     summary = json.loads((run / "summary.json").read_text())
     metrics = store.read_metrics(run)

@@ -14,7 +14,8 @@ from vgrad.analysis import theory_figures as tf
 
 SWEEP = ["-m", "act=tanh", "init=mean_field", "init.sigma_w2=1.0,4.0", "bias_init=mean_field",
          "depth=2,3", "width=16", "data=digits", "data.scale=standard", "loss=ce",
-         "epochs=1", "record.probe_size=32", "progress=false"]
+         "epochs=1", "record.probe_size=32", "progress=false",
+         "record.epoch_probes=[evaluation,forward_signal]"]
 
 
 @pytest.fixture(scope="module")

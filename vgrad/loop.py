@@ -31,7 +31,6 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -567,14 +566,9 @@ class Compiled:
             lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype), start.out_info), mesh)
         n = prog.plan.chunk_epochs
         chunk = self._chunk_jit.lower(self._state, members, jnp.int32(0), data, n)
-        if jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir:
-            # Reading two programs from the persistent cache in two threads at once
-            # crashed the process (a segfault deserialising executables, seen in CI).
-            self.start, first = start.compile(), chunk.compile()
-        else:
-            with ThreadPoolExecutor(2) as pool:
-                self.start, first = pool.map(lambda lowered: lowered.compile(),
-                                             (start, chunk))
+        # One after the other: compiling (and reading JAX's cache) in two threads at once
+        # crashed the process in CI (segfaults inside XLA, not reproducible alone).
+        self.start, first = start.compile(), chunk.compile()
         self._chunks: dict[int, Any] = {n: first}
         self.compile_s = time.perf_counter() - t0
         # The debugging engine's per-step pieces, compiled on first use (with the same

@@ -214,7 +214,7 @@ STEP_PROBES: dict[str, Probe] = {
 
 #: Probes left out of the default ``record.step_probes`` and ``record.epoch_probes``
 #: (their cost is not small).
-OPT_IN = ("delta_norm_own", "jacobian_spectrum")
+OPT_IN = ("delta_norm_own", "jacobian_spectrum", "forward_signal", "residual_signal")
 
 
 def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,

@@ -384,18 +384,13 @@ def jacobian_spectrum(view: EpochView, layout: Layout) -> dict[str, Array]:
     first and last bins). Dynamical isometry (Pennington et al. 2017) is every s near 1.
     Opt-in: ``record.epoch_probes=[...,jacobian_spectrum]``."""
     s = view.jacobian_sv
-    bins = SV_EDGES.size - 1
-    low, width = SV_EDGES[0], SV_EDGES[1] - SV_EDGES[0]
-    col = jnp.clip(jnp.floor((jnp.log10(s) - low) / width), 0, bins - 1)
-    finite = jnp.isfinite(col)
-    counts = jnp.bincount(jnp.where(finite, col, 0).astype(jnp.int32).ravel(),
-                          weights=finite.astype(s.dtype).ravel(), length=bins)
+    counts = log10_hists([s.reshape(1, -1)], SV_EDGES)[0]
     return {"jac_sv_max": jnp.mean(s[:, 0]), "jac_sv_min": jnp.mean(s[:, -1]),
             "jac_sv_ms": jnp.mean(s * s), "jac_sv_hist": counts}
 
 
-def log10_hists(xs: list[Array]) -> Array:
-    """Counts of log10|x| in the fixed bins ``HIST_EDGES``, one row per row of each array
+def log10_hists(xs: list[Array], edges: np.ndarray = HIST_EDGES) -> Array:
+    """Counts of log10|x| in the fixed bins ``edges``, one row per row of each array
     (arrays [n, ...]: n layers), [sum of n, B].
 
     The bins are uniform, so an entry's bin is arithmetic, and one ``bincount`` over all
@@ -403,8 +398,8 @@ def log10_hists(xs: list[Array]) -> Array:
     zeros included) count in the first bin, above the last (inf included) in the last;
     NaN entries are not counted.
     """
-    bins = HIST_EDGES.size - 1
-    low, width = HIST_EDGES[0], HIST_EDGES[1] - HIST_EDGES[0]
+    bins = edges.size - 1
+    low, width = edges[0], edges[1] - edges[0]
     rows = [x.reshape(x.shape[0], -1) for x in xs]
     logs = jnp.concatenate([jnp.log10(jnp.abs(r)).ravel() for r in rows])
     first = np.cumsum([0] + [r.shape[0] for r in rows])

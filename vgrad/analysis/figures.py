@@ -53,6 +53,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from vgrad.analysis.tables import Run, Sweep, axis_column  # noqa: E402
 
@@ -602,6 +603,24 @@ def _theory_config(run: Run) -> str:
                       default=str)
 
 
+def theory_inputs(config: DictConfig) -> tuple | str:
+    """(activation, sigma_w^2, sigma_b^2) of a run config the mean-field theory describes,
+    or why it does not: plain MLPs without batch norm, an elementwise activation, a
+    fan-in-scaled zero-mean kernel initializer and a zero-mean Gaussian or zero bias."""
+    from vgrad import theory
+
+    model = config.get("model")
+    if model is not None and model.name != "mlp":
+        return f"model={model.name} (the theory drawn is for plain MLPs)"
+    if config.get("bn") not in (None, "none"):
+        return "batch norm"
+    try:
+        return (theory.activation(config.act), theory.sigma_w2_of(config.init),
+                theory.sigma_b2_of(config.bias_init))
+    except (ValueError, KeyError, AttributeError) as exc:
+        return str(exc).split(";")[0]
+
+
 @functools.lru_cache(maxsize=256)
 def _prediction(config_json: str) -> Prediction | str:
     from omegaconf import OmegaConf
@@ -610,15 +629,13 @@ def _prediction(config_json: str) -> Prediction | str:
     from vgrad.errors import ConfigError
 
     cfg = OmegaConf.create(json.loads(config_json))
-    if cfg.model is not None and cfg.model.name != "mlp":
-        return f"model={cfg.model.name} (the theory drawn is for plain MLPs)"
-    if cfg.bn not in (None, "none"):
-        return "batch norm"
+    inputs = theory_inputs(cfg)
+    if isinstance(inputs, str):
+        return inputs
+    act, sigma_w2, sigma_b2 = inputs
     try:
-        act = theory.activation(cfg.act)
-        sigma_w2, sigma_b2 = theory.sigma_w2_of(cfg.init), theory.sigma_b2_of(cfg.bias_init)
         x = data.load(cfg.data).x_train
-    except (ValueError, ConfigError, OSError, KeyError, AttributeError) as exc:
+    except (ConfigError, OSError) as exc:
         return str(exc).split(";")[0]
     q = theory.q_star(act, sigma_w2, sigma_b2)
     return Prediction(theory.mean_delta_profile(act, int(cfg.depth), sigma_w2, sigma_b2, x),

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgrad.analysis.figures import OKABE_ITO, _band, _figure, _suptitle
+from vgrad.analysis.figures import OKABE_ITO, _band, _figure, _suptitle, theory_inputs
 from vgrad.analysis.tables import Run, Sweep
 
 #: sigma_w^2 points of the 6 xi_c curve (each costs ~0.3-2 s of quadrature).
@@ -30,22 +30,12 @@ CURVE_POINTS = 25
 
 def _theory_inputs(run: Run) -> tuple | str:
     """(activation, sigma_w^2, sigma_b^2, config) of a run the theory describes, or why
-    not (the rules of the profile figure's overlay)."""
+    not (``figures.theory_inputs``: the rules of the profile figure's overlay)."""
     from omegaconf import OmegaConf
 
-    from vgrad import theory
-
     cfg = OmegaConf.create(run.config)
-    model = cfg.get("model")
-    if model is not None and model.name != "mlp":
-        return f"model={model.name} (the theory drawn is for plain MLPs)"
-    if cfg.get("bn") not in (None, "none"):
-        return "batch norm"
-    try:
-        return (theory.activation(cfg.act), theory.sigma_w2_of(cfg.init),
-                theory.sigma_b2_of(cfg.bias_init), cfg)
-    except (ValueError, KeyError, AttributeError) as exc:
-        return str(exc).split(";")[0]
+    inputs = theory_inputs(cfg)
+    return inputs if isinstance(inputs, str) else (*inputs, cfg)
 
 
 @functools.lru_cache(maxsize=32)
@@ -71,9 +61,6 @@ def why_not(sweep: Sweep) -> str | None:
     runs = [r for r in sweep.runs_list if r.status != "failed"]
     if not runs:
         return "no run ended"
-    inputs = _theory_inputs(runs[0])
-    if isinstance(inputs, str):
-        return inputs
     described = [_theory_inputs(r) for r in runs]
     reasons = [i for i in described if isinstance(i, str)]
     if reasons:

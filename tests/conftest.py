@@ -23,6 +23,10 @@ from vgrad.train import CONF_DIR
 # environment variable carries this to the subprocesses the CLI tests start).
 jax.config.update("jax_disable_most_optimizations", True)
 os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+# vgrad's programs run under matmul_precision=highest; the tests' own references and the
+# steps they call directly must too: on GPUs JAX's default float32 matmul is TF32 (on an
+# H200 it moved deltas and Jacobian singular values by up to 2e-3 relative).
+jax.config.update("jax_default_matmul_precision", "highest")
 # No persistent compilation cache in the suite: in CI, JAX's cache write and read each
 # crashed a worker once (a segfault serialising or deserialising an executable, in
 # different tests, not reproducible alone), so every process compiles its own programs

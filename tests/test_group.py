@@ -25,8 +25,10 @@ def assert_close_metrics(a: dict[str, np.ndarray], b: dict[str, np.ndarray], wha
     for k, v in a.items():
         if v.dtype.kind == "f":
             # Members batched together may round matrix products differently from a job
-            # trained alone: float32 rounding, amplified a little by two epochs of training.
-            np.testing.assert_allclose(b[k], v, rtol=2e-5, atol=1e-7, err_msg=f"{what} {k}")
+            # trained alone: float32 rounding, amplified a little by two epochs of training
+            # (on an H200 GPU, whose reductions' order depends on the batch of members,
+            # an activation mean of a split group differed by 3e-5 relative).
+            np.testing.assert_allclose(b[k], v, rtol=1e-4, atol=1e-7, err_msg=f"{what} {k}")
         else:
             np.testing.assert_array_equal(b[k], v, err_msg=f"{what} {k}")
 

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# vgrad on a GPU, in one call: the environment, a grouped sweep, the throughput benchmark
+# and the test suite, each under its own time limit, logs under $OUT (default
+# /tmp/vgrad-gpu-check). Run from the repository root on a machine whose python3 has a
+# CUDA build of JAX:
+#
+#     bash benchmarks/gpu_check.sh            # at most 7.5 minutes
+#     bash benchmarks/gpu_check.sh --quick    # the bookkeeping only (any machine)
+#
+# Wheels for packages the machine lacks (Hydra, OmegaConf, ...) may be put in .whl/: they
+# are installed into /tmp/site first (no network needed).
+set -u
+OUT=${OUT:-/tmp/vgrad-gpu-check}
+mkdir -p "$OUT"
+quick=0; [ "${1:-}" = "--quick" ] && quick=1
+export PYTHONUNBUFFERED=1
+# Several test processes share the GPU: none may take most of its memory up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+
+echo "== environment"
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+python3 - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import importlib, platform
+import jax
+print("python", platform.python_version(), "| backend", jax.default_backend(),
+      "| devices", jax.devices())
+for name in ("jax", "jaxlib", "flax", "optax", "hydra", "omegaconf", "numpy", "torch"):
+    try:
+        print(f"  {name} {importlib.import_module(name).__version__}")
+    except Exception as e:  # noqa: BLE001
+        print(f"  {name}: {e}")
+EOF
+
+echo "== grouped sweep: 12 jobs of the visualize preset, one program"
+if [ $quick = 1 ]; then epochs=2; else epochs=100; fi
+/usr/bin/time -f "sweep wall %e s" timeout 90 python3 -m vgrad.train -m +experiment=visualize \
+  act=sigmoid,tanh,relu,elu init=normal,he_normal,glorot_uniform seeds=10 epochs=$epochs \
+  progress=false hydra.sweep.dir="$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" \
+  | grep -E "HYDRA|Error|error" | grep -v "^\[.*\]\[HYDRA\] \s*#" | tail -6
+
+echo "== benchmark: the visualize preset, S seeds in one program"
+if [ $quick = 1 ]; then bench_args="--tiny"; else bench_args="--seeds 1 100 1000 --repeats 2 --torch-runs 1"; fi
+timeout 150 python3 benchmarks/bench.py $bench_args --json "$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.log" | tail -14
+
+echo "== tests"
+if [ $quick = 1 ]; then sel=(tests/test_model.py); else sel=(); fi
+timeout 200 python3 -m pytest -q -n 12 -p no:cacheprovider "${sel[@]}" -rfE \
+  > "$OUT/tests.log" 2>&1
+echo "pytest exit $?"
+tail -25 "$OUT/tests.log"

@@ -20,21 +20,29 @@ from vgrad.errors import ConfigError
 from vgrad.layers import flat_params
 
 MODEL_NAMES = sorted(models.MODELS)
+#: Recurrent models read sequences: a short adding problem (T = 6).
+SEQUENCE = ["data=adding", "loss=regression", "data.length=6", "data.n_train=64",
+            "data.n_test=16", "epochs=2", "progress=false", "act=tanh"]
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_path, name):
     run = tmp_path / name
-    code, _, err = cli(f"model={name}", "depth=3", "width=4", *TINY, f"hydra.run.dir={run}",
+    recurrent = name in ("rnn", "lstm", "gru")
+    code, _, err = cli(f"model={name}", "depth=3", "width=4", *(SEQUENCE if recurrent else TINY),
+                       f"hydra.run.dir={run}",
                        "record.epoch_probes=[evaluation,weight_stats,activation_stats,"
-                       "probe_bias_grad_norm,histograms,forward_signal,residual_signal]")
+                       "probe_bias_grad_norm,histograms,forward_signal,residual_signal,"
+                       "recurrent_spectrum]")
     assert code == 0, err
     summary = json.loads((run / "summary.json").read_text())
     metrics = store.read_metrics(run)
     layers = summary["layers"]
     sizes = {"seed": 1, "step": len(metrics["step"]), "epoch": 3, "layer": len(layers),
              "hidden": len(layers) - 1, "bin": probes.HIST_EDGES.size - 1,
-             "edge": probes.HIST_EDGES.size, "block": 3}
+             "edge": probes.HIST_EDGES.size, "block": 3, "recurrent": 3, "time": 6}
+    assert ("time_delta_norm" in metrics) == recurrent
+    assert ("rec_radius" in metrics) == recurrent
     assert set(summary["arrays"]) == set(metrics)
     for key, axes in summary["arrays"].items():
         assert metrics[key].shape == tuple(sizes[a] for a in axes), key

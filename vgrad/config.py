@@ -41,6 +41,7 @@ class Loss(Enum):
     ce = "ce"  # softmax cross-entropy over n_classes logits
     mse = "mse"  # mean squared error between softmax probabilities and one-hot labels
     bce_onehot = "bce_onehot"  # per-class sigmoid BCE summed over classes (Nielsen)
+    regression = "regression"  # squared error against a real target (data=adding)
 
 
 @dataclass
@@ -230,6 +231,10 @@ def validate_data_config(node: Any) -> None:
     for key, low in (("n_train", 1), ("n_test", 0)):
         if node.get(key) is not None:
             _at_least(f"data.{key}", node[key], low)
+    if "sequence" in node:
+        _one_of("data.sequence", node.sequence, ("rows", "pixels"))
+    if "length" in node:
+        _at_least("data.length", node.length, 2)
     if "path" in node and node.path is not None and not str(node.path).strip():
         raise ConfigError("data.path", node.path, "a folder holding the four IDX files")
 
@@ -266,6 +271,12 @@ def validate_data(cfg: Any, n_train: int, n_classes: int) -> None:
     if cfg.batch_size > n_train:
         raise ConfigError("batch_size", cfg.batch_size,
                           f"at most the training-set size ({n_train})")
+    regression = cfg.data.name in data.REGRESSION
+    if (cfg.loss == Loss.regression) != regression:
+        raise ConfigError("loss", cfg.loss.value if hasattr(cfg.loss, "value") else cfg.loss,
+                          f"regression with data={cfg.data.name}" if regression else
+                          f"bce, ce, mse or bce_onehot with data={cfg.data.name} (regression "
+                          "needs real-valued targets: data=adding)")
     if cfg.loss == Loss.bce and n_classes != 2:
         raise ConfigError("loss", "bce", f"ce or mse: data={cfg.data.name} has {n_classes} "
                           "classes and bce needs 2")

@@ -10,6 +10,14 @@ into train and test with a fixed seed. Sources:
 - ``fashion_mnist``: IDX files, by default Debian's ``dataset-fashion-mnist`` package
   (``/usr/share/datasets/fashion-mnist``); the offline stand-in for MNIST.
 - ``mnist``: any folder holding the four standard IDX files (``data.path``).
+- ``adding``: the adding problem (Hochreiter & Schmidhuber 1997), generated from
+  ``random_state``: a regression target (float32 labels, ``loss=regression``).
+
+Sequences, for the recurrent models (``vgrad.models.rnn``): the adding problem is T steps
+of 2 features; images are read row by row (``data.sequence=rows``: digits 8 steps of 8,
+Fashion-MNIST 28 of 28) or pixel by pixel (``pixels``: 64 or 784 steps of 1). The flat
+input is the same either way (row-major); ``step_features`` says how a recurrent net
+splits it.
 
 The IDX reader accepts plain or gzipped files with the usual names
 (``train-images-idx3-ubyte[.gz]`` ...; ``train-images.idx3-ubyte`` also works).
@@ -80,6 +88,7 @@ class DigitsData:
     split_seed: int = 0
     scale: str = "max"  # pixel values 0..16 -> 0..1
     n_train: int | None = None
+    sequence: str = "rows"  # recurrent models: rows (8 steps of 8) | pixels (64 of 1)
 
 
 @dataclass
@@ -91,6 +100,21 @@ class IdxData:
     scale: str = "max"  # pixel values 0..255 -> 0..1, as the mnist_losses and nielsen presets do
     n_train: int | None = None  # e.g. Nielsen's 1000-image runs
     n_test: int | None = None
+    sequence: str = "rows"  # recurrent models: rows (28 steps of 28) | pixels (784 of 1)
+
+
+@dataclass
+class AddingData:
+    """The adding problem: T steps of (value ~ U(0, 1), marker); two steps are marked,
+    one in each half, and the target is the sum of their values. Predicting the mean,
+    1, scores MSE = Var = 2/12 = 1/6; solving it needs memory across T/2 steps or more."""
+
+    name: str = "adding"
+    length: int = 50  # T
+    n_train: int = 10000
+    n_test: int = 1000
+    random_state: int = 0
+    scale: str = "none"
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -240,6 +264,48 @@ def idx(cfg: Any) -> Dataset:
     return _finish(flat["x_train"], flat["y_train"], flat["x_test"], flat["y_test"], cfg)
 
 
+def adding(cfg: Any) -> Dataset:
+    """The adding problem (see ``AddingData``), flat [n, 2T]: step t is columns 2t, 2t+1."""
+    rng = np.random.default_rng(cfg.random_state)
+    n, t = cfg.n_train + cfg.n_test, cfg.length
+    values = rng.random((n, t))
+    half = t // 2
+    first = rng.integers(0, half, n)
+    second = rng.integers(half, t, n)
+    markers = np.zeros((n, t))
+    markers[np.arange(n), first] = markers[np.arange(n), second] = 1.0
+    x = np.stack([values, markers], axis=-1).reshape(n, 2 * t).astype(np.float32)
+    y = (values[np.arange(n), first] + values[np.arange(n), second]).astype(np.float32)
+    arrays = [x[:cfg.n_train], y[:cfg.n_train], x[cfg.n_train:], y[cfg.n_train:]]
+    for a in arrays:
+        a.flags.writeable = False
+    return Dataset(*arrays, n_classes=1)
+
+
+def sequence_shape(cfg: Any) -> tuple[int, int] | None:
+    """(T, features per step) of a dataset read as a sequence, from its config alone."""
+    if cfg.name == "adding":
+        return int(cfg.length), 2
+    side = {"digits": 8, "fashion_mnist": 28, "mnist": 28}.get(cfg.name)
+    if side is None:
+        return None
+    return (side, side) if cfg.sequence == "rows" else (side * side, 1)
+
+
+def step_features(cfg: Any) -> int | None:
+    shape = sequence_shape(cfg)
+    return None if shape is None else shape[1]
+
+
+def sequence_length(cfg: Any) -> int | None:
+    shape = sequence_shape(cfg)
+    return None if shape is None else shape[0]
+
+
+#: Datasets whose labels are real-valued targets (``loss=regression``).
+REGRESSION = ("adding",)
+
+
 @dataclass(frozen=True)
 class Source:
     schema: type
@@ -254,6 +320,7 @@ DATASETS: dict[str, Source] = {
     "digits": Source(DigitsData, digits, generated=True),
     "fashion_mnist": Source(IdxData, idx),
     "mnist": Source(IdxData, idx),
+    "adding": Source(AddingData, adding),
 }
 
 

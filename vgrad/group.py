@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from vgrad import activations, config, models
+from vgrad import activations, config, data, models
 from vgrad.data import Dataset
 
 #: Config nodes whose float fields are traced knobs (each has a registry of choices).
@@ -117,6 +117,8 @@ def structure(cfg: Any) -> dict[str, Any]:
     for path in ZERO_IS_STRUCTURE:
         group, key = path.split(".")
         c[group][f"{key}_is_zero"] = path not in knob
+    if original["model"]["name"] in models.rnn.CELLS:  # how the input is read as a sequence
+        c["sequence_shape"] = data.sequence_shape(SimpleNamespace(**original["data"]))
     for key in ("seed", "seeds", "data", *config.VOLATILE):
         c.pop(key, None)
     return c

@@ -52,6 +52,7 @@ class Segment:
     delta: Path  # where delta is taken in "perturbations" (the signal in "intermediates")
     stacked: bool  # parameters, deltas and captures carry a leading layer axis
     params: tuple[tuple[tuple[str, ...], Path], ...] = ()
+    signal: Path | None = None  # where the forward signal is sown, if not at ``delta``
 
     def __len__(self) -> int:
         return len(self.names)
@@ -77,6 +78,19 @@ class Blocks:
     count: int
 
 
+@dataclass(frozen=True)
+class Recurrent:
+    """A recurrent net's layers (``vgrad.models.rnn``), for the probes through time: their
+    names, the sequence length T, where each layer's recurrent kernel [units, gates *
+    units] is, and the number of gate blocks in it. Their delta points (the segments')
+    hold dL/dh_t for every step, [batch, T, units]."""
+
+    names: tuple[str, ...]
+    steps: int
+    kernels: tuple[Path, ...]
+    gates: int
+
+
 def _get(tree: Any, path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
@@ -90,11 +104,13 @@ def _lead(x: Array, stacked: bool) -> Array:
 @dataclass(frozen=True)
 class Layout:
     """A model's layers, in segments, input side first; the activations applied to every
-    layer's output but the last's, in order; and the residual blocks, if any."""
+    layer's output but the last's, in order (a recurrent layer's: the nonlinearity inside
+    its cell); the residual blocks, if any; the recurrent layers, if any."""
 
     segments: tuple[Segment, ...]
     captures: tuple[Capture, ...]
     blocks: Blocks | None = None
+    recurrent: Recurrent | None = None
 
     @property
     def names(self) -> list[str]:
@@ -122,7 +138,17 @@ class Layout:
     def signals(self, intermediates: Any) -> list[Array]:
         """The forward signal at each segment's delta point (sown under the same path),
         [n, batch, units] each."""
-        return [_lead(_get(intermediates, s.delta)[0], s.stacked) for s in self.segments]
+        return [_lead(_get(intermediates, s.signal or s.delta)[0], s.stacked)
+                for s in self.segments]
+
+    def time_deltas(self, perturbation_grads: Any) -> list[Array]:
+        """A recurrent net's dL/dh_t per recurrent layer, [batch, T, units] each."""
+        by_name = {s.names[0]: s for s in self.segments}
+        return [_get(perturbation_grads, by_name[n].delta) for n in self.recurrent.names]
+
+    def recurrent_kernels(self, params: Any) -> list[Array]:
+        """A recurrent net's recurrent kernels, [units, gates * units] each."""
+        return [_get(params, p)["kernel"] for p in self.recurrent.kernels]
 
     def captured(self, intermediates: Any, name: str) -> list[Array]:
         """A value sown by the activations under ``name`` ("activation", "slope",

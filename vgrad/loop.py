@@ -273,8 +273,9 @@ class Program:
         self.batch_size = cfg.batch_size
         self.snapshot_every = cfg.record.full_grads_every
         self.matmul_precision = cfg.matmul_precision
-        self.step_probes = tuple(cfg.record.step_probes)
-        # (a probe of residual blocks does not run on a model without blocks)
+        # (a probe of residual blocks does not run on a model without blocks, ...)
+        self.step_probes = probes.applicable(probes.STEP_PROBES, cfg.record.step_probes,
+                                             self.layout)
         self.epoch_probes = probes.applicable(probes.EPOCH_PROBES, cfg.record.epoch_probes,
                                               self.layout)
         self.zero_perturbations = perturbation_zeros(self.net(template))
@@ -380,9 +381,11 @@ class Program:
 
     def axis_sizes(self) -> dict[str, int]:
         blocks = self.layout.blocks
+        rec = self.layout.recurrent
         return {"layer": len(self.names), "hidden": len(self.layout.hidden_names),
                 "bin": probes.HIST_EDGES.size - 1, "block": blocks.count if blocks else 0,
-                "sv_bin": probes.SV_EDGES.size - 1}
+                "sv_bin": probes.SV_EDGES.size - 1,
+                "recurrent": len(rec.names) if rec else 0, "time": rec.steps if rec else 0}
 
     def step_template(self, lead: tuple[int, ...]) -> dict[str, jax.ShapeDtypeStruct]:
         axes = probes.outputs(probes.STEP_PROBES, self.step_probes)

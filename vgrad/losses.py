@@ -13,6 +13,9 @@ log(sigmoid(x)):
 - ``bce_onehot``: one sigmoid output per class and the binary cross-entropy of each
   against the one-hot target, summed over classes: the ``CrossEntropyCost`` of
   Nielsen's network2 (chapter 5), whose output error is a - y.
+- ``regression``: squared error of one output against a real target (float labels: the
+  adding problem). Its "accuracy" is the share of examples within ``TOLERANCE`` of the
+  target, the adding problem's criterion of Hochreiter & Schmidhuber 1997.
 """
 
 from __future__ import annotations
@@ -44,13 +47,28 @@ def bce_onehot(logits: Array, labels: Array) -> Array:
     return optax.sigmoid_binary_cross_entropy(logits, one_hot).sum(axis=-1)
 
 
+def regression(outputs: Array, targets: Array) -> Array:
+    return (outputs[:, 0] - targets.astype(outputs.dtype)) ** 2
+
+
+#: A regression output counts as correct within this distance of its target.
+TOLERANCE = 0.04
+
 LOSSES: dict[str, Callable[[Array, Array], Array]] = {
-    "bce": bce, "ce": ce, "mse": mse, "bce_onehot": bce_onehot}
+    "bce": bce, "ce": ce, "mse": mse, "bce_onehot": bce_onehot, "regression": regression}
 
 
 def out_dim(loss: str, n_classes: int) -> int:
-    """Width of the output layer: one logit for ``bce``, one per class otherwise."""
-    return 1 if loss == "bce" else n_classes
+    """Width of the output layer: one for ``bce`` and ``regression``, one per class
+    otherwise."""
+    return 1 if loss in ("bce", "regression") else n_classes
+
+
+def correct(loss: str, logits: Array, labels: Array) -> Array:
+    """1.0 where the prediction is right (a class, or a target within ``TOLERANCE``)."""
+    if loss == "regression":
+        return (jnp.abs(logits[:, 0] - labels) < TOLERANCE).astype(logits.dtype)
+    return (predict(logits) == labels).astype(logits.dtype)
 
 
 def predict(logits: Array) -> Array:

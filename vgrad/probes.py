@@ -182,17 +182,70 @@ def clip_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
             "clip_fired": jnp.stack(changed).any().astype(out.loss.dtype)}
 
 
+def time_delta_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """Recurrent nets: batch mean of ||delta_t^(n)|| = ||dl_n/dh_t^(n)|| for every time
+    step t of every recurrent layer, [recurrent, time]: the gradient that reaches the
+    state at step t through every later step (backpropagation through time). Its fall
+    from t = T back to t = 1 is the vanishing gradient of Bengio, Simard & Frasconi 1994;
+    the ratio of consecutive steps is the per-step gain of the state-to-state Jacobian."""
+    deltas = jnp.stack(layout.time_deltas(out.deltas))  # [R, B, T, U]
+    per_example = _norms(deltas)  # [R, B, T]
+    s = _scale(per_example, axis=1)
+    return {"time_delta_norm": jnp.mean(per_example / s, axis=1) * s[:, 0]}
+
+
+def spectral_radius(w: Array, squarings: int = 10) -> Array:
+    """rho(W) = lim ||W^k||^(1/k) (Gelfand's formula) at k = 2^squarings, by repeated
+    squaring with the scale kept in logs, and the spectral norm of W^k at the end: no
+    eigensolver (JAX has none on GPUs); exact for normal matrices (orthogonal, identity,
+    symmetric), within a factor C^(1/k) of the truth otherwise."""
+    def square(carry, _):
+        m, log_s = carry
+        m = m @ m
+        n = jnp.sqrt(jnp.sum(m * m))
+        n = jnp.where(n > 0, n, 1.0)
+        return (m / n, 2.0 * log_s + jnp.log(n)), None
+
+    n0 = jnp.sqrt(jnp.sum(w * w))
+    n0 = jnp.where(n0 > 0, n0, 1.0)
+    (m, log_s), _ = jax.lax.scan(square, (w / n0, jnp.log(n0)), None, length=squarings)
+    top = jnp.linalg.svd(m, compute_uv=False)[0]
+    return jnp.exp((log_s + jnp.log(top)) / 2 ** squarings)
+
+
+def recurrent_spectrum(view: Any, layout: Layout) -> dict[str, Array]:
+    """Per recurrent layer: the largest singular value of the recurrent kernel (all gate
+    blocks, [units, gates * units]) and the spectral radius of the block the state passes
+    through linearly (the Elman kernel; LSTM's cell candidate g, GRU's candidate n). With
+    a tanh RNN, radius < 1 forces vanishing gradients over long spans, and > 1 is
+    necessary for exploding ones (Pascanu, Mikolov & Bengio 2013)."""
+    rec = layout.recurrent
+    kernels = layout.recurrent_kernels(view.params)
+    block = {1: 0, 4: 2, 3: 2}[rec.gates]  # the candidate block: rnn 0, lstm g, gru n
+    sv = jnp.stack([jnp.linalg.svd(k, compute_uv=False)[0] for k in kernels])
+    radius = jnp.stack([spectral_radius(k[:, block * k.shape[0]:(block + 1) * k.shape[0]])
+                        for k in kernels])
+    return {"rec_sv_max": sv, "rec_radius": radius}
+
+
 @dataclass(frozen=True)
 class Probe:
-    """A registry entry: the reduction and the arrays it returns, with their axes; a
-    probe of residual blocks (``blocks``) runs on models that declare blocks only."""
+    """A registry entry: the reduction and the arrays it returns, with their axes; and
+    what the model must declare for it to run (``requires``): ``blocks`` (residual
+    nets), ``recurrent`` (recurrent nets) or ``feedforward`` (every other model)."""
 
     fn: Callable[[Any, Layout], dict[str, Array]]
     outputs: Mapping[str, tuple[str, ...]]
-    blocks: bool = False
+    requires: str = ""
 
     def applies(self, layout: Layout) -> bool:
-        return not self.blocks or layout.blocks is not None
+        if self.requires == "blocks":
+            return layout.blocks is not None
+        if self.requires == "recurrent":
+            return layout.recurrent is not None
+        if self.requires == "feedforward":
+            return layout.recurrent is None
+        return True
 
     def __call__(self, view: Any, layout: Layout) -> dict[str, Array]:
         return self.fn(view, layout)
@@ -209,6 +262,8 @@ STEP_PROBES: dict[str, Probe] = {
     "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
+    "time_delta_norm": Probe(time_delta_norm, {"time_delta_norm": ("recurrent", "time")},
+                             requires="recurrent"),
 }
 
 
@@ -441,10 +496,12 @@ EPOCH_PROBES: dict[str, Probe] = {
                                      "weight_hist": ("layer", "bin")}),
     "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER}),
     "residual_signal": Probe(residual_signal, {"branch_var": ("block",),
-                                               "skip_var": ("block",)}, blocks=True),
+                                               "skip_var": ("block",)}, requires="blocks"),
     "jacobian_spectrum": Probe(jacobian_spectrum, {
         **dict.fromkeys(("jac_sv_max", "jac_sv_min", "jac_sv_ms"), ()),
-        "jac_sv_hist": ("sv_bin",)}),
+        "jac_sv_hist": ("sv_bin",)}, requires="feedforward"),
+    "recurrent_spectrum": Probe(recurrent_spectrum, dict.fromkeys(
+        ("rec_sv_max", "rec_radius"), ("recurrent",)), requires="recurrent"),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).

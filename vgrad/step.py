@@ -201,7 +201,7 @@ def make_eval_fn(model: nn.Module, loss: str) -> Callable[[Any, Any, Array, Arra
         if batch_stats:
             variables["batch_stats"] = batch_stats
         logits = model.apply(variables, x, train=False)
-        correct = (losses.predict(logits) == y).astype(logits.dtype)
+        correct = losses.correct(loss, logits, y)
         finite = jnp.all(jnp.isfinite(logits), axis=-1)
         return per_example(logits, y), jnp.where(finite, correct, jnp.nan)
 

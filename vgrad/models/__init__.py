@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 
 from vgrad.layers import Layout
-from vgrad.models import mlp, resmlp
+from vgrad.models import mlp, resmlp, rnn
 from vgrad.models.common import Parts, parts_from_config
 
 
@@ -35,6 +35,8 @@ MODELS: dict[str, Model] = {
     "mlp": Model(mlp.MLPModel, mlp.build, mlp.layout, mlp.hidden_widths, mlp.validate),
     "resmlp": Model(resmlp.ResMLPModel, resmlp.build, resmlp.layout, resmlp.widths,
                     resmlp.validate),
+    **{cell: Model(rnn.RecurrentModel, rnn.build, rnn.layout, rnn.widths, rnn.validate)
+       for cell in rnn.CELLS},
 }
 
 

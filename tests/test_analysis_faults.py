@@ -17,8 +17,9 @@ from conftest import TINY
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
 
-# The run figures a default run records; "signal" needs the opt-in forward_signal probe.
-DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES if kind != "signal"]
+# The run figures a default MLP run records: "signal" needs the opt-in forward_signal
+# probe, "time" a recurrent model.
+DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES if kind not in ("signal", "time")]
 
 REPO = Path(__file__).resolve().parent.parent
 

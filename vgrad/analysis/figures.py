@@ -460,8 +460,80 @@ def signal(run: Run) -> Figure | None:
     return fig
 
 
+def _time_rows(m: dict, at: str, layer: int = -1) -> np.ndarray:
+    """||dL/dh_t|| of one recurrent layer, [S, T]: at the first step, or averaged over
+    the last tenth of the recorded steps."""
+    v = np.asarray(m["time_delta_norm"][:, :, layer], np.float64)  # [S, steps, T]
+    if at == "init":
+        return v[:, 0]
+    tail = max(1, v.shape[1] // 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a diverged seed: all NaN
+        return np.nanmean(v[:, -tail:], axis=1)
+
+
+def through_time(run: Run) -> Figure | None:
+    """Recurrent nets: the gradient through time. ||dL/dh_t|| against the time step t for
+    every recurrent layer at the first step and late in training (the time profile, the
+    recurrent analogue of the layer profile); the top layer's ||dL/dh_t|| over t and
+    training steps as a heatmap; and the recurrent kernel's spectral radius and largest
+    singular value per epoch (Pascanu, Mikolov & Bengio 2013)."""
+    m = run.metrics
+    if "time_delta_norm" not in m:
+        return None
+    S, _, R, T = m["time_delta_norm"].shape
+    spectrum = "rec_radius" in m
+    fig, ax = _figure(3 if spectrum else 2, sharex=False, height=2.5)
+    t = np.arange(1, T + 1)
+    colors, drawn = layer_colors(max(R, 2)), False
+    for r in range(R):
+        for at, style, when in (("init", "-", "step 0"), ("end", "--", "last 10% of steps")):
+            label = f"rnn_{r}, {when}" if R > 1 else when
+            drawn |= _band(ax[0, 0], t, _time_rows(m, at, r), colors[r], label, log=True,
+                           style=style)[1]
+    _log_scale(ax[0, 0], drawn, "‖∂L/∂h_t‖")
+    ax[0, 0].set(title="Gradient reaching the state at step t: mean ‖∂L/∂h_t‖ (loss at t = T)",
+                 xlabel="time step t", ylabel="‖∂L/∂h_t‖")
+    if drawn:
+        ax[0, 0].legend(fontsize=7, ncols=2 if R > 1 else 1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        top = np.log10(np.nanmedian(np.asarray(m["time_delta_norm"][:, :, -1], np.float64),
+                                    axis=0))  # [steps, T]
+    top = np.where(np.isfinite(top), top, np.nan)
+    if np.isfinite(top).any():
+        image = ax[1, 0].imshow(top.T, aspect="auto", origin="lower", cmap="viridis",
+                                extent=(m["step"][0], m["step"][-1] + 1, 0.5, T + 0.5),
+                                interpolation="nearest")
+        fig.colorbar(image, ax=ax[1, 0], label="log10 ‖∂L/∂h_t‖")
+    else:
+        _note(ax[1, 0], "‖∂L/∂h_t‖: no finite value to draw")
+    over = "median over seeds" if S > 1 else "one seed"
+    ax[1, 0].set(title=f"Top recurrent layer, over training ({over})",
+                 xlabel="training step", ylabel="time step t")
+    if spectrum:
+        epochs = np.arange(m["rec_radius"].shape[1])
+        drawn = False
+        for r in range(R):
+            for key, what, style in (("rec_radius", "spectral radius", "-"),
+                                     ("rec_sv_max", "largest singular value", "--")):
+                label = f"rnn_{r}: {what}" if R > 1 else what
+                drawn |= _band(ax[2, 0], epochs, m[key][:, :, r], colors[r], label,
+                               log=True, style=style)[1]
+        ax[2, 0].axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
+        _log_scale(ax[2, 0], drawn, "spectrum")
+        ax[2, 0].set(title="Recurrent kernel (the candidate block for LSTM and GRU)",
+                     xlabel="epoch (0 = initialisation)", ylabel="value")
+        if drawn:
+            ax[2, 0].legend(fontsize=7, ncols=2 if R > 1 else 1)
+    _suptitle(fig, "Gradients through time — " + _title(run), _seed_note(S),
+              _diverged_note([run]))
+    return fig
+
+
 RUN_FIGURES = {"gradients": gradients, "weights": weights, "learning_speed": learning_speed,
-               "histograms": histograms, "saturation": saturation, "signal": signal}
+               "histograms": histograms, "saturation": saturation, "signal": signal,
+               "time": through_time}
 
 
 # --- per sweep: which runs make which line -----------------------------------------------
@@ -734,6 +806,43 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
     _suptitle(fig, f"Gradient profile across layers by {hue}", how.pooled,
               _seed_note(_seeds_of(lines)), _diverged_note(runs), theory_note)
     return fig
+
+
+def time_profile(sweep: Sweep, hue: str) -> Figure | None:
+    """Recurrent nets: the top recurrent layer's ||dL/dh_t|| against the time step t, one
+    line per value of ``hue`` (bands over seeds), at the first step and late in training;
+    None when no run recorded it. Runs of different sequence lengths share the x axis
+    counted back from the loss (T - t), so their vanishing rates compare directly."""
+    how = split(sweep, hue)
+    if not any("time_delta_norm" in r.metrics for line in how.lines for r in line.runs):
+        return None
+    fig, ax = _figure(1, 2, width=8.0, height=3.0, sharex=False)
+    for col, at in enumerate(("init", "end")):
+        a, drawn = ax[0, col], False
+        for line in how.lines:
+            for length, runs in _by_length(line.runs).items():
+                rows = np.concatenate([_time_rows(r.metrics, at) for r in runs])
+                label = line.label if len(_by_length(line.runs)) == 1 else \
+                    f"{line.label}, T={length}"
+                drawn |= _band(a, np.arange(length)[::-1], rows, line.color, label,
+                               log=True, style=line.style)[1]
+        _log_scale(a, drawn, "‖∂L/∂h_t‖")
+        when = "at step 0" if at == "init" else "(last 10% of steps)"
+        a.set(title=f"mean ‖∂L/∂h_t‖ {when}", xlabel="steps back from the loss, T − t",
+              ylabel="‖∂L/∂h_t‖")
+    _legend_below(fig, ax[0, 0], ncols=4)
+    runs = [r for line in how.lines for r in line.runs]
+    _suptitle(fig, f"Gradient through time by {hue} (top recurrent layer)", how.pooled,
+              _seed_note(_seeds_of(how.lines)), _diverged_note(runs))
+    return fig
+
+
+def _by_length(runs: list[Run]) -> dict[int, list[Run]]:
+    out: dict[int, list[Run]] = {}
+    for r in runs:
+        if "time_delta_norm" in r.metrics:
+            out.setdefault(r.metrics["time_delta_norm"].shape[-1], []).append(r)
+    return out
 
 
 def _final_metric(sweep: Sweep, metric: str) -> str:

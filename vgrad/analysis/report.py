@@ -118,6 +118,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
     if axes and not ended.empty:
         hue = axes[0]
         sweep_figs += [(f"Gradient profile across layers by {hue}", figures.profile(sweep, hue)),
+                       (f"Gradient through time by {hue}", figures.time_profile(sweep, hue)),
                        (f"Final accuracy by {hue}", figures.bars(sweep, hue)),
                        (f"Training loss by {hue}", figures.curves(sweep, hue, "train_loss"))]
         if len(axes) > 1:

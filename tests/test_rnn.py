@@ -171,3 +171,27 @@ def test_recurrent_config_errors_name_the_key():
         validate_data(cfg, 100, 1)
     with pytest.raises(ConfigError, match="regression"):
         validate_data(compose_cfg("loss=regression"), 100, 2)
+
+
+def test_a_recurrent_sweep_gets_its_time_tables_and_time_profile(cli, tmp_path):
+    from vgrad.analysis import figures, load_sweep, write_report
+
+    code, _, err = cli("-m", "model=rnn", "act=tanh,relu", "data=adding", "loss=regression",
+                       "data.length=5", "data.n_train=64", "data.n_test=16", "depth=1",
+                       "width=4", "epochs=2", "seeds=2", "progress=false",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 0, err
+    sweep = load_sweep(tmp_path / "sweep")
+    times = sweep.times()
+    steps = len(sweep.runs_list[0].metrics["step"])
+    assert len(times) == 2 * 2 * steps * 1 * 5
+    assert sorted(times["t"].unique()) == [1, 2, 3, 4, 5]
+    assert np.isfinite(times["time_delta_norm"]).all()
+    epochs = sweep.epochs()
+    assert epochs.loc[epochs["layer"] == "rnn_0", "rec_radius"].notna().all()
+    assert epochs.loc[epochs["layer"] == "out", "rec_radius"].isna().all()
+    fig = figures.time_profile(sweep, "act.name")
+    assert all(len(ax.lines) == 2 for ax in fig.axes)  # one line per activation
+    page = write_report(tmp_path / "sweep", tmp_path / "report").read_text()
+    assert "Gradient through time by act" in page
+    assert (tmp_path / "report" / "figures" / "run_000_time.png").is_file()

@@ -191,9 +191,34 @@ class Sweep:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def times(self, every: int = 1) -> pd.DataFrame:
+        """Recurrent runs' ||dL/dh_t|| (``time_delta_norm``), one row per run x seed x
+        recorded step x recurrent layer x time step t (1 ... T)."""
+        frames = [time_series(run, every) for run in self.runs_list if run.status != "failed"]
+        frames = [f for f in frames if len(f)]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     def command(self) -> str | None:
         """The command line that made a Hydra multirun folder (from its multirun.yaml)."""
         return sweep_command(self.root)
+
+
+def time_series(run: Run, every: int = 1) -> pd.DataFrame:
+    """One recurrent run's ||dL/dh_t|| as a long table (empty for other models)."""
+    m = run.metrics
+    if "time_delta_norm" not in m:
+        return pd.DataFrame()
+    value = m["time_delta_norm"][:, ::every].astype(np.float64)  # [S, steps, R, T]
+    S, N, R, T = value.shape
+    seeds = [r["seed"] for r in run.rows()]
+    return pd.DataFrame({
+        "run": run.name,
+        "seed": np.repeat(seeds, N * R * T),
+        "step": np.tile(np.repeat(m["step"][::every], R * T), S),
+        "layer": np.tile(np.repeat([f"rnn_{r}" for r in range(R)], T), S * N),
+        "t": np.tile(np.arange(1, T + 1), S * N * R),
+        "time_delta_norm": value.reshape(-1),
+    })
 
 
 def series(run: Run, axis: str = "step", every: int = 1) -> pd.DataFrame:
@@ -211,13 +236,15 @@ def series(run: Run, axis: str = "step", every: int = 1) -> pd.DataFrame:
     S, T, L = len(seeds), len(index), len(names)
     columns: dict[str, np.ndarray] = {}
     for key, dims in axes.items():
-        if key not in m or dims[:2] != ["seed", axis] or "bin" in dims:
-            continue
+        if key not in m or dims[:2] != ["seed", axis] or dims[2:] not in (
+                [], ["layer"], ["hidden"], ["recurrent"]):
+            continue  # histograms, blocks, time steps: tables of their own
         value = m[key][:, ::every].astype(np.float64)
         if len(dims) == 2:  # a scalar per step or epoch: repeat on each layer's row
             value = np.repeat(value[:, :, None], L, axis=2)
-        elif dims[2] == "hidden":  # the output layer has no activation
-            value = np.concatenate([value, np.full((S, T, 1), np.nan)], axis=2)
+        elif dims[2] in ("hidden", "recurrent"):  # the first layers: NaN for the rest
+            pad = np.full((S, T, L - value.shape[2]), np.nan)
+            value = np.concatenate([value, pad], axis=2)
         columns[key] = value.reshape(-1)
     return pd.DataFrame({
         "run": run.name,

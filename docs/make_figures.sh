@@ -40,3 +40,9 @@ cp "$res/figures/profile_model.alpha.png" "$out/residual_fix_profile.png"
 python scripts/plot_run.py "$res/1" --out "$res/1/figures"
 cp "$res/1/figures/signal.png" "$out/residual_fix_signal.png"
 echo "figures in $out; the sweep's report: $sweep/report/index.html"
+# Gradients through time (rnn_time preset): tanh RNN, LSTM and GRU at T = 50 and 100.
+rnn=outputs/sweeps/readme-rnn-time
+python -m vgrad.train -m +experiment=rnn_time model=rnn,lstm,gru data.length=50,100 \
+  progress=false hydra.sweep.dir="$rnn"
+python scripts/plot_sweep.py "$rnn" --x model --out "$rnn/figures"
+cp "$rnn/figures/time_model.png" "$out/rnn_time_profile.png"

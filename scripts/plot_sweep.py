@@ -6,7 +6,8 @@
 --x: the axis of the bar chart (final accuracy per value) and, without --hue, of the
      gradient profile and loss curves; --y: with --x, a heatmap of --metric over both;
      --hue: the axis of the profile and loss curves (default --x). Axes are config keys:
-     act, init, depth, width, bn, optim.lr, ... Writes PNG and PDF to SWEEP/figures/.
+     act, init, depth, width, bn, optim.lr, ... Recurrent runs also get the time profile
+     (||dL/dh_t|| against t). Writes PNG and PDF to SWEEP/figures/.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         made = {f"profile_{hue}": figures.profile(sweep, hue),
                 f"bars_{args.x}": figures.bars(sweep, args.x),
-                f"curves_{hue}": figures.curves(sweep, hue)}
+                f"curves_{hue}": figures.curves(sweep, hue),
+                f"time_{hue}": figures.time_profile(sweep, hue)}  # recurrent runs only
         if args.y:
             made[f"heatmap_{args.x}_{args.y}"] = figures.heatmap(sweep, args.x, args.y,
                                                                  args.metric)

@@ -830,7 +830,7 @@ def time_profile(sweep: Sweep, hue: str) -> Figure | None:
         when = "at step 0" if at == "init" else "(last 10% of steps)"
         a.set(title=f"mean ‖∂L/∂h_t‖ {when}", xlabel="steps back from the loss, T − t",
               ylabel="‖∂L/∂h_t‖")
-    _legend_below(fig, ax[0, 0], ncols=4)
+    _legend_below(fig, ax[0, 0], ncols=3)
     runs = [r for line in how.lines for r in line.runs]
     _suptitle(fig, f"Gradient through time by {hue} (top recurrent layer)", how.pooled,
               _seed_note(_seeds_of(how.lines)), _diverged_note(runs))

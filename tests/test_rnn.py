@@ -195,3 +195,17 @@ def test_a_recurrent_sweep_gets_its_time_tables_and_time_profile(cli, tmp_path):
     page = write_report(tmp_path / "sweep", tmp_path / "report").read_text()
     assert "Gradient through time by act" in page
     assert (tmp_path / "report" / "figures" / "run_000_time.png").is_file()
+
+
+def test_recurrent_grad_norms_split_the_input_and_recurrent_kernels():
+    layout, _, out, *_ = rnn_step("model=lstm", "data.length=4", "width=3")
+    stats = probes.recurrent_grad_norms(out, layout)
+    g = out.grads["rnn_0"]
+    np.testing.assert_allclose(float(stats["grad_norm_ih"][0]),
+                               np.linalg.norm(np.asarray(g["ih"]["kernel"])), rtol=1e-5)
+    np.testing.assert_allclose(float(stats["grad_norm_hh"][0]),
+                               np.linalg.norm(np.asarray(g["cell"]["hh"]["kernel"])), rtol=1e-5)
+    pooled = probes.kernel_grad_stats(out, layout)["grad_norm"][0]
+    np.testing.assert_allclose(float(pooled), float(np.hypot(stats["grad_norm_ih"][0],
+                                                             stats["grad_norm_hh"][0])),
+                               rtol=1e-5)

@@ -89,6 +89,7 @@ class Recurrent:
     steps: int
     kernels: tuple[Path, ...]
     gates: int
+    inputs: tuple[Path, ...] = ()  # each layer's input Dense (W_ih x_t + b_ih)
 
 
 def _get(tree: Any, path: Sequence[str]) -> Any:
@@ -146,9 +147,14 @@ class Layout:
         by_name = {s.names[0]: s for s in self.segments}
         return [_get(perturbation_grads, by_name[n].delta) for n in self.recurrent.names]
 
-    def recurrent_kernels(self, params: Any) -> list[Array]:
-        """A recurrent net's recurrent kernels, [units, gates * units] each."""
-        return [_get(params, p)["kernel"] for p in self.recurrent.kernels]
+    def recurrent_kernels(self, params: Any, leaf: str = "kernel") -> list[Array]:
+        """A recurrent net's recurrent kernels, [units, gates * units] each (or another
+        ``leaf`` of the recurrent Dense layers: "bias")."""
+        return [_get(params, p)[leaf] for p in self.recurrent.kernels]
+
+    def input_kernels(self, params: Any, leaf: str = "kernel") -> list[Array]:
+        """A recurrent net's input kernels, [features, gates * units] each (or biases)."""
+        return [_get(params, p)[leaf] for p in self.recurrent.inputs]
 
     def captured(self, intermediates: Any, name: str) -> list[Array]:
         """A value sown by the activations under ``name`` ("activation", "slope",

@@ -194,6 +194,17 @@ def time_delta_norm(out: StepOut, layout: Layout) -> dict[str, Array]:
     return {"time_delta_norm": jnp.mean(per_example / s, axis=1) * s[:, 0]}
 
 
+def recurrent_grad_norms(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """Recurrent nets, per recurrent layer: ||dL/dW_ih|| and ||dL/dW_hh||, the input and
+    recurrent kernels' gradients apart (``grad_norm`` pools them). The recurrent kernel's
+    gradient sums a contribution from every time step: it explodes first."""
+    def norms(kernels: list[Array]) -> Array:
+        return _layer_norms([k[None] for k in kernels])
+
+    return {"grad_norm_ih": norms(layout.input_kernels(out.grads)),
+            "grad_norm_hh": norms(layout.recurrent_kernels(out.grads))}
+
+
 def spectral_radius(w: Array, squarings: int = 10) -> Array:
     """rho(W) = lim ||W^k||^(1/k) (Gelfand's formula) at k = 2^squarings, by repeated
     squaring with the scale kept in logs, and the spectral norm of W^k at the end: no
@@ -264,6 +275,8 @@ STEP_PROBES: dict[str, Probe] = {
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
     "time_delta_norm": Probe(time_delta_norm, {"time_delta_norm": ("recurrent", "time")},
                              requires="recurrent"),
+    "recurrent_grad_norms": Probe(recurrent_grad_norms, dict.fromkeys(
+        ("grad_norm_ih", "grad_norm_hh"), ("recurrent",)), requires="recurrent"),
 }
 
 

@@ -222,7 +222,7 @@ def layout(cfg: Any) -> Layout:
     return Layout(segments + (out,), tuple(Capture((n,), "", False) for n in names),
                   recurrent=Recurrent(names, data.sequence_length(cfg.data),
                                       tuple((n, "cell", "hh") for n in names),
-                                      CELLS[cfg.model.name]))
+                                      CELLS[cfg.model.name], tuple((n, "ih") for n in names)))
 
 
 def widths(cfg: Any) -> list[int]:

@@ -22,6 +22,7 @@ TINY_DATA = {
     "circles": ["data.n_samples=64"],
     "digits": ["data.n_train=64", "record.probe_size=32"],
     "fashion_mnist": ["data.n_train=64", "data.n_test=32", "record.probe_size=32"],
+    "adding": ["data.n_train=64", "data.n_test=16", "record.probe_size=32"],
 }
 
 
@@ -29,6 +30,7 @@ TINY_DATA = {
 SHRINK = {
     "phase_diagram": {"init.sigma_w2": "init.sigma_w2=1,4", "depth": "depth=10"},
     "isometry": {"depth": "depth=16,32"},
+    "rnn_time": {"model": "model=rnn,gru", "data.length": "data.length=6"},
 }
 
 
@@ -49,7 +51,7 @@ def jobs(args: list[str]) -> list[list[str]]:
 
 def test_there_is_a_preset_per_source():
     assert PRESETS == ["exploding", "isometry", "mnist_losses", "nielsen", "phase_diagram",
-                       "relu_fix", "residual_fix", "visualize"]
+                       "relu_fix", "residual_fix", "rnn_time", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

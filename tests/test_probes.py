@@ -66,11 +66,17 @@ def test_gradient_is_the_loss_gradient_before_clipping():
 
 @pytest.mark.parametrize("probe", sorted(probes.STEP_PROBES))
 def test_every_step_probe_returns_what_it_declares(probe):
-    layout, _, _, out = one_step()
     entry = probes.STEP_PROBES[probe]
+    if entry.requires == "recurrent":
+        from test_rnn import rnn_step
+
+        layout, _, out, *_ = rnn_step("model=gru", "data.length=4", "width=3")
+    else:
+        layout, _, _, out = one_step()
     returned = entry(out, layout)
     assert returned.keys() == entry.outputs.keys()
-    sizes = {"layer": len(layout.names), "hidden": len(layout.hidden_names)}
+    sizes = {"layer": len(layout.names), "hidden": len(layout.hidden_names),
+             "recurrent": 1, "time": 4}
     for key, value in returned.items():
         assert value.dtype == jnp.float32, key
         assert value.shape == tuple(sizes[a] for a in entry.outputs[key]), key

@@ -121,7 +121,6 @@ _COUNTER = CompileCounter()
 def compile_counter():
     """Counts real compilations: the persistent cache is off and this process's compiled
     programs are forgotten for the test."""
-    saved = dict(loop._CACHE)
     loop._CACHE.clear()
     jax.config.update("jax_enable_compilation_cache", False)
     _COUNTER.events.clear()
@@ -129,7 +128,16 @@ def compile_counter():
     yield _COUNTER
     _COUNTER.active = False
     jax.config.update("jax_enable_compilation_cache", True)
-    loop._CACHE.update(saved)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Unload every compiled program after each test module: a worker process runs
+    hundreds of tests, and each program loaded maps ~700 memory regions (see
+    ``loop.MAX_PROGRAMS``); jax.jit's own caches hold the tests' directly jitted steps."""
+    yield
+    loop._CACHE.clear()
+    jax.clear_caches()
 
 
 @pytest.fixture(scope="session")

@@ -163,3 +163,16 @@ def test_choosing_probes_records_only_those_and_the_same_values():
                                      "weight_mean", "weight_std", "clip_frac"}
     for k, v in core.step_stats.items():
         np.testing.assert_allclose(v, full.step_stats[k], rtol=1e-5, atol=1e-9)
+
+
+def test_a_process_keeps_at_most_max_programs_and_evicts_the_oldest(monkeypatch):
+    """Each loaded CPU program maps ~700 memory regions; keeping every one crashed XLA
+    once a process had compiled about 90 (vm.max_map_count)."""
+    from vgrad import loop
+
+    monkeypatch.setattr(loop, "MAX_PROGRAMS", 1)
+    loop._CACHE.clear()
+    run_to_end(compose_cfg(*TINY, "depth=1"))
+    first = next(iter(loop._CACHE))
+    run_to_end(compose_cfg(*TINY, "depth=2"))  # another structure: another program
+    assert len(loop._CACHE) == 1 and first not in loop._CACHE

@@ -25,6 +25,7 @@ it, and statistics that are not due at a step (``record.every``) are skipped by 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -621,7 +622,14 @@ def compiler_options() -> dict[str, Any]:
     return {"xla_backend_optimization_level": 1}
 
 
-_CACHE: dict[str, Compiled] = {}
+#: Compiled programs kept in this process, most recently used last (see MAX_PROGRAMS).
+_CACHE: collections.OrderedDict[str, Compiled] = collections.OrderedDict()
+#: At most this many compiled programs stay loaded in one process. Each program XLA
+#: compiles for the CPU maps about 700 memory regions (LLVM's JIT), and Linux allows a
+#: process 65,530 (``vm.max_map_count``): a process that kept every program segfaulted
+#: inside XLA's compiler after about 90 of them (seen in the test suite, whose workers
+#: train hundreds of programs). Evicting the least recently used program releases them.
+MAX_PROGRAMS = 16
 
 
 def _cache_key(group: Group) -> str:
@@ -642,7 +650,11 @@ def compile_program(group: Group, members: Members, data: DeviceData,
     were reused."""
     key = _cache_key(group) + repr(mesh.devices.tolist())
     reused = key in _CACHE
-    if not reused:
+    if reused:
+        _CACHE.move_to_end(key)
+    else:
+        while len(_CACHE) >= MAX_PROGRAMS:
+            _CACHE.popitem(last=False)
         _CACHE[key] = Compiled(Program(group), members, data, mesh)
     return _CACHE[key], reused
 

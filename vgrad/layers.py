@@ -81,15 +81,17 @@ class Blocks:
 @dataclass(frozen=True)
 class Recurrent:
     """A recurrent net's layers (``vgrad.models.rnn``), for the probes through time: their
-    names, the sequence length T, where each layer's recurrent kernel [units, gates *
-    units] is, and the number of gate blocks in it. Their delta points (the segments')
-    hold dL/dh_t for every step, [batch, T, units]."""
+    names, the sequence length T, where each layer's dL/dh_t is ([batch, T, units], its
+    segment's delta point), its recurrent Dense [units, gates * units] and its input
+    Dense, and which [units, units] gate block of the recurrent kernel the state passes
+    through linearly (the Elman kernel, LSTM's g, GRU's n)."""
 
     names: tuple[str, ...]
     steps: int
+    deltas: tuple[Path, ...]
     kernels: tuple[Path, ...]
-    gates: int
-    inputs: tuple[Path, ...] = ()  # each layer's input Dense (W_ih x_t + b_ih)
+    inputs: tuple[Path, ...]
+    candidate: int
 
 
 def _get(tree: Any, path: Sequence[str]) -> Any:
@@ -144,17 +146,15 @@ class Layout:
 
     def time_deltas(self, perturbation_grads: Any) -> list[Array]:
         """A recurrent net's dL/dh_t per recurrent layer, [batch, T, units] each."""
-        by_name = {s.names[0]: s for s in self.segments}
-        return [_get(perturbation_grads, by_name[n].delta) for n in self.recurrent.names]
+        return [_get(perturbation_grads, p) for p in self.recurrent.deltas]
 
-    def recurrent_kernels(self, params: Any, leaf: str = "kernel") -> list[Array]:
-        """A recurrent net's recurrent kernels, [units, gates * units] each (or another
-        ``leaf`` of the recurrent Dense layers: "bias")."""
-        return [_get(params, p)[leaf] for p in self.recurrent.kernels]
+    def recurrent_kernels(self, params: Any) -> list[Array]:
+        """A recurrent net's recurrent kernels, [units, gates * units] each."""
+        return [_get(params, p)["kernel"] for p in self.recurrent.kernels]
 
-    def input_kernels(self, params: Any, leaf: str = "kernel") -> list[Array]:
-        """A recurrent net's input kernels, [features, gates * units] each (or biases)."""
-        return [_get(params, p)[leaf] for p in self.recurrent.inputs]
+    def input_kernels(self, params: Any) -> list[Array]:
+        """A recurrent net's input kernels, [features, gates * units] each."""
+        return [_get(params, p)["kernel"] for p in self.recurrent.inputs]
 
     def captured(self, intermediates: Any, name: str) -> list[Array]:
         """A value sown by the activations under ``name`` ("activation", "slope",

@@ -230,9 +230,8 @@ def recurrent_spectrum(view: Any, layout: Layout) -> dict[str, Array]:
     through linearly (the Elman kernel; LSTM's cell candidate g, GRU's candidate n). With
     a tanh RNN, radius < 1 forces vanishing gradients over long spans, and > 1 is
     necessary for exploding ones (Pascanu, Mikolov & Bengio 2013)."""
-    rec = layout.recurrent
     kernels = layout.recurrent_kernels(view.params)
-    block = {1: 0, 4: 2, 3: 2}[rec.gates]  # the candidate block: rnn 0, lstm g, gru n
+    block = layout.recurrent.candidate
     sv = jnp.stack([jnp.linalg.svd(k, compute_uv=False)[0] for k in kernels])
     radius = jnp.stack([spectral_radius(k[:, block * k.shape[0]:(block + 1) * k.shape[0]])
                         for k in kernels])

@@ -60,6 +60,8 @@ from vgrad.models.common import Parts, activate, delta_point
 Array = jax.Array
 
 CELLS = {"rnn": 1, "lstm": 4, "gru": 3}  # gate blocks per cell
+#: The gate block the state passes through linearly: Elman's kernel, LSTM's g, GRU's n.
+CANDIDATE = {"rnn": 0, "lstm": 2, "gru": 2}
 RECURRENT_INITS = ("orthogonal", "identity", "normal")
 
 
@@ -219,10 +221,13 @@ def layout(cfg: Any) -> Layout:
                 signal=(n, "signal"))
         for n in names)
     out = Segment(("out",), (("out",),), ("delta_out",), False, ((("out",), ("out",)),))
+    recurrent = Recurrent(names, data.sequence_length(cfg.data),
+                          deltas=tuple(s.delta for s in segments),
+                          kernels=tuple(s.dense[1] for s in segments),
+                          inputs=tuple(s.dense[0] for s in segments),
+                          candidate=CANDIDATE[cfg.model.name])
     return Layout(segments + (out,), tuple(Capture((n,), "", False) for n in names),
-                  recurrent=Recurrent(names, data.sequence_length(cfg.data),
-                                      tuple((n, "cell", "hh") for n in names),
-                                      CELLS[cfg.model.name], tuple((n, "ih") for n in names)))
+                  recurrent=recurrent)
 
 
 def widths(cfg: Any) -> list[int]:

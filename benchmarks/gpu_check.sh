@@ -4,8 +4,9 @@
 # /tmp/vgrad-gpu-check). Run from the repository root on a machine whose python3 has a
 # CUDA build of JAX:
 #
-#     bash benchmarks/gpu_check.sh            # at most 7.5 minutes
+#     bash benchmarks/gpu_check.sh            # at most 9 minutes
 #     bash benchmarks/gpu_check.sh --quick    # the bookkeeping only (any machine)
+#     SECTIONS="rnn tests" bash benchmarks/gpu_check.sh   # some of: sweep bench rnn tests
 #
 # Wheels for packages the machine lacks (Hydra, OmegaConf, ...) may be put in .whl/: they
 # are installed into /tmp/site first (no network needed).
@@ -13,6 +14,8 @@ set -u
 OUT=${OUT:-/tmp/vgrad-gpu-check}
 mkdir -p "$OUT"
 quick=0; [ "${1:-}" = "--quick" ] && quick=1
+SECTIONS=${SECTIONS:-sweep bench rnn tests}
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 # Several test processes share the GPU: none may take most of its memory up front.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -38,21 +41,34 @@ for name in ("jax", "jaxlib", "flax", "optax", "hydra", "omegaconf", "numpy", "t
         print(f"  {name}: {e}")
 EOF
 
+if want sweep; then
 echo "== grouped sweep: 12 jobs of the visualize preset, one program"
 if [ $quick = 1 ]; then epochs=2; else epochs=100; fi
 /usr/bin/time -f "sweep wall %e s" timeout 90 python3 -m vgrad.train -m +experiment=visualize \
   act=sigmoid,tanh,relu,elu init=normal,he_normal,glorot_uniform seeds=10 epochs=$epochs \
   progress=false hydra.sweep.dir="$OUT/sweep" 2>&1 | tee "$OUT/sweep.log" \
   | grep -E "HYDRA|Error|error" | grep -v "^\[.*\]\[HYDRA\] \s*#" | tail -6
+fi
 
+if want bench; then
 echo "== benchmark: the visualize preset, S seeds in one program"
 if [ $quick = 1 ]; then bench_args="--tiny"; else bench_args="--seeds 1 100 1000 --repeats 2 --torch-runs 1"; fi
 timeout 150 python3 benchmarks/bench.py $bench_args --json "$OUT/bench.json" 2>&1 \
   | tee "$OUT/bench.log" | tail -14
+fi
 
+if want rnn; then
+echo "== recurrent benchmark: adding problem T=100, tanh RNN, ||dL/dh_t|| every step"
+if [ $quick = 1 ]; then rnn_args="--tiny"; else rnn_args="--seeds 1 10 100 1000 --repeats 1 --torch-runs 1"; fi
+timeout 150 python3 benchmarks/rnn_bench.py $rnn_args --json "$OUT/rnn_bench.json" 2>&1 \
+  | tee "$OUT/rnn_bench.log" | tail -12
+fi
+
+if want tests; then
 echo "== tests"
 if [ $quick = 1 ]; then sel=(tests/test_model.py); else sel=(); fi
-timeout 200 python3 -m pytest -q -n 12 -p no:cacheprovider "${sel[@]}" -rfE \
+timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -n ${TEST_WORKERS:-12} -p no:cacheprovider "${sel[@]}" -rfE \
   > "$OUT/tests.log" 2>&1
 echo "pytest exit $?"
 tail -25 "$OUT/tests.log"
+fi

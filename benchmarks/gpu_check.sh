@@ -59,7 +59,7 @@ fi
 
 if want rnn; then
 echo "== recurrent benchmark: adding problem T=100, tanh RNN, ||dL/dh_t|| every step"
-if [ $quick = 1 ]; then rnn_args="--tiny"; else rnn_args="--seeds 1 10 100 1000 --repeats 1 --torch-runs 1"; fi
+if [ $quick = 1 ]; then rnn_args="--tiny"; else rnn_args="--seeds 1 10 100 --repeats 1 --torch-runs 1"; fi
 timeout 150 python3 benchmarks/rnn_bench.py $rnn_args --json "$OUT/rnn_bench.json" 2>&1 \
   | tee "$OUT/rnn_bench.log" | tail -12
 fi

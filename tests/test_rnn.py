@@ -119,7 +119,8 @@ def test_recurrent_spectrum_reports_the_kernels_radius_and_norm(kind):
     stats = probes.recurrent_spectrum(view, layout)
     radius = np.abs(np.linalg.eigvals(w.astype(np.float64))).max()
     np.testing.assert_allclose(float(stats["rec_radius"][0]), radius, rtol=2e-3)
-    np.testing.assert_allclose(float(stats["rec_sv_max"][0]), np.linalg.norm(w, 2), rtol=1e-5)
+    # rtol 1e-4: on an H200 the float32 iteration landed 2e-5 from numpy's float64 norm.
+    np.testing.assert_allclose(float(stats["rec_sv_max"][0]), np.linalg.norm(w, 2), rtol=1e-4)
     if kind != "normal":
         np.testing.assert_allclose(radius, scale, rtol=1e-5)
     else:  # the circular law: radius near the scale

@@ -201,3 +201,13 @@ def test_missing_statistics_leave_the_panel_out_with_a_note(sweep_dir, tmp_path)
     plt.close("all")
     page = write_report(old, tmp_path / "report").read_text()
     assert "Not recorded in this run: histograms, saturation" in page
+
+
+def test_runs_are_found_in_natural_order_also_where_sweeps_are_gathered(tmp_path):
+    from vgrad.analysis.tables import find_runs
+
+    for name in ("10", "2", "relu/0", "tanh/11", "tanh/3"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text("{}")
+    found = [str(p.relative_to(tmp_path)) for p in find_runs(tmp_path)]
+    assert found == ["2", "10", "relu/0", "tanh/3", "tanh/11"]

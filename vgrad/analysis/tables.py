@@ -53,10 +53,13 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def find_runs(path: Path) -> list[Path]:
-    """Every folder under ``path`` (itself included) that holds a ``summary.json``."""
+    """Every folder under ``path`` (itself included) that holds a ``summary.json``, in
+    natural order (job 2 before job 10; numbered folders before named ones, so that
+    sweeps gathered under one folder, ``tanh/0`` beside ``relu/0``, sort too)."""
     path = Path(path)
     return sorted({p.parent for p in path.rglob(store.SUMMARY)},
-                  key=lambda p: [int(s) if s.isdigit() else s for s in p.parts])
+                  key=lambda p: [(0, int(s), "") if s.isdigit() else (1, 0, s)
+                                 for s in p.parts])
 
 
 @dataclass

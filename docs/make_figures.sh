@@ -46,3 +46,13 @@ python -m vgrad.train -m +experiment=rnn_time model=rnn,lstm,gru data.length=50,
   progress=false hydra.sweep.dir="$rnn"
 python scripts/plot_sweep.py "$rnn" --x model --out "$rnn/figures"
 cp "$rnn/figures/time_model.png" "$out/rnn_time_profile.png"
+# Dynamical isometry (isometry preset): tanh at criticality and ReLU at sigma_w^2 = 2,
+# orthogonal vs Gaussian kernels, depth 16 to 128, in one folder for one figure.
+iso=outputs/sweeps/readme-isometry
+python -m vgrad.train -m +experiment=isometry init.distribution=orthogonal,normal \
+  depth=16,32,64,128 progress=false hydra.sweep.dir="$iso/tanh"
+python -m vgrad.train -m +experiment=isometry act=relu init.sigma_w2=2.0 bias_init.sigma_b2=0.0 \
+  init.distribution=orthogonal,normal depth=16,32,64,128 progress=false hydra.sweep.dir="$iso/relu"
+python -c "
+from vgrad.analysis import figures, tables, theory_figures
+figures.save(theory_figures.isometry(tables.load_sweep('$iso')), '$out/isometry', ['png'])"

@@ -150,3 +150,15 @@ def test_the_data_cache_keys_on_the_config_survives_corruption_and_can_be_off(
     monkeypatch.setattr(data, "_LOADED", {})
     data.load(compose_cfg("data.noise=0.3").data)
     assert len(list(tmp_path.glob("circles-*.npz"))) == 2
+
+
+def test_input_q_gives_every_example_that_mean_square_and_keeps_directions():
+    plain = data.load(compose_cfg("data=digits", "data.scale=standard").data)
+    ds = data.load(compose_cfg("data=digits", "data.scale=standard", "data.input_q=0.03").data)
+    for x, x0 in ((ds.x_train, plain.x_train), (ds.x_test, plain.x_test)):
+        np.testing.assert_allclose(np.mean(x.astype(np.float64) ** 2, axis=1), 0.03, rtol=1e-5)
+        cosine = np.sum(x * x0, 1) / np.linalg.norm(x, axis=1) / np.linalg.norm(x0, axis=1)
+        np.testing.assert_allclose(cosine, 1, rtol=1e-5)
+    np.testing.assert_array_equal(data.rescale(np.zeros((2, 3), np.float32), 0.5), 0)
+    with pytest.raises(ConfigError, match="data.input_q.*-1"):
+        data.load(compose_cfg("data=circles", "data.input_q=-1").data)

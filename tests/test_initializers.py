@@ -74,6 +74,16 @@ def test_mean_field_init_is_sigma_w2_over_fan_in_and_feeds_the_theory():
     w = draw("init", "mean_field", (FAN_IN, FAN_IN), "init.sigma_w2=1.05",
              "init.distribution=orthogonal")
     np.testing.assert_allclose(w.T @ w, 1.05 * np.eye(FAN_IN), atol=1e-4)
+    # Widening (fan_out > fan_in): every input's mean square is multiplied by exactly
+    # sigma_w^2, as the Gaussian kernel does on average; narrowing: W^T W = sigma_w^2 I.
+    wide = draw("init", "mean_field", (FAN_IN, FAN_OUT), "init.sigma_w2=1.05",
+                "init.distribution=orthogonal")
+    x = np.random.default_rng(0).normal(size=(8, FAN_IN))
+    np.testing.assert_allclose(np.mean((x @ wide) ** 2, 1), 1.05 * np.mean(x ** 2, 1),
+                               rtol=1e-4)
+    narrow = draw("init", "mean_field", (FAN_OUT, FAN_IN), "init.sigma_w2=1.05",
+                  "init.distribution=orthogonal")
+    np.testing.assert_allclose(narrow.T @ narrow, 1.05 * np.eye(FAN_IN), atol=1e-4)
     cfg = compose_cfg("init=mean_field", "init.sigma_w2=1.76", "bias_init=mean_field")
     assert theory.sigma_w2_of(cfg.init) == 1.76
     assert theory.sigma_b2_of(cfg.bias_init) == 0.05

@@ -39,6 +39,22 @@ def test_tanh_order_to_chaos_boundary_matches_the_published_phase_diagram():
         tanh, 3.0, 0.05)  # deeper into chaos, gradients explode over fewer layers
 
 
+def test_inputs_at_input_q_for_q_star_start_every_layer_at_the_fixed_point():
+    tanh = act("tanh")
+    sigma_w2 = 1.05
+    sigma_b2 = theory.critical_sigma_b2(tanh, sigma_w2)
+    q = theory.q_star(tanh, sigma_w2, sigma_b2)
+    input_q = theory.input_q_for(q, sigma_w2, sigma_b2)
+    np.testing.assert_allclose(theory.variances(tanh, 20, sigma_w2, sigma_b2, input_q), q,
+                               rtol=1e-6)
+    # The isometry preset starts its tanh nets there.
+    cfg = compose_cfg("+experiment=isometry")
+    assert cfg.data.input_q == pytest.approx(input_q, rel=1e-4)
+    assert cfg.bias_init.sigma_b2 == pytest.approx(sigma_b2, rel=1e-4)
+    with pytest.raises(ValueError, match="not above"):
+        theory.input_q_for(0.01, 1.0, 0.05)
+
+
 def test_sigma_w2_of_initializers():
     assert theory.sigma_w2_of(compose_cfg("init=he_normal").init) == 2.0
     assert theory.sigma_w2_of(compose_cfg("init=variance_scaling", "init.scale=1.5").init) == 1.5

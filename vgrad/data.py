@@ -66,6 +66,7 @@ class CirclesData:
     test_size: float = 0.0  # fraction held out; the visualize preset scores on all 1000
     split_seed: int = 0
     scale: str = "none"  # none | standard | max
+    input_q: float | None = None  # per-example mean square after scaling (see rescale)
     n_train: int | None = None  # keep only the first n_train training examples
 
 
@@ -78,6 +79,7 @@ class MoonsData:
     test_size: float = 0.5
     split_seed: int = 0
     scale: str = "none"
+    input_q: float | None = None
     n_train: int | None = None
 
 
@@ -87,6 +89,7 @@ class DigitsData:
     test_size: float = 0.25
     split_seed: int = 0
     scale: str = "max"  # pixel values 0..16 -> 0..1
+    input_q: float | None = None
     n_train: int | None = None
     sequence: str = "rows"  # recurrent models: rows (8 steps of 8) | pixels (64 of 1)
 
@@ -98,6 +101,7 @@ class IdxData:
     name: str = "fashion_mnist"
     path: str | None = "/usr/share/datasets/fashion-mnist"
     scale: str = "max"  # pixel values 0..255 -> 0..1, as the mnist_losses and nielsen presets do
+    input_q: float | None = None
     n_train: int | None = None  # e.g. Nielsen's 1000-image runs
     n_test: int | None = None
     sequence: str = "rows"  # recurrent models: rows (28 steps of 28) | pixels (784 of 1)
@@ -143,8 +147,25 @@ def scale(x_train: np.ndarray, x_test: np.ndarray, how: str) -> tuple[np.ndarray
     raise ConfigError("data.scale", how, "none, max, standard")
 
 
+def rescale(x: np.ndarray, input_q: float) -> np.ndarray:
+    """Each example times the factor that makes its mean squared feature ``input_q``.
+
+    Mean-field theory follows each input's squared length: under fan-in-scaled kernels
+    the first layer's pre-activations have q_1 = sigma_w^2 * input_q + sigma_b^2. Setting
+    ``input_q`` so that q_1 is the fixed point q* starts every layer there, as Pennington,
+    Schoenholz & Ganguli (2017) do for dynamical isometry (``theory.input_q_for`` gives
+    the value). An all-zero example stays zero."""
+    if not input_q > 0:
+        raise ConfigError("data.input_q", input_q, "a positive number or null")
+    mean_square = np.mean(np.square(x, dtype=np.float64), axis=1, keepdims=True)
+    factor = np.sqrt(input_q / np.where(mean_square > 0, mean_square, 1.0))
+    return (x * factor).astype(np.float32)
+
+
 def _finish(x_tr, y_tr, x_te, y_te, cfg: Any) -> Dataset:
     x_tr, x_te = scale(x_tr.astype(np.float32), x_te.astype(np.float32), cfg.scale)
+    if getattr(cfg, "input_q", None) is not None:
+        x_tr, x_te = rescale(x_tr, cfg.input_q), rescale(x_te, cfg.input_q)
     if cfg.n_train is not None:
         x_tr, y_tr = x_tr[: cfg.n_train], y_tr[: cfg.n_train]
     if getattr(cfg, "n_test", None) is not None:

@@ -16,6 +16,7 @@ with the variance corrected for the truncation, as Keras and jax both do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,8 +92,11 @@ class VarianceScalingInit:
 class MeanFieldInit:
     """W ~ N(0, sigma_w2 / fan_in), in the units of mean-field theory (Poole et al. 2016;
     Schoenholz et al. 2017), so that ``init.sigma_w2=1,1.25,...`` is a phase-diagram axis;
-    ``distribution=orthogonal``: sqrt(sigma_w2) times a random orthogonal matrix, the
-    same sigma_w^2 for square kernels (Saxe et al. 2014; Pennington et al. 2017)."""
+    ``distribution=orthogonal``: a random orthogonal matrix scaled so that a layer maps
+    an input's mean square q to sigma_w2 * q, as the Gaussian kernel does on average
+    (Saxe et al. 2014; Pennington et al. 2017): sqrt(sigma_w2) for square and narrowing
+    kernels, sqrt(sigma_w2 * fan_out / fan_in) for widening ones, whose orthonormal rows
+    would otherwise spread the input's length over fan_out > fan_in units."""
 
     name: str = "mean_field"
     sigma_w2: float = 1.0
@@ -104,8 +108,10 @@ def mean_field_kernel(cfg: Any) -> Initializer:
     if cfg.distribution == "orthogonal":
         def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32
                  ) -> jax.Array:
+            fan_in, fan_out = math.prod(shape[:-1]), shape[-1]
             q = jax.nn.initializers.orthogonal()(key, shape, dtype)
-            return jnp.sqrt(jnp.asarray(cfg.sigma_w2, dtype)) * q
+            widening = max(1.0, fan_out / fan_in)
+            return jnp.sqrt(jnp.asarray(cfg.sigma_w2 * widening, dtype)) * q
 
         return init
     return jax.nn.initializers.variance_scaling(cfg.sigma_w2, "fan_in", "normal")

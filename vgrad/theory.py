@@ -99,6 +99,17 @@ def q_star(act: Activation, sigma_w2: float, sigma_b2: float, q0: float = 1.0,
     return q
 
 
+def input_q_for(q: float, sigma_w2: float, sigma_b2: float) -> float:
+    """The inputs' mean squared feature (``data.input_q``) that starts the first layer's
+    pre-activations at length ``q``: q = sigma_w^2 * input_q + sigma_b^2, inverted.
+
+    With ``q = q_star(...)`` every layer starts at the fixed point, the setting in which
+    Pennington, Schoenholz & Ganguli (2017) state dynamical isometry."""
+    if not q > sigma_b2:
+        raise ValueError(f"q = {q} is not above sigma_b^2 = {sigma_b2}: no input reaches it")
+    return (q - sigma_b2) / sigma_w2
+
+
 def chi(act: Activation, q: float, sigma_w2: float) -> float:
     """chi = sigma_w^2 E[phi'(sqrt(q) u)^2]: the factor of E||delta||^2 per layer."""
     return sigma_w2 * gaussian_mean(lambda z: act.dphi(z) ** 2, q)

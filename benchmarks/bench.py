@@ -99,6 +99,8 @@ def bench_plain(x, y, seeds: int, epochs: int, repeats: int) -> dict:
 
 
 def bench_torch(x, y, epochs: int, runs: int) -> dict | None:
+    if runs < 1:  # --torch-runs 0: vgrad and plain JAX only
+        return None
     try:
         import torch_loop
     except ImportError:
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
               "jax": jax.__version__, "torch_runs_timed": args.torch_runs if torch_row else 0,
               "rows": rows}
-    if torch_row is None:
+    if torch_row is None and args.torch_runs > 0:
         print("PyTorch: not installed, its column is skipped (pip install torch)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

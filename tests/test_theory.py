@@ -40,17 +40,16 @@ def test_tanh_order_to_chaos_boundary_matches_the_published_phase_diagram():
 
 
 def test_inputs_at_input_q_for_q_star_start_every_layer_at_the_fixed_point():
-    tanh = act("tanh")
-    sigma_w2 = 1.05
-    sigma_b2 = theory.critical_sigma_b2(tanh, sigma_w2)
+    # The isometry preset's tanh nets: critical (chi_1 = 1) with a small q*.
+    cfg = compose_cfg("+experiment=isometry")
+    tanh = theory.activation(cfg.act)
+    sigma_w2, sigma_b2 = theory.sigma_w2_of(cfg.init), theory.sigma_b2_of(cfg.bias_init)
     q = theory.q_star(tanh, sigma_w2, sigma_b2)
+    assert theory.chi(tanh, q, sigma_w2) == pytest.approx(1.0, abs=1e-5)
     input_q = theory.input_q_for(q, sigma_w2, sigma_b2)
     np.testing.assert_allclose(theory.variances(tanh, 20, sigma_w2, sigma_b2, input_q), q,
                                rtol=1e-6)
-    # The isometry preset starts its tanh nets there.
-    cfg = compose_cfg("+experiment=isometry")
-    assert cfg.data.input_q == pytest.approx(input_q, rel=1e-4)
-    assert cfg.bias_init.sigma_b2 == pytest.approx(sigma_b2, rel=1e-4)
+    assert cfg.data.input_q == pytest.approx(input_q, rel=1e-4)  # the preset starts there
     with pytest.raises(ValueError, match="not above"):
         theory.input_q_for(0.01, 1.0, 0.05)
 

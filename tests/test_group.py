@@ -127,6 +127,15 @@ def test_group_size_follows_the_memory_estimate():
     assert [g.n_members for g in groups] == [6, 6, 3]
 
 
+def test_a_recurrent_members_memory_estimate_counts_its_time_steps():
+    def estimate(length: int) -> int:
+        cfg = compose_cfg("model=rnn", "data=adding", f"data.length={length}",
+                          "data.n_train=64", "data.n_test=16", "loss=regression", "epochs=1")
+        return group.member_bytes(runner.prepare(cfg, "unused"))
+
+    assert estimate(100) > 8 * estimate(10)  # activations x T dominate at T = 100
+
+
 def test_an_invalid_job_is_recorded_and_the_others_run(cli, tmp_path):
     code, _, err = cli("-m", "depth=2,0,3", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert code == 1

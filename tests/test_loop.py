@@ -176,3 +176,36 @@ def test_a_process_keeps_at_most_max_programs_and_evicts_the_oldest(monkeypatch)
     first = next(iter(loop._CACHE))
     run_to_end(compose_cfg(*TINY, "depth=2"))  # another structure: another program
     assert len(loop._CACHE) == 1 and first not in loop._CACHE
+
+
+def test_evaluation_blocks_shrink_to_the_memory_budget_without_changing_the_numbers(
+        monkeypatch):
+    """A recurrent net holds every time step of every example it evaluates: 1,000 seeds
+    of a T=100 RNN asked a GPU for 36 GiB at once. Blocks shrink to ``EVAL_BYTES``."""
+    from vgrad import loop
+
+    assert loop.eval_block(10, 1, 4) == loop.EVAL_BLOCK
+    monkeypatch.setattr(loop, "EVAL_BYTES", 4 * 1024)
+    assert loop.eval_block(10, 2, 4) == 32  # 32 examples x 10 floats x 2 members x 4 B
+    assert loop.eval_block(10**6, 1, 4) == 1
+    monkeypatch.undo()
+    cfg = compose_cfg("model=rnn", "act=tanh", "data=adding", "data.length=10",
+                      "data.n_train=200", "data.n_test=50", "loss=regression", "depth=1", "width=8",
+                      "epochs=1", "seeds=2", "progress=false",
+                      "record.step_probes=[global_norms]", "record.epoch_probes=[evaluation]")
+
+    def evaluate(eval_bytes: int):
+        monkeypatch.setattr(loop, "EVAL_BYTES", eval_bytes)
+        loop._CACHE.clear()
+        records = run_to_end(cfg)
+        program = next(iter(loop._CACHE.values()))
+        return (records.epoch_stats, program.chunk(1).memory_analysis().temp_size_in_bytes,
+                program.program.eval_block)
+
+    whole, whole_bytes, whole_block = evaluate(loop.EVAL_BYTES)
+    # 2 x 10 steps x (8 + 8) Dense outputs x 2 members x 4 B per example: blocks of 16.
+    blocked, blocked_bytes, block = evaluate(16 * 2 * 10 * 16 * 2 * 4)
+    assert (whole_block, block) == (loop.EVAL_BLOCK, 16)
+    for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+        np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-5, err_msg=key)
+    assert blocked_bytes < whole_bytes / 2

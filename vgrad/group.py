@@ -282,13 +282,16 @@ def group_jobs(jobs: Sequence[Job], max_members: int | None = None,
 def member_bytes(job: Job) -> int:
     """An estimate of what one member (one seed) of ``job`` takes in memory, in bytes:
     its state (parameters, gradients, optimizer moments), its activations on a batch
-    and on an evaluation block, and the records of the whole run kept on the host."""
+    and on an evaluation block (every time step's, for a recurrent net), and the
+    records of the whole run kept on the host."""
     cfg, ds = job.cfg, job.data
     pieces = int(getattr(cfg.act, "pieces", 1) or 1)
     sizes = [ds.n_features, *models.MODELS[cfg.model.name].widths(cfg)]
     params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     params += (sizes[-1] + 1) * max(ds.n_classes, 1)
-    units = sum(sizes[1:]) * pieces
+    # A recurrent net holds its units at every time step.
+    steps = (data.sequence_length(cfg.data) or 1) if cfg.model.name in models.rnn.CELLS else 1
+    units = sum(sizes[1:]) * pieces * steps
     steps = (len(ds.x_train) // cfg.batch_size) * cfg.epochs
     layers = len(sizes)
     recorded = -(-steps // cfg.record.every) * (9 * layers + 4)

@@ -66,6 +66,10 @@ DIVERGENT_CLI = ["act=linear", "depth=10", "width=16", "init.std=0.5", "optim=sg
 #: Overrides that make any preset tiny: a few epochs of a small circles problem.
 TINY = ["epochs=2", "data.n_samples=128", "progress=false"]
 
+#: Few probes, for tests whose subject is not what is measured: the default probes
+#: double a tiny program's compile time, most of these tests' cost.
+LIGHT = ["record.step_probes=[global_norms]", "record.epoch_probes=[evaluation]"]
+
 
 def compose_cfg(*overrides: str):
     """The real config composed from conf/ with ``overrides`` (as on the command line)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, run_dirs
+from conftest import LIGHT, TINY, run_dirs
 
 from vgrad import store
 
@@ -126,7 +126,7 @@ def test_joblib_workers_exit_when_the_sweep_is_killed(tmp_path, subprocess_env):
     env = dict(subprocess_env, VGRAD_HOST_DEVICES="1")
     cmd = [sys.executable, "-m", "vgrad.train", "-m", "hydra/launcher=parallel",
            "epochs=100000", "data.n_samples=64", "act=tanh,relu", "progress=false",
-           f"hydra.sweep.dir={tmp_path}"]
+           *LIGHT, f"hydra.sweep.dir={tmp_path}"]
     parent = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=env)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_to_end
+from conftest import DIVERGENT_CLI, LIGHT, TINY, compose_cfg, run_to_end
 
 from vgrad import store
 
@@ -172,9 +172,9 @@ def test_a_process_keeps_at_most_max_programs_and_evicts_the_oldest(monkeypatch)
 
     monkeypatch.setattr(loop, "MAX_PROGRAMS", 1)
     loop._CACHE.clear()
-    run_to_end(compose_cfg(*TINY, "depth=1"))
+    run_to_end(compose_cfg(*TINY, *LIGHT, "depth=1"))
     first = next(iter(loop._CACHE))
-    run_to_end(compose_cfg(*TINY, "depth=2"))  # another structure: another program
+    run_to_end(compose_cfg(*TINY, *LIGHT, "depth=2"))  # another structure: another program
     assert len(loop._CACHE) == 1 and first not in loop._CACHE
 
 

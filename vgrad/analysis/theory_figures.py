@@ -72,10 +72,12 @@ def why_not(sweep: Sweep) -> str | None:
 
 
 def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
-                  points: int = CURVE_POINTS) -> Figure | None:
+                  points: int | None = None) -> Figure | None:
     """Median ``metric`` over seeds in each (sigma_w^2, depth) cell, with the theory's
-    6 xi_c curve and critical sigma_w^2; None unless the sweep varies both and the
-    theory applies (``why_not``)."""
+    6 xi_c curve at ``points`` values of sigma_w^2 (default ``CURVE_POINTS``; each one in
+    the chaotic phase costs a root-finding over 2-D Gaussian integrals, ~1 s) and the
+    critical sigma_w^2; None unless the sweep varies both and the theory applies
+    (``why_not``)."""
     runs = sweep.runs
     if why_not(sweep) is not None or "depth" not in runs:
         return None
@@ -101,7 +103,7 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     act, _, sigma_b2, cfg = inputs[0]
     act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
     curve_x, curve_y, critical = _boundary(act_json, float(sigma_b2), float(xs.min()),
-                                           float(xs.max()), points)
+                                           float(xs.max()), points or CURVE_POINTS)
     a.plot(curve_x, np.where(np.isfinite(curve_y), curve_y, np.nan), color="white",
            linewidth=2.0, label="6 ξ_c (mean-field theory)")
     if critical is not None and xs.min() <= critical <= xs.max():

@@ -143,7 +143,8 @@ def test_scripts_run_from_the_command_line(sweep_dir, tmp_path):
     for cmd in (["scripts/plot_run.py", str(run), "--out", str(tmp_path / "run")],
                 ["scripts/plot_sweep.py", str(sweep_dir), "--x", "act", "--y", "depth",
                  "--out", str(tmp_path / "sweep")],
-                ["scripts/report.py", str(sweep_dir), "--out", str(tmp_path / "report")]):
+                # (A run folder: the sweep's report is test_report_references_every_figure's.)
+                ["scripts/report.py", str(run), "--out", str(tmp_path / "report")]):
         proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr

@@ -30,6 +30,7 @@ TINY_DATA = {
 SHRINK = {
     "phase_diagram": {"init.sigma_w2": "init.sigma_w2=1,4", "depth": "depth=10"},
     "isometry": {"depth": "depth=16,32"},
+    "nielsen": {"depth": "depth=1,4"},  # each depth is a program
     "rnn_time": {"model": "model=rnn,gru", "data.length": "data.length=6"},
 }
 

@@ -92,8 +92,10 @@ def test_seeds_split_across_two_host_devices_give_one_devices_numbers(
         tmp_path, run, subprocess_env):
     arrays = {}
     for devices in (1, 2):
-        env = {k: v for k, v in subprocess_env.items() if k != "XLA_FLAGS"}
-        env["VGRAD_HOST_DEVICES"] = str(devices)
+        env = dict(subprocess_env, VGRAD_HOST_DEVICES=str(devices))
+        env["XLA_FLAGS"] = " ".join(  # the suite's flags, without its device count
+            f for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count"))
         out = tmp_path / f"d{devices}"
         proc = run(vgrad_cmd("seeds=4", "epochs=2", "data.n_samples=128", "progress=false",
                              f"hydra.run.dir={out}"), env=env)

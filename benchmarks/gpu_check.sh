@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# vgrad on a GPU, in one call: the environment, a grouped sweep, the throughput benchmark
-# and the test suite, each under its own time limit, logs under $OUT (default
+# vgrad on a GPU, in one call: the environment, a grouped sweep, the throughput benchmark,
+# the recurrent benchmark and the test suite, each under its own time limit, logs under $OUT (default
 # /tmp/vgrad-gpu-check). Run from the repository root on a machine whose python3 has a
 # CUDA build of JAX:
 #
-#     bash benchmarks/gpu_check.sh            # at most 9 minutes
+#     bash benchmarks/gpu_check.sh            # at most 10 minutes
 #     bash benchmarks/gpu_check.sh --quick    # the bookkeeping only (any machine)
 #     SECTIONS="rnn tests" bash benchmarks/gpu_check.sh   # some of: sweep bench rnn tests
 #

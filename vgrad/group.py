@@ -290,15 +290,18 @@ def member_bytes(job: Job) -> int:
     params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     params += (sizes[-1] + 1) * max(ds.n_classes, 1)
     # A recurrent net holds its units at every time step.
-    steps = (data.sequence_length(cfg.data) or 1) if cfg.model.name in models.rnn.CELLS else 1
-    units = sum(sizes[1:]) * pieces * steps
+    recurrent = cfg.model.name in models.rnn.CELLS
+    time_steps = (data.sequence_length(cfg.data) or 1) if recurrent else 1
+    units = sum(sizes[1:]) * pieces * time_steps
     steps = (len(ds.x_train) // cfg.batch_size) * cfg.epochs
     layers = len(sizes)
     recorded = -(-steps // cfg.record.every) * (9 * layers + 4)
     per_epoch = (cfg.epochs + 1) * (2 * layers * 64 + 8 * layers + 8)
     snapshots = (steps // cfg.record.full_grads_every * params
                  if cfg.record.full_grads_every else 0)
-    activations_ = (cfg.batch_size * 4 + 4096) * units
+    # (An evaluation block holds at most 4,096 examples: loop.EVAL_BLOCK.)
+    eval_examples = min(4096, max(len(ds.x_train), len(ds.x_test)))
+    activations_ = (cfg.batch_size * 4 + eval_examples) * units
     return 4 * (6 * params + activations_ + recorded + per_epoch + snapshots)
 
 

@@ -173,6 +173,12 @@ def device_data(datasets: list[Dataset], probe_size: int, mesh: Mesh,
 SINGLE_CPU_DEVICE = ("jacobian_spectrum",)
 
 
+def trains_on_one_device(group: Group) -> bool:
+    """Whether ``group`` trains on one device (see ``SINGLE_CPU_DEVICE``)."""
+    return (jax.default_backend() == "cpu"
+            and bool(set(SINGLE_CPU_DEVICE) & set(group.cfg.record.epoch_probes)))
+
+
 def member_mesh(n_members: int, one_device: bool = False) -> Mesh:
     """The devices the member axis is split across: as many as divide ``n_members``
     evenly (all of them when they do), so each device trains an equal share; only the
@@ -300,12 +306,15 @@ class Program:
         self.epoch_probes = probes.applicable(probes.EPOCH_PROBES, cfg.record.epoch_probes,
                                               self.layout)
         self.zero_perturbations = perturbation_zeros(self.net(template))
-        # Activations an example holds in evaluation: every Dense output, at every time
-        # step of a recurrent net, twice (the elementwise results beside them).
+        # Activations an example holds in evaluation: every Dense output (each maxout
+        # piece), at every time step of a recurrent net, twice (the elementwise results
+        # beside them); for the members on one device of the group's mesh.
         recurrent = cfg.model.name in models.rnn.CELLS
-        steps = (sequence_length(cfg.data) or 1) if recurrent else 1
-        self.eval_block = eval_block(2 * steps * sum(self.model.widths(cfg)),
-                                     group.n_members, self.dtype.itemsize)
+        time_steps = (sequence_length(cfg.data) or 1) if recurrent else 1
+        pieces = int(getattr(cfg.act, "pieces", 1) or 1)
+        devices = member_mesh(group.n_members, trains_on_one_device(group)).devices.size
+        self.eval_block = eval_block(2 * time_steps * pieces * sum(self.model.widths(cfg)),
+                                     group.n_members // devices, self.dtype.itemsize)
 
     # -- a member's network and optimizer, from its knobs --
 
@@ -831,9 +840,7 @@ def run(group: Group, engine: str = "scan", group_id: int = 0) -> Iterator[list[
 def _run(group: Group, engine: str, group_id: int) -> Iterator[list[Records]]:
     if engine not in ("scan", "python"):
         raise ValueError(f"engine={engine!r}: expected scan or python")
-    one_device = (jax.default_backend() == "cpu"
-                  and bool(set(SINGLE_CPU_DEVICE) & set(group.cfg.record.epoch_probes)))
-    mesh = member_mesh(group.n_members, one_device)
+    mesh = member_mesh(group.n_members, trains_on_one_device(group))
     data = device_data(group.datasets, group.cfg.record.probe_size, mesh)
     members = shard_members(group.members(), mesh)
     compiled, reused = compile_program(group, members, data, mesh)

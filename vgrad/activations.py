@@ -231,6 +231,11 @@ def build(cfg: Any) -> tuple[Callable[..., nn.Module], int]:
     return entry.build(cfg), entry.pieces(cfg)
 
 
+def pieces(cfg: Any) -> int:
+    """Outputs per unit of the ``act`` config node (maxout's pieces; 1 otherwise)."""
+    return int(ACTIVATIONS[cfg.name].pieces(cfg))
+
+
 def elementwise(cfg: Any) -> Callable[[Array], Array] | None:
     """The activation as a plain elementwise function, or None when it is not one
     (learnable parameters, noise, or several inputs per output)."""

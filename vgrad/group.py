@@ -285,14 +285,11 @@ def member_bytes(job: Job) -> int:
     and on an evaluation block (every time step's, for a recurrent net), and the
     records of the whole run kept on the host."""
     cfg, ds = job.cfg, job.data
-    pieces = int(getattr(cfg.act, "pieces", 1) or 1)
+    pieces = activations.pieces(cfg.act)
     sizes = [ds.n_features, *models.MODELS[cfg.model.name].widths(cfg)]
     params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
     params += (sizes[-1] + 1) * max(ds.n_classes, 1)
-    # A recurrent net holds its units at every time step.
-    recurrent = cfg.model.name in models.rnn.CELLS
-    time_steps = (data.sequence_length(cfg.data) or 1) if recurrent else 1
-    units = sum(sizes[1:]) * pieces * time_steps
+    units = models.activation_units(cfg)  # (a recurrent net's at every time step)
     steps = (len(ds.x_train) // cfg.batch_size) * cfg.epochs
     layers = len(sizes)
     recorded = -(-steps // cfg.record.every) * (9 * layers + 4)

@@ -40,7 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vgrad import activations, initializers, jacobian, layers, losses, models, optim, probes
-from vgrad.data import Dataset, sequence_length
+from vgrad.data import Dataset
 from vgrad.group import Group, Job, Members, family, node_view, structure
 from vgrad.step import (
     TrainState,
@@ -306,14 +306,11 @@ class Program:
         self.epoch_probes = probes.applicable(probes.EPOCH_PROBES, cfg.record.epoch_probes,
                                               self.layout)
         self.zero_perturbations = perturbation_zeros(self.net(template))
-        # Activations an example holds in evaluation: every Dense output (each maxout
-        # piece), at every time step of a recurrent net, twice (the elementwise results
-        # beside them); for the members on one device of the group's mesh.
-        recurrent = cfg.model.name in models.rnn.CELLS
-        time_steps = (sequence_length(cfg.data) or 1) if recurrent else 1
-        pieces = int(getattr(cfg.act, "pieces", 1) or 1)
+        # Activations an example holds in evaluation: its Dense outputs (at every time
+        # step of a recurrent net), twice (the elementwise results beside them); for the
+        # members on one device of the group's mesh.
         devices = member_mesh(group.n_members, trains_on_one_device(group)).devices.size
-        self.eval_block = eval_block(2 * time_steps * pieces * sum(self.model.widths(cfg)),
+        self.eval_block = eval_block(2 * models.activation_units(cfg),
                                      group.n_members // devices, self.dtype.itemsize)
 
     # -- a member's network and optimizer, from its knobs --

@@ -15,6 +15,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from vgrad import activations, data
 from vgrad.layers import Layout
 from vgrad.models import mlp, resmlp, rnn
 from vgrad.models.common import Parts, parts_from_config
@@ -45,9 +46,18 @@ def build(cfg: Any, out_dim: int, parts: Parts | None = None) -> nn.Module:
     return MODELS[cfg.model.name].build(cfg, parts or parts_from_config(cfg), out_dim)
 
 
+def activation_units(cfg: Any) -> int:
+    """Dense outputs one example holds in a forward pass of a validated config's model:
+    every width (each maxout piece), at every time step of a recurrent net (what its
+    evaluation and training memory grow with)."""
+    time_steps = (data.sequence_length(cfg.data) or 1) if cfg.model.name in rnn.CELLS else 1
+    return sum(MODELS[cfg.model.name].widths(cfg)) * activations.pieces(cfg.act) * time_steps
+
+
 def layout(cfg: Any) -> Layout:
     """The declared layers of a validated config's model."""
     return MODELS[cfg.model.name].layout(cfg)
 
 
-__all__ = ["MODELS", "Model", "Parts", "build", "layout", "parts_from_config"]
+__all__ = ["MODELS", "Model", "Parts", "activation_units", "build", "layout",
+           "parts_from_config"]

@@ -102,14 +102,14 @@ def test_a_run_folder_below_a_file_is_one_line(cli, tmp_path):
 
 
 def test_a_full_disk_fails_its_job_and_the_sweep_goes_on(cli, tmp_path, monkeypatch):
-    real = store._atomic_write
+    real = store.atomic_write
 
     def full_for_one_job(path: Path, payload: bytes) -> None:
         if Path(path).parent.name == "1" and Path(path).name != "runs.csv":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, payload)
 
-    monkeypatch.setattr(store, "_atomic_write", full_for_one_job)
+    monkeypatch.setattr(store, "atomic_write", full_for_one_job)
     # two structures (depth), so that job 1's group fails alone
     code, out, err = cli("-m", "depth=1,2,3", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert code == 1

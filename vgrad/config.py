@@ -209,6 +209,25 @@ def validate(cfg: Any) -> None:
             _one_of(key, name, registry)
 
 
+#: The config groups whose choice is the ``name`` key of the chosen file.
+CHOICE_GROUPS = ("model", "act", "init", "bias_init", "clip", "optim", "data")
+
+
+def refuse_name_overrides(overrides: list[str]) -> None:
+    """Refuse ``act.name=relu``-style overrides: a choice's ``name`` says which entry of
+    its registry runs, while Hydra's record (and every other key of the group) comes
+    from the chosen file, so overriding the name alone would train one choice under
+    another's record. The way to choose is the group itself: ``act=relu``."""
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group, _, leaf = key.lstrip("+~").partition(".")
+        if leaf == "name" and group in CHOICE_GROUPS:
+            raise ConfigError(key, value, f"no override of a choice's name: choose it with "
+                              f"{group}={value} (the choices: python -m vgrad.train --help)")
+
+
 #: The floating-point types a run can compute in (the ``dtype`` key).
 DTYPES = ("float32", "float64")
 
@@ -235,6 +254,8 @@ def validate_data_config(node: Any) -> None:
         _one_of("data.sequence", node.sequence, ("rows", "pixels"))
     if "length" in node:
         _at_least("data.length", node.length, 2)
+    if node.get("input_q") is not None:  # inf would send every seed to NaN at step 0
+        _positive("data.input_q", node.input_q)
     if "path" in node and node.path is not None and not str(node.path).strip():
         raise ConfigError("data.path", node.path, "a folder holding the four IDX files")
 

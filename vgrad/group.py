@@ -279,11 +279,11 @@ def group_jobs(jobs: Sequence[Job], max_members: int | None = None,
     return groups
 
 
-def member_bytes(job: Job) -> int:
+def member_bytes(job: Job, evaluation: bool = True) -> int:
     """An estimate of what one member (one seed) of ``job`` takes in memory, in bytes:
     its state (parameters, gradients, optimizer moments), its activations on a batch
-    and on an evaluation block (every time step's, for a recurrent net), and the
-    records of the whole run kept on the host."""
+    and (``evaluation``) on an evaluation block (every time step's, for a recurrent
+    net), and the records of the whole run kept on the host."""
     cfg, ds = job.cfg, job.data
     pieces = activations.pieces(cfg.act)
     sizes = [ds.n_features, *models.MODELS[cfg.model.name].widths(cfg)]
@@ -297,7 +297,7 @@ def member_bytes(job: Job) -> int:
     snapshots = (steps // cfg.record.full_grads_every * params
                  if cfg.record.full_grads_every else 0)
     # (An evaluation block holds at most 4,096 examples: loop.EVAL_BLOCK.)
-    eval_examples = min(4096, max(len(ds.x_train), len(ds.x_test)))
+    eval_examples = min(4096, max(len(ds.x_train), len(ds.x_test))) if evaluation else 0
     activations_ = (cfg.batch_size * 4 + eval_examples) * units
     return 4 * (6 * params + activations_ + recorded + per_epoch + snapshots)
 

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,20 +76,44 @@ class Interrupted(Exception):  # noqa: N818 (what happened, not an error)
 
 
 class DifferentRun(ConfigError):
-    """A run folder already holds results of another config: never overwritten."""
+    """A run folder already holds results of another config, or a ``summary.json`` vgrad
+    cannot read as a run of this config: never overwritten."""
 
-    def __init__(self, run_dir: Path, differences: list[str]):
-        shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+    def __init__(self, run_dir: Path, differences: list[str] | None, why: str = ""):
+        if differences is not None:
+            shown = ", ".join(differences[:4]) + (" ..." if len(differences) > 4 else "")
+            why = f"it holds a run of another config ({shown})"
         super().__init__("run folder", str(run_dir),
-                         f"an empty folder or one holding this config's run; it holds a run "
-                         f"of another config ({shown}); choose another hydra.run.dir or "
-                         "hydra.sweep.dir")
+                         f"an empty folder or one holding this config's run; {why}; choose "
+                         "another hydra.run.dir or hydra.sweep.dir")
+
+
+def foreign_summary(summary: Any) -> str | None:
+    """Why a parsed ``summary.json`` is not one vgrad may overwrite or resume, or None."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        return f"its {store.SUMMARY} is not a vgrad run summary"
+    if summary.get("status") not in store.STATUSES:
+        return (f"its {store.SUMMARY} has status {summary.get('status')!r}, which vgrad "
+                "does not write")
+    return None
+
+
+#: Seconds a second signal leaves the process to stop by itself before it is ended.
+HARD_STOP_S = 2.0
 
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[Callable[[], int | None]]:
     """While active, SIGINT and SIGTERM are noted rather than raised; yields a function
-    returning the first signal received (None if none). A second signal acts at once."""
+    returning the first signal received (None if none).
+
+    A second signal acts at once: the previous handler is back (SIGINT raises
+    KeyboardInterrupt, SIGTERM ends the process), and, should the main thread be stuck
+    in native code where no Python handler runs (a program or a transfer that never
+    returns), a watcher thread woken through ``signal.set_wakeup_fd`` ends the process
+    after :data:`HARD_STOP_S` seconds. Whatever was written stays whole: every file is
+    written atomically.
+    """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
@@ -99,13 +124,47 @@ def stop_on_signals() -> Iterator[Callable[[], int | None]]:
         received.append(signum)
         signal.signal(signum, previous[signum])
 
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    left = threading.Event()  # the main thread left this block: it was not stuck
+    threading.Thread(target=_end_on_second_signal, args=(reader, left), daemon=True,
+                     name="vgrad-second-signal").start()
     for s in previous:
         signal.signal(s, note)
     try:
         yield lambda: received[0] if received else None
     finally:
+        left.set()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        signal.set_wakeup_fd(old_fd)
+        writer.close()  # ends the watcher
+        reader.close()
+
+
+def _end_on_second_signal(reader: socket.socket, left: threading.Event) -> None:
+    """Count SIGINT and SIGTERM as the C-level handler reports them; on the second, give
+    the main thread :data:`HARD_STOP_S` seconds to leave, then end the process."""
+    seen = 0
+    while True:
+        try:
+            data = reader.recv(64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            seen += 1
+            if seen >= 2:
+                if left.wait(HARD_STOP_S):
+                    return
+                name = signal.Signals(signum).name
+                os.write(2, f"vgrad: {name} again: stopped at once; the runs keep the chunks "
+                            "they wrote (run the same command again to continue)\n".encode())
+                os._exit(128 + signum)
 
 
 def use_compile_cache(path: str | None) -> None:
@@ -145,20 +204,29 @@ def _same_config(summary: dict[str, Any], cfg: Any) -> list[str]:
 
 
 def ended_before(run_dir: Path, cfg: Any) -> str | None:
-    """The status of an ended run of the same config in ``run_dir`` whose files load,
-    else None. Raises :class:`DifferentRun` if the folder holds another config's run."""
+    """The status of an ended run of the same config in ``run_dir`` whose files are
+    whole, else None (train it, again if it is damaged). Raises :class:`DifferentRun` if
+    the folder holds another config's run, or a ``summary.json`` that is not a vgrad
+    run's (unreadable, or of a status vgrad does not write): never overwritten."""
+    path = Path(run_dir) / store.SUMMARY
+    if not path.exists() and not path.is_symlink():
+        return None  # nothing there: train
     try:
         summary = store.read_summary(run_dir)
-        status = summary["status"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # nothing there, or nothing readable: train
-    if not isinstance(summary.get("config"), dict) or status not in store.STATUSES:
-        return None
+    except (OSError, ValueError):
+        summary = None
+    if (why := foreign_summary(summary)) is not None:
+        raise DifferentRun(run_dir, None, why)
+    status = summary["status"]
     if status != "failed" and (differences := _same_config(summary, cfg)):
         raise DifferentRun(run_dir, differences)
-    if status in store.ENDED and store.npz_loads(run_dir / store.METRICS):
-        return status
-    return None
+    if status not in store.ENDED:
+        return None
+    if (damage := store.run_damage(run_dir, summary)) is not None:
+        log.warning("%s holds a damaged run of this config (%s): training it again",
+                    run_dir, damage)
+        return None
+    return status
 
 
 def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
@@ -194,11 +262,49 @@ def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
 
 
 def prepare(cfg: Any, run_dir: Path) -> Job:
-    """A validated job with its data loaded. Raises :class:`ConfigError` on bad input."""
+    """A validated job with its data loaded. Raises :class:`ConfigError` on bad input,
+    a run too large for the machine's memory included."""
     config.validate(cfg)
     ds = data.load(cfg.data)
     config.validate_data(cfg, len(ds.x_train), ds.n_classes)
-    return Job(cfg, Path(run_dir), ds)
+    job = Job(cfg, Path(run_dir), ds)
+    check_memory(job)
+    return job
+
+
+def machine_memory() -> tuple[int, str]:
+    """The memory a run's members share, in bytes, and what it is: the accelerators'
+    (all of them: members are spread over the devices), else the host's RAM."""
+    devices = jax.devices()
+    if devices[0].platform != "cpu":
+        limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+        if all(limits):
+            return int(sum(limits)), f"{len(devices)} x {devices[0].device_kind}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the host's memory"
+
+
+def check_memory(job: Job) -> None:
+    """Refuse, before anything is compiled or allocated, a run whose estimated memory
+    (``vgrad.group.member_bytes`` times its seeds) exceeds the machine's: such a run
+    would not fail at once but swap, unresponsive, until the kernel ends it."""
+    from vgrad.group import member_bytes
+
+    cfg = job.cfg
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    # Evaluation blocks shrink until all members' activations fit loop.EVAL_BYTES per
+    # device (one example per block at least).
+    evaluation = member_bytes(job) - member_bytes(job, evaluation=False)
+    devices = len(jax.devices())
+    need = (member_bytes(job, evaluation=False) * cfg.seeds
+            + max(min(evaluation * cfg.seeds, loop.EVAL_BYTES * devices),
+                  evaluation * cfg.seeds // 4096)) * itemsize // 4
+    have, what = machine_memory()
+    if need > have:
+        key, value = ("seeds", cfg.seeds) if cfg.seeds > 1 else ("width", cfg.width)
+        raise ConfigError(key, value, f"a run that fits in memory: {cfg.seeds} seed(s) of this "
+                          f"net need about {need / 1e9:,.1f} GB (state, activations, "
+                          f"records), {what} is {have / 1e9:,.1f} GB; train fewer seeds per "
+                          "run (sweep over seed=...) or a smaller net")
 
 
 # --- writing ------------------------------------------------------------------------------

@@ -13,6 +13,9 @@ JSON never holds NaN (not valid JSON): missing or non-finite numbers are ``null`
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import io
 import json
@@ -21,7 +24,7 @@ import os
 import platform
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,44 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+class LinkRefused(ValueError):
+    """A symbolic link stands where vgrad writes a file or folder of its own.
+
+    A sweep folder shared with others, or unpacked from a received archive, may hold
+    links planted at the names vgrad writes (``runs.csv``, ``report/index.html``, a
+    lock file); writing through them would overwrite whatever file they point at, so
+    vgrad refuses with one line instead, before it writes anything there.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: a symbolic link where vgrad writes a file of its "
+                         "own; vgrad never writes through links (remove the link, or "
+                         "choose another folder)")
+
+
+def refuse_link(path: Path) -> Path:
+    """``path``, unless it is a symbolic link (:class:`LinkRefused`)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise LinkRefused(path)
+    return path
+
+
+def refuse_links(folder: Path, names: tuple[str, ...]) -> None:
+    """Refuse ``folder/name`` for every name that is a symbolic link (a name may be a
+    glob pattern, e.g. ``*.log``), and ``folder`` itself when it is one."""
+    folder = refuse_link(folder)
+    for name in names:
+        for path in folder.glob(name) if any(c in name for c in "*?[") else [folder / name]:
+            refuse_link(path)
+
+
+def atomic_write(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` whole or not at all: a temporary file in the same
+    folder, then ``os.replace``, which replaces a link rather than following it (and a
+    link at ``path`` is refused before anything is written)."""
+    path = refuse_link(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -65,6 +105,55 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: The lock file of a sweep folder, held while a sweep writes into it.
+LOCK = ".vgrad.lock"
+_HELD: dict[Path, int] = {}  # sweep folders this process has locked: how many times
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold ``<sweep>/.vgrad.lock`` while a sweep writes into the folder: a second sweep
+    into it stops with one line (:class:`vgrad.errors.ConfigError`) before it writes
+    anything, ``multirun.yaml`` included. Re-entrant within a process (vgrad's sweeper
+    takes it before Hydra writes ``multirun.yaml``, its launcher again). The lock file
+    is opened without following links: one planted there is refused."""
+    from vgrad.errors import ConfigError
+
+    key = Path(sweep_dir).absolute()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path = key / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, _MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LinkRefused(path) from None
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise ConfigError("hydra.sweep.dir", str(key), "a folder no other sweep is "
+                              f"writing to ({holder or 'another process'} is)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"vgrad sweep pid {os.getpid()}".encode(), 0)
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -82,7 +171,12 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(Path(path), (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+    atomic_write(Path(path), (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (UTF-8), written atomically; a link at ``path`` is refused."""
+    atomic_write(Path(path), text.encode())
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -93,7 +187,7 @@ def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
-    _atomic_write(Path(path), buf.getvalue())
+    atomic_write(Path(path), buf.getvalue())
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
@@ -127,10 +221,90 @@ def npz_loads(path: Path) -> bool:
         return False
 
 
+#: The files vgrad writes into a run folder (what a run refuses to find as links).
+RUN_FILES = (SUMMARY, METRICS, GRADS, PARAMS, CHECKPOINT)
+
+
+def npz_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Each array's shape, read from the npy headers of an npz file without loading the
+    data; None when the file is missing or not a readable npz."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            shapes = {}
+            for name in zf.namelist():
+                with zf.open(name) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1 else
+                            np.lib.format.read_array_header_2_0)
+                    shape = read(f)[0]
+                shapes[name.removesuffix(".npy")] = tuple(shape)
+            return shapes
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return None
+
+
+def metrics_damage(run_dir: Path, summary: Mapping[str, Any]) -> str | None:
+    """What is wrong with a run's ``metrics.npz`` against what its ``summary.json``
+    declares (every array of ``arrays``, with the lengths of its axes), or None.
+
+    A file cut short or edited loses arrays or steps; readers would otherwise fail on
+    it far from the cause, and a rerun would take the run as ended.
+    """
+    path = Path(run_dir) / METRICS
+    if not npz_loads(path) or (shapes := npz_shapes(path)) is None:
+        return f"{METRICS} missing or unreadable"
+    declared = summary.get("arrays") or {}
+    for name, axes in declared.items():
+        if name not in shapes:
+            return f"{METRICS} has no array {name!r} (declared in {SUMMARY})"
+        if len(shapes[name]) != len(axes):
+            return (f"{METRICS}: {name} has {len(shapes[name])} axes, {SUMMARY} declares "
+                    f"{len(axes)} ({', '.join(axes)})")
+    lengths = {"seed": len(summary.get("seeds") or []),
+               "step": shapes.get("step", (None,))[0],
+               "epoch": shapes.get("epoch", (None,))[0],
+               "layer": shapes.get("layer_names", (None,))[0]}
+    for name, axes in declared.items():
+        for axis, n in zip(axes, shapes[name], strict=True):
+            if lengths.get(axis) is not None and n != lengths[axis]:
+                return (f"{METRICS}: {name} has {n} entries along {axis}, expected "
+                        f"{lengths[axis]}")
+    done = summary.get("epochs_done")
+    if done is not None and lengths["epoch"] is not None and lengths["epoch"] < done + 1:
+        return (f"{METRICS}: {lengths['epoch']} epoch boundaries recorded, {SUMMARY} says "
+                f"{done} epoch(s) were done")
+    every = ((summary.get("config") or {}).get("record") or {}).get("every")
+    per_epoch = summary.get("steps_per_epoch")
+    if None not in (done, every, per_epoch, lengths["step"]):
+        expected = len(range(0, done * per_epoch, every))
+        if lengths["step"] < expected:
+            return (f"{METRICS}: {lengths['step']} recorded steps, {SUMMARY} says "
+                    f"{expected} were recorded")
+    return None
+
+
+def run_damage(run_dir: Path, summary: Mapping[str, Any]) -> str | None:
+    """What is wrong with an ended run's files (metrics, and the parameters and full
+    gradients its config asked for), or None: a damaged run is trained again."""
+    if (why := metrics_damage(run_dir, summary)) is not None:
+        return why
+    record = (summary.get("config") or {}).get("record") or {}
+    wanted = [(PARAMS, bool(record.get("params"))),
+              (GRADS, bool(record.get("full_grads_every")))]
+    for name, expected in wanted:
+        path = Path(run_dir) / name
+        if (expected or path.exists()) and not npz_loads(path):
+            return f"{name} missing or unreadable"
+    return None
+
+
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete the temporary files of writes that a killed process left behind."""
-    for tmp in Path(run_dir).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temporary files of vgrad's own writes that a killed process left
+    behind (``.summary.json.XXXX.tmp`` ...), nothing else."""
+    for name in RUN_FILES:
+        for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
 
 
 def write_checkpoint(run_dir: Path, epochs_done: int, leaves: list[np.ndarray]) -> None:

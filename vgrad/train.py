@@ -18,10 +18,8 @@ chunk boundary, keep what was trained (``status: interrupted``) and exit with 13
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 import sys
 import textwrap
 import traceback
@@ -35,7 +33,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from vgrad import config, runner, store
+from vgrad import config, guard, runner, store
 from vgrad.analysis import callback
 from vgrad.errors import ConfigError, describe
 from vgrad.group import Group
@@ -114,15 +112,6 @@ def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "nan" if x is None else format(x, spec)
 
 
-def _remove_unused_folder(run_dir: Path) -> None:
-    """Delete a run folder holding only what Hydra wrote before the run was refused."""
-    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log"
-                                for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            run_dir.parent.rmdir()  # the date folder, if nothing else is in it
-
-
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> str:
     hydra_cfg = HydraConfig.get()
@@ -149,7 +138,7 @@ def _hydra_main(cfg: DictConfig) -> str:
     except ConfigError as exc:
         outcomes.failed.append((run_dir, str(exc), True))
         if single or isinstance(exc, runner.DifferentRun):
-            _remove_unused_folder(run_dir)
+            guard.undo(run_dir)  # what Hydra wrote for this run, nothing else
         else:
             runner.write_failure(run_dir, cfg, str(exc))
         return "failed"
@@ -228,6 +217,7 @@ def main() -> None:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     outcomes = runner.OUTCOMES
     try:
+        config.refuse_name_overrides(sys.argv[1:])
         _hydra_main()
         if outcomes.interrupted:
             raise outcomes.interrupted[0]
@@ -237,7 +227,10 @@ def main() -> None:
     except KeyboardInterrupt:  # before or after training: nothing to keep
         print("vgrad: SIGINT: stopped", file=sys.stderr)
         sys.exit(130)
-    except (HydraException, OmegaConfBaseException, ConfigError) as exc:
+    except guard.Refused as exc:  # before Hydra wrote anything
+        print(f"vgrad: error: {describe(exc.error)}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException, ConfigError, store.LinkRefused) as exc:
         if not own_errors:
             raise
         print(f"vgrad: error: {describe(exc)}", file=sys.stderr)

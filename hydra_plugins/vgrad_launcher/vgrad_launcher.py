@@ -7,7 +7,8 @@ every job of a sweep at once (``Launcher.launch``); this one
    of the same config if the sweep folder has one (so an extended or reordered sweep
    resumes by config, not by job number), else the job's own numbered folder, else,
    when that holds another config's run, the next free number (a folder holding a run
-   is never overwritten); the sweep folder is locked against a concurrent sweep;
+   is never overwritten); the sweep folder is locked against a concurrent sweep
+   (``vgrad.store.sweep_lock``); links planted in a job folder refuse that job;
 2. validates each job and skips those that already ended (resume);
 3. groups the rest by program structure and trains each group as one program
    (``vgrad.runner.train_jobs``), one progress bar for the sweep;
@@ -24,12 +25,10 @@ Hydra imports this module while scanning for plugins: vgrad is imported in ``lau
 is in ``sys.modules``, where dataclasses look string annotations up.)
 """
 
-import contextlib
 import copy
-import fcntl
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -92,9 +91,11 @@ class VgradLauncher(Launcher):
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        from vgrad import store
+
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(sweep_dir):
+        with store.sweep_lock(sweep_dir):  # (taken already by vgrad's sweeper)
             planned = self._plan(job_overrides, initial_job_idx, sweep_dir)
             self._train(planned, sweep_dir)
             return [self._report(p) for p in planned]
@@ -104,7 +105,7 @@ class VgradLauncher(Launcher):
     def _plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
               sweep_dir: Path) -> list[_Planned]:
         from vgrad import config as vconfig
-        from vgrad import runner, store
+        from vgrad import guard, runner, store
 
         assert self.config is not None and self.hydra_context is not None
         log.info("Launching %d jobs, grouped by program structure", len(job_overrides))
@@ -126,19 +127,28 @@ class VgradLauncher(Launcher):
                 own = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
                 default = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
                 same = [name for name, c in existing.items() if name not in used
+                        and isinstance(c, dict)
                         and not store.config_diff(c, own, ignore=vconfig.VOLATILE)]
-                refused = None
+                refused: Optional[Exception] = None  # noqa: UP045
                 if same:
                     name = default if default in same else same[0]
                 elif default not in existing:
                     name = default
                 elif default == str(idx):  # numbered folders: take the next free number
                     name = str(_next_free_number(sweep_dir, used))
+                elif isinstance(existing[default], str):  # not a vgrad run's summary
+                    name = default
+                    refused = runner.DifferentRun(sweep_dir / name, None, existing[name])
                 else:
                     name = default
                     refused = runner.DifferentRun(
                         sweep_dir / name, store.config_diff(existing[name], own,
                                                             ignore=vconfig.VOLATILE))
+                try:  # links planted where Hydra or vgrad write: that job is refused
+                    store.refuse_link(sweep_dir / name)
+                    guard.check_folder(sweep_dir / name, f"{cfg.hydra.job.name}.log")
+                except store.LinkRefused as exc:
+                    refused = exc
                 used.add(name)
                 if name != default:
                     log.info("\t#%d goes to folder %s (%s)", idx, name,
@@ -249,18 +259,23 @@ def _task_config(cfg: DictConfig) -> DictConfig:
     return task
 
 
-def _runs_in(sweep_dir: Path) -> dict[str, dict[str, Any]]:
-    """Folders of the sweep holding a run that is not a failure: name -> its config."""
-    from vgrad import store
+def _runs_in(sweep_dir: Path) -> dict[str, Any]:
+    """Folders of the sweep holding a ``summary.json``: name -> the config of its run (a
+    dict), or, for a summary vgrad cannot read as a run (unreadable, unknown status), why
+    not (a str: that folder is never taken). Failed runs are left out: a job may take
+    their folder."""
+    from vgrad import runner, store
 
-    runs = {}
+    runs: dict[str, Any] = {}
     for summary in sorted(sweep_dir.glob(f"*/{store.SUMMARY}")):
         try:
             s = store.read_summary(summary.parent)
-            if s["status"] != "failed" and isinstance(s.get("config"), dict):
-                runs[summary.parent.name] = s["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
+        except (OSError, ValueError):
+            s = None
+        if (why := runner.foreign_summary(s)) is not None:
+            runs[summary.parent.name] = why
+        elif s["status"] != "failed":
+            runs[summary.parent.name] = s["config"]
     return runs
 
 
@@ -277,33 +292,6 @@ def _group_timing(group: Any) -> dict[str, float]:
         return store.read_summary(group.jobs[0].run_dir)["timing"]
     except (OSError, ValueError, KeyError):
         return {}
-
-
-@contextlib.contextmanager
-def _locked(sweep_dir: Path) -> Iterator[None]:
-    """Hold ``<sweep>/.vgrad.lock`` while the sweep runs: a second sweep into the same
-    folder stops with one line instead of overwriting this one's jobs."""
-    from vgrad.errors import ConfigError
-
-    path = sweep_dir / ".vgrad.lock"
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ConfigError("hydra.sweep.dir", str(sweep_dir),
-                              f"a folder no other sweep is writing to ({holder} is)") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"vgrad sweep pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class _SweepBar:

@@ -8,12 +8,15 @@ per job, a sizeable part of a grouped sweep that trains in seconds. vgrad's laun
 composes every job before it trains or writes anything, so a bad override still stops
 the sweep before any work with Hydra's error; the sweeper leaves the check to it. Any
 other launcher (basic, joblib, submitit) gets the basic sweeper's check, unchanged.
-Everything else (the sweep syntax, ``max_batch_size``, ``hydra.sweeper.params``) is the
-basic sweeper's.
+It also locks the sweep folder (``vgrad.store.sweep_lock``) before Hydra writes
+``multirun.yaml`` into it, whatever the launcher. Everything else (the sweep syntax,
+``max_batch_size``, ``hydra.sweeper.params``) is the basic sweeper's.
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
@@ -29,6 +32,19 @@ ConfigStore.instance().store(group="hydra/sweeper", name="vgrad", node=VgradSwee
 
 
 class VgradSweeper(BasicSweeper):
+    def sweep(self, arguments: list[str]) -> Any:
+        """Lock the sweep folder before Hydra writes ``multirun.yaml`` into it, so that a
+        sweep refused because another one is writing there changes nothing of it; refuse
+        links planted where the sweep writes its own files."""
+        from vgrad import store
+
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        store.refuse_links(sweep_dir, ("multirun.yaml", "runs.csv"))
+        with store.sweep_lock(sweep_dir):
+            return super().sweep(arguments)
+
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         from hydra_plugins.vgrad_launcher.vgrad_launcher import VgradLauncher
 

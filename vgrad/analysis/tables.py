@@ -15,16 +15,18 @@ returns a :class:`Sweep` with
   only (``act_*``) are NaN on the output layer's row.
 
 Runs that did not end (``status: running``: killed or still going) or whose files are
-unreadable are skipped with a warning naming the file; failed runs are kept in ``runs``
-(status ``failed``, metrics NaN) and have no series; interrupted runs (SIGINT or SIGTERM)
-are kept with what they trained (status ``interrupted``). A run's arrays are read up to
-the epochs its ``summary.json`` says were done: the summary is written last, so it is
-the one to trust if a kill fell between the two writes.
+unreadable or damaged (``metrics.npz`` lacking an array its ``summary.json`` declares, or
+cut short) are skipped with a warning naming the run and what is wrong; failed runs are
+kept in ``runs`` (status ``failed``, metrics NaN) and have no series; interrupted runs
+(SIGINT or SIGTERM) are kept with what they trained (status ``interrupted``). A run's
+arrays are read up to the epochs its ``summary.json`` says were done: the summary is
+written last, so it is the one to trust if a kill fell between the two writes.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,9 +160,9 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path / store.SUMMARY}: {exc}") from None
     run = Run(path, name if name is not None else path.name, summary)
-    if run.status in ENDED and run.status != "failed" and not store.npz_loads(
-            path / store.METRICS):
-        raise ValueError(f"{path / store.METRICS}: missing or unreadable")
+    if run.status in ENDED and run.status != "failed" and (
+            damage := store.metrics_damage(path, summary)) is not None:
+        raise ValueError(f"{path}: {damage}")
     return run
 
 
@@ -286,9 +288,16 @@ def sweep_command(root: Path) -> str | None:
     path = Path(root) / "multirun.yaml"
     if not path.is_file():
         return None
-    overrides = OmegaConf.load(path).hydra.overrides
-    hydra_args = [o for o in overrides.hydra if not o.startswith("hydra.mode=")]
-    return " ".join(["python -m vgrad.train -m", *overrides.task, *hydra_args])
+    # As written, never resolved: ``hydra.sweep.subdir=run_${hydra.job.num}`` is Hydra's
+    # own idiom, and ``${oc.env:VAR}`` must not put a variable's value into a page.
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path).hydra.overrides,
+                                           resolve=False)
+    except Exception:  # noqa: BLE001 (a damaged multirun.yaml: no command, not a crash)
+        return None
+    hydra_args = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
+    return " ".join(["python -m vgrad.train -m", *map(shlex.quote, overrides.get("task", [])),
+                     *map(shlex.quote, hydra_args)])
 
 
 def axis_column(frame: pd.DataFrame, axis: str) -> str:

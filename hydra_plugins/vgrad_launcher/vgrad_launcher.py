@@ -132,10 +132,12 @@ class VgradLauncher(Launcher):
                 refused: Optional[Exception] = None  # noqa: UP045
                 if same:
                     name = default if default in same else same[0]
-                elif default not in existing:
+                elif default not in existing and default not in used:
                     name = default
                 elif default == str(idx):  # numbered folders: take the next free number
                     name = str(_next_free_number(sweep_dir, used))
+                elif default not in existing:  # (jobs the user's subdir gives one folder)
+                    name = default
                 elif isinstance(existing[default], str):  # not a vgrad run's summary
                     name = default
                     refused = runner.DifferentRun(sweep_dir / name, None, existing[name])

@@ -133,12 +133,17 @@ def _trusted(metrics: dict[str, np.ndarray], summary: dict[str, Any]) -> dict[st
     return out
 
 
+class NotARun(ValueError):
+    """A ``summary.json`` that is not a vgrad run's (no status vgrad writes, no config):
+    a folder of someone else's inside a sweep folder, not a job of the sweep."""
+
+
 def _check_summary(summary: Any) -> None:
     """Raise ValueError unless ``summary`` has what every reader relies on."""
     if not isinstance(summary, dict) or summary.get("status") not in store.STATUSES:
-        raise ValueError("not a vgrad run summary (no known status)")
+        raise NotARun("not a vgrad run summary (no known status)")
     if not isinstance(summary.get("config", {}), dict):
-        raise ValueError("not a vgrad run summary (config is not a mapping)")
+        raise NotARun("not a vgrad run summary (config is not a mapping)")
     if summary["status"] != "failed":
         for key, kind in (("per_seed", list), ("arrays", dict), ("layers", list)):
             if not isinstance(summary.get(key), kind):
@@ -157,6 +162,8 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     try:
         summary = json.loads((path / store.SUMMARY).read_text())
         _check_summary(summary)
+    except NotARun as exc:
+        raise NotARun(f"{path / store.SUMMARY}: {exc}") from None
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path / store.SUMMARY}: {exc}") from None
     run = Run(path, name if name is not None else path.name, summary)
@@ -172,7 +179,11 @@ class Sweep:
 
     root: Path
     runs_list: list[Run]
+    #: Run folders that did not end or are damaged: (folder, why).
     skipped: list[tuple[Path, str]]
+    #: Folders whose ``summary.json`` is not a vgrad run's (left alone, not runs of the
+    #: sweep): (folder, why).
+    foreign: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def runs(self) -> pd.DataFrame:
@@ -264,11 +275,14 @@ def series(run: Run, axis: str = "step", every: int = 1) -> pd.DataFrame:
 def load_sweep(path: str | Path) -> Sweep:
     """Every run under ``path``; runs that did not end are skipped with a warning."""
     root = Path(path)
-    runs, skipped = [], []
+    runs, skipped, foreign = [], [], []
     for folder in find_runs(root):
         name = str(folder.relative_to(root)) if folder != root else folder.name
         try:
             run = load_run(folder, name)
+        except NotARun as exc:
+            foreign.append((folder, str(exc)))
+            continue
         except ValueError as exc:
             skipped.append((folder, str(exc)))
             continue
@@ -276,9 +290,9 @@ def load_sweep(path: str | Path) -> Sweep:
             skipped.append((folder, f"status {run.status!r}: the run did not end"))
             continue
         runs.append(run)
-    for folder, why in skipped:
+    for folder, why in skipped + foreign:
         warnings.warn(f"skipping run {folder}: {why}", stacklevel=2)
-    return Sweep(root, runs, skipped)
+    return Sweep(root, runs, skipped, foreign)
 
 
 def sweep_command(root: Path) -> str | None:

@@ -185,10 +185,12 @@ def test_diverged_runs_are_marked_and_unfinished_runs_skipped_with_a_warning(
 def test_missing_statistics_leave_the_panel_out_with_a_note(sweep_dir, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(sweep_dir / "0", old)
-    m = store.read_metrics(old)
+    m, summary = store.read_metrics(old), store.read_summary(old)
     for key in ("delta_norm", "probe_bias_grad_norm", "grad_hist", "act_sat_frac", "loss"):
         m.pop(key)
+        summary["arrays"].pop(key)  # not recorded, as a run without these probes says
     store.write_npz(old / "metrics.npz", m)
+    store.write_json(old / "summary.json", summary)
     run = load_run(old)
     assert figures.histograms(run) is None and figures.saturation(run) is None
     speed = figures.learning_speed(run)

@@ -252,13 +252,13 @@ def metrics_damage(run_dir: Path, summary: Mapping[str, Any]) -> str | None:
     """
     path = Path(run_dir) / METRICS
     if not npz_loads(path) or (shapes := npz_shapes(path)) is None:
-        return f"{METRICS} missing or unreadable"
+        return "missing or unreadable"
     declared = summary.get("arrays") or {}
     for name, axes in declared.items():
         if name not in shapes:
-            return f"{METRICS} has no array {name!r} (declared in {SUMMARY})"
+            return f"no array {name!r} (declared in {SUMMARY})"
         if len(shapes[name]) != len(axes):
-            return (f"{METRICS}: {name} has {len(shapes[name])} axes, {SUMMARY} declares "
+            return (f"{name} has {len(shapes[name])} axes, {SUMMARY} declares "
                     f"{len(axes)} ({', '.join(axes)})")
     lengths = {"seed": len(summary.get("seeds") or []),
                "step": shapes.get("step", (None,))[0],
@@ -267,18 +267,18 @@ def metrics_damage(run_dir: Path, summary: Mapping[str, Any]) -> str | None:
     for name, axes in declared.items():
         for axis, n in zip(axes, shapes[name], strict=True):
             if lengths.get(axis) is not None and n != lengths[axis]:
-                return (f"{METRICS}: {name} has {n} entries along {axis}, expected "
+                return (f"{name} has {n} entries along {axis}, expected "
                         f"{lengths[axis]}")
     done = summary.get("epochs_done")
     if done is not None and lengths["epoch"] is not None and lengths["epoch"] < done + 1:
-        return (f"{METRICS}: {lengths['epoch']} epoch boundaries recorded, {SUMMARY} says "
+        return (f"{lengths['epoch']} epoch boundaries recorded, {SUMMARY} says "
                 f"{done} epoch(s) were done")
     every = ((summary.get("config") or {}).get("record") or {}).get("every")
     per_epoch = summary.get("steps_per_epoch")
     if None not in (done, every, per_epoch, lengths["step"]):
         expected = len(range(0, done * per_epoch, every))
         if lengths["step"] < expected:
-            return (f"{METRICS}: {lengths['step']} recorded steps, {SUMMARY} says "
+            return (f"{lengths['step']} recorded steps, {SUMMARY} says "
                     f"{expected} were recorded")
     return None
 
@@ -287,7 +287,7 @@ def run_damage(run_dir: Path, summary: Mapping[str, Any]) -> str | None:
     """What is wrong with an ended run's files (metrics, and the parameters and full
     gradients its config asked for), or None: a damaged run is trained again."""
     if (why := metrics_damage(run_dir, summary)) is not None:
-        return why
+        return f"{METRICS}: {why}"
     record = (summary.get("config") or {}).get("record") or {}
     wanted = [(PARAMS, bool(record.get("params"))),
               (GRADS, bool(record.get("full_grads_every")))]

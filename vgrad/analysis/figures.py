@@ -17,7 +17,7 @@ Per sweep (a :class:`~vgrad.analysis.tables.Sweep`):
   ``bars``        final train/test accuracy per value of an axis (the activations book
                   chapter, Fig. 5.18): median and interquartile range over seeds
   ``curves``      a per-epoch metric per value of an axis (the activations book chapter,
-                  Figs. 5.15, 5.17)
+                  Figs. 5.15, 5.17), or a per-step one (``grad_global_norm``, ``loss``)
 
 Each function returns a Figure, or None when the runs did not record what it needs; a
 missing panel within a figure is replaced by a note. With several seeds, lines are the
@@ -28,17 +28,21 @@ averaged over blocks of steps (the title says how many) so that trends stay read
 **Nothing is pooled silently.** A sweep figure draws one line per value of its axis
 (colour) and, when a second axis varies, per value of that one too (line style); any
 further axis that varies is pooled and the title names it with its values. Categories
-keep the order of the sweep. **Nothing breaks on exploded runs**: what is finite is
-drawn, and a note says which seeds diverged, or that a log-scaled panel has no positive
-finite value (all zero, vanished, or diverged). Colours: layers on the sequential,
-colour-blind-safe viridis scale (input side dark; a colour bar instead of a legend from
-13 layers on); categories in the Okabe-Ito palette, then a longer one, never repeated
-within a figure.
+keep the order of the sweep. Runs that did not record a statistic a panel draws (other
+probes, no test set) while other runs did are named in a note ("not recorded in:
+act=relu (delta_norm)"), never just left out. **Nothing breaks on exploded runs**: what
+is finite is drawn, and a note says which seeds diverged, or that a log-scaled panel has
+no positive finite value (all zero, vanished, or diverged). Colours: layers on the
+sequential, colour-blind-safe viridis scale (input side dark; a colour bar instead of a
+legend from 13 layers on); categories in the Okabe-Ito palette, then a longer one, never
+repeated within a figure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import io
 import json
 import warnings
 from collections.abc import Sequence
@@ -55,6 +59,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from vgrad import store  # noqa: E402
 from vgrad.analysis.tables import Run, Sweep, axis_column  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442",
@@ -212,8 +217,15 @@ def _layer_legend(fig: Figure, ax, colors: list, names: list[str]) -> None:
                  label="layer (0 = next to the input)", shrink=0.8)
 
 
-def _legend_below(fig: Figure, ax, ncols: int = 6) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+def _legend_below(fig: Figure, ax, ncols: int = 6, skip: str = "") -> None:
+    """One legend below the figure for the lines of ``ax`` (or of several axes, each
+    label once; labels containing ``skip`` left out)."""
+    handles, labels = [], []
+    for one in np.atleast_1d(ax).ravel():
+        for handle, label in zip(*one.get_legend_handles_labels(), strict=True):
+            if label not in labels and not (skip and skip in label):
+                handles.append(handle)
+                labels.append(label)
     if handles:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(ncols, len(labels)),
                    fontsize=8 if len(labels) <= 8 else 7)
@@ -599,6 +611,70 @@ def split(sweep: Sweep, hue: str) -> Split:
     return Split(list(lines.values()), note)
 
 
+#: The evaluation's statistics: always recorded, but the test set's are NaN throughout a
+#: run without a test set (``data.test_size=0``), which counts as not recorded.
+EVAL_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
+#: Lines (or runs) a "not recorded in" note names before it says how many more.
+MAX_NAMED = 6
+
+
+def recorded(run: Run, key: str) -> bool:
+    """Whether ``run`` recorded the statistic ``key``: an array of its ``metrics.npz``
+    (``delta_norm``, ``test_acc``), or an ``initial_``/``final_`` column of the runs
+    table. A test-set statistic of a run without a test set is not recorded; columns
+    that are not the evaluation's (timing, config) always are."""
+    base = key.removeprefix("final_").removeprefix("initial_")
+    if base != key and base not in EVAL_KEYS:
+        return True
+    if base.startswith("test_") and base in EVAL_KEYS:
+        # accuracy is finite whenever a test set exists, even on a diverged net
+        seeds = run.summary.get("per_seed") or []
+        has_test = any(s.get(when, {}).get("test_acc") is not None
+                       for s in seeds for when in ("initial", "final"))
+        if not has_test and base == key and "test_acc" in run.metrics:
+            has_test = bool(np.isfinite(np.asarray(run.metrics["test_acc"],
+                                                   np.float64)).any())
+        if not has_test:
+            return False
+    return base != key or key in run.metrics
+
+
+def _recorded_lines(lines: Sequence[Line], key: str) -> tuple[list[Line | None], str]:
+    """Each line cut to its runs that recorded ``key`` (None for a line with none), and
+    a note naming the lines, or the runs of a line, that did not: "not recorded in:
+    act=relu; act=tanh [run 3] (delta_norm)". The note is "" when every run recorded
+    ``key``, and also when none did (the figure says that in its own way)."""
+    kept: list[Line | None] = []
+    missing: list[str] = []
+    for line in lines:
+        flags = [recorded(r, key) for r in line.runs]
+        runs = [r for r, f in zip(line.runs, flags, strict=True) if f]
+        kept.append(dataclasses.replace(line, runs=runs) if runs else None)
+        if not all(flags):
+            names = [r.name for r, f in zip(line.runs, flags, strict=True) if not f]
+            missing.append(line.label if not runs else
+                           f"{line.label} [run{'s' if len(names) > 1 else ''} "
+                           f"{', '.join(names)}]")
+    if not missing or all(line is None for line in kept):
+        return kept, ""
+    named = "; ".join(missing[:MAX_NAMED])
+    if len(missing) > MAX_NAMED:
+        named += f" and {len(missing) - MAX_NAMED} more"
+    return kept, f"not recorded in: {named} ({key})"
+
+
+def _category_lines(sweep: Sweep, ended: pd.DataFrame, columns: Sequence[str],
+                    axes: Sequence[str]) -> dict[tuple[str, ...], Line]:
+    """The runs of each category (a bar, a heatmap cell) as a Line labelled
+    ``axis=value, ...``, keyed by the category's values (``columns`` of ``ended``)."""
+    out: dict[tuple[str, ...], Line] = {}
+    for _, row in ended.drop_duplicates("run").iterrows():
+        key = tuple(str(row[c]) for c in columns)
+        label = ", ".join(f"{a}={v}" for a, v in zip(axes, key, strict=True))
+        out.setdefault(key, Line(label, [], None)).runs.append(sweep.run(row["run"]))
+    return out
+
+
 def _stack_ragged(parts: list[np.ndarray]) -> np.ndarray:
     """Concatenate [S_i, T_i] arrays along seeds, NaN-padding T to the longest."""
     width = max(p.shape[1] for p in parts)
@@ -775,22 +851,23 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
     fig, ax = _figure(len(keys), 2, width=8.0, height=2.8, sharex=False)
     n_layers = max((len(r.metrics["layer_names"]) for line in lines for r in line.runs),
                    default=1)
-    theory_note = ""
+    theory_note, missing = "", []
     for row, key in enumerate(keys):
+        kept, note = _recorded_lines(lines, key)
+        missing.append(note)
         for col, at in enumerate(("init", "end")):
             a = ax[row, col]
-            recorded, drawn = False, False
+            drawn = False
             measured = []
-            for line in lines:
-                values = _profile_rows(line.runs, key, at)
+            for line in kept:
+                values = None if line is None else _profile_rows(line.runs, key, at)
                 measured.append(values)
                 if values is None:
                     continue
-                recorded = True
                 x = np.arange(values.shape[1])
                 drawn |= _band(a, x, values, line.color, line.label, log=True,
                                style=line.style)[1]
-            if not recorded:
+            if all(line is None for line in kept):
                 _note(a, f"{key} was not recorded in these runs")
                 continue
             if theory and key == "delta_norm" and at == "init":
@@ -801,10 +878,10 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
             _log_scale(a, drawn, labels.get(key, key))
             a.set_xticks(range(n_layers) if n_layers <= 16 else
                          np.linspace(0, n_layers - 1, 9).round().astype(int))
-    _legend_below(fig, ax[0, 0], ncols=4)
+    _legend_below(fig, ax, ncols=4, skip="(mean-field theory)")
     runs = [r for line in lines for r in line.runs]
     _suptitle(fig, f"Gradient profile across layers by {hue}", how.pooled,
-              _seed_note(_seeds_of(lines)), _diverged_note(runs), theory_note)
+              _seed_note(_seeds_of(lines)), _diverged_note(runs), *missing, theory_note)
     return fig
 
 
@@ -814,12 +891,14 @@ def time_profile(sweep: Sweep, hue: str) -> Figure | None:
     None when no run recorded it. Runs of different sequence lengths share the x axis
     counted back from the loss (T - t), so their vanishing rates compare directly."""
     how = split(sweep, hue)
-    if not any("time_delta_norm" in r.metrics for line in how.lines for r in line.runs):
+    kept, missing = _recorded_lines(how.lines, "time_delta_norm")
+    lines = [line for line in kept if line is not None]
+    if not lines:
         return None
     fig, ax = _figure(1, 2, width=8.0, height=3.0, sharex=False)
     for col, at in enumerate(("init", "end")):
         a, drawn = ax[0, col], False
-        for line in how.lines:
+        for line in lines:
             for length, runs in _by_length(line.runs).items():
                 rows = np.concatenate([_time_rows(r.metrics, at) for r in runs])
                 label = line.label if len(_by_length(line.runs)) == 1 else \
@@ -830,10 +909,10 @@ def time_profile(sweep: Sweep, hue: str) -> Figure | None:
         when = "at step 0" if at == "init" else "(last 10% of steps)"
         a.set(title=f"mean ‖∂L/∂h_t‖ {when}", xlabel="steps back from the loss, T − t",
               ylabel="‖∂L/∂h_t‖")
-    _legend_below(fig, ax[0, 0], ncols=3)
-    runs = [r for line in how.lines for r in line.runs]
+    _legend_below(fig, ax, ncols=3)
+    runs = [r for line in lines for r in line.runs]
     _suptitle(fig, f"Gradient through time by {hue} (top recurrent layer)", how.pooled,
-              _seed_note(_seeds_of(how.lines)), _diverged_note(runs))
+              _seed_note(_seeds_of(lines)), _diverged_note(runs), missing)
     return fig
 
 
@@ -884,6 +963,9 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
                              dropna=False).reindex(index=ys, columns=xs)
     diverged = ended.pivot_table(index="_y", columns="_x", values="diverged", aggfunc="sum",
                                  dropna=False).reindex(index=ys, columns=xs)
+    cells = _category_lines(sweep, ended, ("_y", "_x"), (y, x))
+    kept, missing = _recorded_lines(list(cells.values()), metric)
+    absent = {k for k, line in zip(cells, kept, strict=True) if line is None}
     fig, ax = _figure(1, 1, width=1.1 * len(xs) + 2.5, height=0.6 * len(ys) + 1.8)
     a = ax[0, 0]
     values = grid.to_numpy(np.float64)
@@ -899,6 +981,8 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
         for j in range(len(xs)):
             value, n_div = values[i, j], diverged.iat[i, j]
             text = "—" if not np.isfinite(value) else f"{value:.3g}"
+            if not np.isfinite(value) and (ys[i], xs[j]) in absent:
+                text = "not\nrecorded"
             if n_div and n_div > 0:
                 text += f"\n{int(n_div)} diverged"
             a.text(j, i, text, ha="center", va="center", fontsize=8,
@@ -908,7 +992,7 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
         if n == 1:
             notes.append(f"{axis} was not swept: one value")
     a.set(xlabel=x, ylabel=y, title="\n".join(
-        notes + [n for n in [_pooled_note(runs, (x, y))] if n]))
+        notes + [n for n in [_pooled_note(runs, (x, y)), missing] if n]))
     fig.colorbar(image, ax=a, label=metric.replace("_", " "))
     return fig
 
@@ -929,6 +1013,8 @@ def bars(sweep: Sweep, x: str, metrics: Sequence[str] = ("final_train_acc", "fin
         return fig
     width = 0.8 / len(present)
     colors = palette(len(present))
+    categories = list(_category_lines(sweep, ended, ("_x",), (x,)).values())
+    missing = [_recorded_lines(categories, m)[1] for m in present]
     for i, m in enumerate(present):
         q = ended.groupby("_x", sort=False)[m].quantile([0.25, 0.5, 0.75]).unstack()
         q = q.reindex(order)
@@ -946,34 +1032,70 @@ def bars(sweep: Sweep, x: str, metrics: Sequence[str] = ("final_train_acc", "fin
     n_seeds = ended.groupby("_x", sort=False).size().min()
     a.set(xlabel=x, ylabel="accuracy" if is_acc else "value", title="\n".join(
         n for n in [f"Final {what} by {x}: median of {n_seeds}+ seeds, whiskers: "
-                    "interquartile range", _pooled_note(runs, (x,))] if n))
+                    "interquartile range", _pooled_note(runs, (x,)), *missing] if n))
     a.legend()
     return fig
 
 
+def _curve_axis(runs: Sequence[Run], metric: str) -> str:
+    """"epoch" or "step": the axis ``metric`` is recorded along, one value per seed
+    (from the runs' ``summary.json``). Raises ValueError for a metric no run recorded,
+    or one with more axes (per layer, per bin), naming the metrics ``curves`` draws."""
+    scalars: dict[str, str] = {}
+    dims_of: dict[str, list] = {}
+    for run in runs:
+        for key, dims in (run.summary.get("arrays") or {}).items():
+            dims_of.setdefault(key, list(dims))
+            if list(dims) in (["seed", "epoch"], ["seed", "step"]):
+                scalars.setdefault(key, dims[1])
+    if metric in scalars:
+        return scalars[metric]
+    by_axis = {axis: ", ".join(sorted(k for k, a in scalars.items() if a == axis))
+               for axis in ("epoch", "step")}
+    accepts = (f"curves draws one value per seed and epoch ({by_axis['epoch'] or 'none'}) "
+               f"or per seed and step ({by_axis['step'] or 'none'})")
+    if metric in dims_of:
+        raise ValueError(f"{metric!r} has axes {dims_of[metric]}, not one value per epoch "
+                         f"or step (profile and the run figures draw per-layer "
+                         f"statistics); {accepts}")
+    raise ValueError(f"no run recorded a metric {metric!r}; {accepts}")
+
+
 def curves(sweep: Sweep, hue: str, metric: str = "train_loss") -> Figure | None:
-    """A per-epoch metric (default training loss) per value of an axis."""
+    """A per-epoch metric (default training loss: ``train_loss``, ``test_acc``, ...) or a
+    per-step one (``grad_global_norm``, ``loss``: on a log axis if it is a norm) per
+    value of an axis; None when the sweep has no run that ended. Raises ValueError for a
+    metric no run recorded or that is not one value per epoch or step."""
     how = split(sweep, hue)
+    every = [r for line in how.lines for r in line.runs]
+    if not every:
+        return None
+    axis = _curve_axis(every, metric)
+    kept, missing = _recorded_lines(how.lines, metric)
+    lines = [line for line in kept if line is not None]
+    what = metric.replace("_", " ")
     fig, ax = _figure(1, 1, width=6.4, height=3.2)
     a = ax[0, 0]
-    recorded = drawn = False
-    for line in how.lines:
-        if any(metric not in r.metrics for r in line.runs):
-            continue
-        recorded = True
+    log = "norm" in metric
+    drawn, block = False, 1
+    for line in lines:
         values = _stack_ragged([r.metrics[metric] for r in line.runs])
-        epochs = max((r.metrics["epoch"] for r in line.runs), key=len)
-        drawn |= _band(a, epochs, values, line.color, line.label, style=line.style)[1]
-    if not recorded:
-        plt.close(fig)
-        return None
-    if not drawn:
-        _note(a, f"no finite {metric.replace('_', ' ')}: every run diverged")
-    a.set(xlabel="epoch (0 = initialisation)", ylabel=metric.replace("_", " "),
+        x = max((r.metrics[axis] for r in line.runs), key=len)
+        b, d = _band(a, x, values, line.color, line.label, log=log, style=line.style)
+        drawn, block = drawn or d, max(block, b)
+    if not lines:
+        why = " (no run has a test set)" if metric.startswith("test_") else ""
+        _note(a, f"{what} was not recorded in these runs{why}")
+    elif log:
+        _log_scale(a, drawn, what)
+    elif not drawn:
+        _note(a, f"no finite {what}: every run diverged")
+    a.set(xlabel="epoch (0 = initialisation)" if axis == "epoch" else "step",
+          ylabel=what,
           title="\n".join(n for n in [
-              f"{metric.replace('_', ' ')} by {hue}", how.pooled,
-              _seed_note(_seeds_of(how.lines)),
-              _diverged_note([r for line in how.lines for r in line.runs])] if n))
+              f"{what} by {hue}", how.pooled,
+              _seed_note(_seeds_of(lines), block),
+              _diverged_note([r for line in lines for r in line.runs]), missing] if n))
     if drawn:
         a.legend()
     return fig
@@ -984,15 +1106,21 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss") -> Figure | None:
 
 def save(fig: Figure, stem: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write ``stem.png`` and ``stem.pdf`` (the whole name kept: dots are not suffixes);
-    close the figure."""
+    close the figure. Each file is rendered in memory and written whole or not at all
+    (``store.atomic_write``); a symbolic link at any of the paths is refused
+    (``store.LinkRefused``) before anything is written, never written through."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in formats:
-        path = stem.parent / f"{stem.name}.{ext}"
-        fig.savefig(path)
-        paths.append(path)
-    plt.close(fig)
+    paths = [stem.parent / f"{stem.name}.{ext}" for ext in formats]
+    try:
+        for path in paths:
+            store.refuse_link(path)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        for ext, path in zip(formats, paths, strict=True):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext)
+            store.atomic_write(path, buf.getvalue())
+    finally:
+        plt.close(fig)
     return paths
 
 

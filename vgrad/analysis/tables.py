@@ -169,7 +169,7 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     run = Run(path, name if name is not None else path.name, summary)
     if run.status in ENDED and run.status != "failed" and (
             damage := store.metrics_damage(path, summary)) is not None:
-        raise ValueError(f"{path}: {damage}")
+        raise ValueError(f"{path / store.METRICS}: {damage}")
     return run
 
 

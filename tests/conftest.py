@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import sys
 import tempfile
@@ -200,3 +201,39 @@ def cli_main(*args: str) -> int:
 def run_dirs(root: Path) -> list[Path]:
     """Every run folder (holding summary.json) under root."""
     return sorted(p.parent for p in Path(root).rglob("summary.json"))
+
+
+def one_error_line(err: str, *needles: str) -> str:
+    """The single line of stderr, a vgrad error naming every needle (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vgrad: error:") and "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def texts_of(fig) -> str:
+    """Every piece of text of a figure: titles, labels, notes, legend entries."""
+    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
+    for ax in fig.axes:
+        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        parts += [t.get_text() for t in ax.texts]
+        legend = ax.get_legend()
+        if legend:
+            parts += [t.get_text() for t in legend.get_texts()]
+    for legend in fig.legends:
+        parts += [t.get_text() for t in legend.get_texts()]
+    return " ".join(parts)
+
+
+@contextlib.contextmanager
+def sweep_locked_by(sweep_dir: Path, holder: str):
+    """Hold ``sweep_dir``'s lock as another sweep process would."""
+    import fcntl
+
+    with open(Path(sweep_dir) / ".vgrad.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write(holder)
+        f.flush()
+        yield

@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import TINY
+from conftest import TINY, texts_of
 
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
@@ -23,19 +23,6 @@ DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES if kind not in ("signal"
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def texts_of(fig) -> str:
-    """Every piece of text of a figure: titles, labels, notes, legend entries."""
-    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
-    for ax in fig.axes:
-        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
-        parts += [t.get_text() for t in ax.texts]
-        legend = ax.get_legend()
-        if legend:
-            parts += [t.get_text() for t in legend.get_texts()]
-    for legend in fig.legends:
-        parts += [t.get_text() for t in legend.get_texts()]
-    return " ".join(parts)
 
 
 def scripts_work(sweep: Path, out: Path, x: str) -> str:

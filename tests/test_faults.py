@@ -13,20 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LIGHT, TINY, run_dirs
+from conftest import LIGHT, TINY, one_error_line, run_dirs
 
 from vgrad import store
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vgrad: error:") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
-from conftest import TINY, cli_main
+from conftest import TINY, cli_main, texts_of
 
 from vgrad import store
 from vgrad.analysis import figures, load_sweep
@@ -18,19 +18,6 @@ from vgrad.analysis import figures, load_sweep
 PROBES = ["record.step_probes=[global_norms,kernel_grad_stats,delta_norm]",
           "record.epoch_probes=[evaluation]"]
 
-
-def texts_of(fig) -> str:
-    """Every piece of text of a figure: titles, labels, notes, legend entries."""
-    parts = [fig._suptitle.get_text() if fig._suptitle else ""]
-    for ax in fig.axes:
-        parts += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
-        parts += [t.get_text() for t in ax.texts]
-        legend = ax.get_legend()
-        if legend:
-            parts += [t.get_text() for t in legend.get_texts()]
-    for legend in fig.legends:
-        parts += [t.get_text() for t in legend.get_texts()]
-    return " ".join(parts)
 
 
 def legend_labels(fig) -> list[str]:

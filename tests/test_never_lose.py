@@ -4,7 +4,6 @@ for memory, stuck processes, unresolved overrides, concurrent sweeps, name overr
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import LIGHT, TINY, run_dirs
+from conftest import LIGHT, TINY, one_error_line, run_dirs, sweep_locked_by
 
 from vgrad import store
 from vgrad.analysis import load_sweep
@@ -23,14 +22,6 @@ from vgrad.analysis.tables import sweep_command
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def one_error_line(err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vgrad: error:") and "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, bytes | str]:
@@ -347,10 +338,7 @@ def test_environment_variables_stay_unexpanded_in_the_command(tmp_path, monkeypa
 
 def test_a_refused_concurrent_sweep_keeps_the_running_sweeps_multirun_yaml(cli, tmp_path):
     (tmp_path / "multirun.yaml").write_text("the running sweep's\n")
-    with open(tmp_path / ".vgrad.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("vgrad sweep pid 12345")
-        f.flush()
+    with sweep_locked_by(tmp_path, "vgrad sweep pid 12345"):
         code, _, err = cli("-m", "act=tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert code == 2
     one_error_line(err, "12345")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import LIGHT, TINY, run_dirs
+from conftest import LIGHT, TINY, run_dirs, sweep_locked_by
 
 from vgrad import store
 
@@ -181,10 +180,7 @@ def test_a_single_run_never_overwrites_another_configs_run(cli, tmp_path):
 
 
 def test_a_sweep_folder_in_use_by_another_sweep_is_refused(cli, tmp_path):
-    with open(tmp_path / ".vgrad.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        f.write("vgrad sweep pid 12345")
-        f.flush()
+    with sweep_locked_by(tmp_path, "vgrad sweep pid 12345"):
         code, _, err = cli("-m", "act=tanh", *TINY, f"hydra.sweep.dir={tmp_path}")
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]

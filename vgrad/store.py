@@ -83,8 +83,9 @@ def refuse_link(path: Path) -> Path:
 
 def refuse_links(folder: Path, names: tuple[str, ...]) -> None:
     """Refuse ``folder/name`` for every name that is a symbolic link (a name may be a
-    glob pattern, e.g. ``*.log``), and ``folder`` itself when it is one."""
-    folder = refuse_link(folder)
+    glob pattern, e.g. ``run_*.png``). ``folder`` itself may be a link: callers refuse
+    it where it is vgrad's own, not where the user named it."""
+    folder = Path(folder)
     for name in names:
         for path in folder.glob(name) if any(c in name for c in "*?[") else [folder / name]:
             refuse_link(path)

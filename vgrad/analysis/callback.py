@@ -2,13 +2,15 @@
 
 Configured in ``conf/config.yaml`` (``hydra.callbacks.vgrad_sweep``), it runs in the
 launching process whatever the launcher (basic, joblib, submitit): it writes the sweep's
-runs table to ``<sweep dir>/runs.csv`` and logs the one command that draws the report.
+runs table to ``<sweep dir>/runs.csv`` (whole, and never through a symbolic link planted
+there) and logs the one command that draws the report, quoted for a POSIX shell.
 A sweep in which a job failed makes ``python -m vgrad.train`` exit with status 1.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,9 @@ class SweepSummary(Callback):
 
 def write_runs_table(sweep_dir: Path) -> None:
     """Write ``<sweep>/runs.csv`` from the run folders under it and log the report
-    command (also when a sweep stops early, for what it finished)."""
+    command (also when a sweep stops early, for what it finished). A link at
+    ``runs.csv`` or an unwritable folder is logged as one error line, never raised."""
+    from vgrad import store
     from vgrad.analysis.tables import load_sweep
 
     try:
@@ -45,15 +49,24 @@ def write_runs_table(sweep_dir: Path) -> None:
     if runs.empty:
         log.warning("no run of the sweep %s ended", sweep_dir)
         return
+    table = sweep_dir / "runs.csv"
     try:
-        runs.to_csv(sweep_dir / "runs.csv", index=False)
+        store.write_text(table, runs.to_csv(index=False))
+        written = True
+    except store.LinkRefused as exc:  # its message names the link
+        log.error("runs table not written: %s", exc)
+        written = False
     except OSError as exc:
-        log.error("could not write %s: %s", sweep_dir / "runs.csv", exc)
+        log.error("could not write %s: %s", table, exc)
+        written = False
     per_run = runs.drop_duplicates("run")
     failed = per_run[per_run["status"] == "failed"]
     if len(failed) or sweep.skipped:
         FAILED_SWEEPS.append(sweep_dir)
     log.info("sweep: %d runs (%s); runs table: %s", len(per_run),
              ", ".join(f"{k} {v}" for k, v in per_run["status"].value_counts().items()),
-             sweep_dir / "runs.csv")
-    log.info("report: python scripts/report.py %s", sweep_dir)
+             table if written else "not written")
+    arg = str(sweep_dir)
+    if arg.startswith("-"):  # not an option of the script
+        arg = f"./{arg}"
+    log.info("report: python scripts/report.py %s", shlex.quote(arg))

@@ -8,20 +8,33 @@ folders are called (``scripts/plot_run.py`` and ``plot_sweep.py`` also write PDF
 
 A sweep whose runs all diverged still gets its page: the table says where each seed
 diverged and the figures draw what was finite before.
+
+Every file is written whole (a temporary file, then a rename) and never through a
+symbolic link: a link planted at ``report/``, ``report/figures/``, ``index.html``,
+``runs.csv`` or a figure's name is refused (:class:`vgrad.store.LinkRefused`) before
+anything is drawn. The processes drawing run figures end with the report's process,
+however it ends (Ctrl-C, SIGTERM, ``kill -9``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import html
 import multiprocessing
 import os
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
 import pandas as pd
 
+from vgrad import store
 from vgrad.analysis import figures, theory_figures
 from vgrad.analysis.tables import Run, Sweep, load_sweep
 
@@ -80,31 +93,138 @@ def run_figures(run: Run, stem: Path) -> tuple[list[tuple[str, Path]], list[str]
     return written, missing
 
 
+def _watch_parent(parent: int) -> None:
+    while True:
+        time.sleep(1)
+        if os.getppid() != parent:  # the report's process ended (even by kill -9)
+            os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    """Set up a process drawing run figures: Ctrl-C is the report's process's to handle
+    (a terminal sends SIGINT to every process of the group), and the worker ends within
+    a second of the process that started it, however that one ended."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent,), name="vgrad-watch-parent",
+                     daemon=True).start()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while workers are started, so that they inherit SIG_IGN and a
+    Ctrl-C while they import (before ``_worker_init`` runs) prints no traceback from
+    each of them. Only the main thread can set signal handlers; elsewhere, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a pool now: cancel what has not started, end what has."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        if worker.is_alive():
+            worker.terminate()
+    for worker in workers:
+        worker.join(timeout=5)
+        if worker.is_alive():
+            worker.kill()
+
+
 def _draw_runs(runs: list[Run], figdir: Path, jobs: int) -> list:
     """``run_figures`` of every run, in files named by position (run folders may be named
     anything), drawn by ``jobs`` processes: drawing and rasterising figures is
-    matplotlib's single-threaded work, and a report's runs are independent."""
+    matplotlib's single-threaded work, and a report's runs are independent. The workers
+    end with this process; on an exception here (KeyboardInterrupt included) they are
+    ended at once and the exception goes on."""
     stems = [figdir / f"run_{n:03d}" for n in range(len(runs))]
     if jobs <= 1 or len(runs) <= 1:
         return [run_figures(r, s) for r, s in zip(runs, stems, strict=True)]
     # spawn, not fork: the caller may hold threads (JAX's, in a sweep's process).
-    with ProcessPoolExecutor(min(jobs, len(runs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(min(jobs, len(runs)),
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(os.getpid(),))
+    try:
         light = [dataclasses.replace(r, _metrics=None) for r in runs]  # workers read files
-        return list(pool.map(run_figures, light, stems))
+        with _sigint_ignored():  # workers are started by the first submissions
+            results = pool.map(run_figures, light, stems)
+        drawn = list(results)
+    except BaseException:
+        _end_workers(pool)
+        raise
+    pool.shutdown()
+    return drawn
+
+
+def _writable(folder: Path) -> None:
+    """Create ``folder`` and check that a file can be made in it (an OSError naming the
+    folder otherwise), before anything is drawn."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vgrad-probe.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(folder)) from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def output_folder(folder: Path, own: bool, names: tuple[str, ...] = (),
+                  create: bool = True) -> Path:
+    """Make ``folder`` ready for vgrad's files ``names`` (glob patterns allowed): refuse
+    a symbolic link at any of them, and at ``folder`` itself when it is vgrad's own (a
+    default such as ``SWEEP/report``, not one the user named), then (with ``create``)
+    create the folder and check that it can be written. Raises
+    :class:`vgrad.store.LinkRefused` or an OSError naming the folder, before anything
+    is written."""
+    folder = _refuse_links(Path(folder), own, names)
+    if create:
+        _writable(folder)
+    return folder
+
+
+def _refuse_links(folder: Path, own: bool, names: tuple[str, ...]) -> Path:
+    if own:
+        store.refuse_link(folder)
+    if folder.is_dir():
+        store.refuse_links(folder, names)
+    return folder
+
+
+def cannot_write(prog: str, exc: OSError, folder: Path | None = None) -> str:
+    """The one line a script prints when its output could not be written."""
+    where = Path(exc.filename) if exc.filename else folder
+    if where is not None and where.name.startswith(".") and where.name.endswith(".tmp"):
+        where = where.parent  # a temporary file of store.atomic_write: name its folder
+    reason = exc.strerror or str(exc)
+    return (f"{prog}: error: cannot write {where if where is not None else 'the output'} "
+            f"({reason}); choose another folder with --out DIR")
 
 
 def write_report(sweep_dir: str | Path, out: str | Path | None = None,
                  jobs: int | None = None) -> Path:
     """Write ``out/index.html`` (default ``<sweep>/report/``); return its path. Run
     figures are drawn by ``jobs`` processes (default: one per core). Raises ValueError
-    when the folder holds no run the analysis can read."""
+    when the folder holds no run the analysis can read, :class:`vgrad.store.LinkRefused`
+    (a ValueError) when a symbolic link stands where the report writes, and OSError
+    when the output cannot be written (both before anything is drawn)."""
     sweep: Sweep = load_sweep(sweep_dir)
     root = Path(out) if out is not None else Path(sweep_dir) / "report"
     figdir = root / "figures"
     runs = sweep.runs
     if runs.empty:
         raise ValueError(f"no run under {sweep_dir} that the analysis can read")
+    # Links and unwritable folders are refused before anything is drawn: a folder the
+    # user named may be a link, the default report/ and figures/ (vgrad's) may not.
+    _refuse_links(root, own=out is None, names=("index.html", "runs.csv"))
+    _refuse_links(figdir, own=True, names=("sweep_*.png", "run_*.png"))
+    _writable(root)
+    _writable(figdir)
     ended = runs[runs["status"] != "failed"]
     axes = figures.varying_axes(runs)
     parts: list[str] = []
@@ -150,8 +270,7 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         run_sections.append(f"<h3>Run {html.escape(run.name)} "
                             f"({html.escape(run.status)})</h3>{note}{''.join(imgs)}")
 
-    root.mkdir(parents=True, exist_ok=True)
-    runs.to_csv(root / "runs.csv", index=False)
+    store.write_text(root / "runs.csv", runs.to_csv(index=False))
     table = summary_table(runs, axes).to_html(index=False, border=0, na_rep="—")
     command = sweep.command()
     skipped = "".join(f"<li>{html.escape(str(p))}: {html.escape(w)}</li>"
@@ -187,5 +306,5 @@ All runs, one row per seed: <a href="runs.csv">runs.csv</a>.</p>
 </body></html>
 """
     index = root / "index.html"
-    index.write_text(page)
+    store.write_text(index, page)
     return index

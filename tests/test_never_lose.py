@@ -181,6 +181,27 @@ def test_a_run_far_larger_than_memory_is_refused_at_once(cli, tmp_path):
     assert store.read_summary(tmp_path / "sweep" / "0")["status"] == "failed"
 
 
+def test_an_allocation_that_fails_anyway_is_one_line_and_a_failed_run(cli, tmp_path,
+                                                                       monkeypatch):
+    import jax
+
+    from vgrad import loop
+
+    def out_of_memory(group, engine="scan", group_id=0):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.\n"
+            "BufferAssignment OOM Debugging.\n(many more lines)")
+        yield  # (a generator, as loop.run is)
+
+    monkeypatch.setattr(loop, "run", out_of_memory)
+    code, out, err = cli(*TINY, *LIGHT, f"hydra.run.dir={tmp_path}")
+    assert code == 1
+    line = one_error_line(err, "RESOURCE_EXHAUSTED", "fewer seeds")
+    assert "BufferAssignment" not in line and "Traceback" not in out
+    summary = store.read_summary(tmp_path)
+    assert summary["status"] == "failed" and "RESOURCE_EXHAUSTED" in summary["error"]
+
+
 def test_a_second_signal_ends_a_process_stuck_in_native_code(tmp_path):
     """The main thread blocked in C (here: libc sleep with the signals masked for it, as
     a transfer or a program that never returns would be) runs no Python handler; the

@@ -18,5 +18,10 @@ def test_numbers_match_the_stored_reference(case):
     for key, value in got.items():
         want = REFERENCE[f"{case}/{key}"]
         assert value.shape == want.shape, key
-        np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-7, equal_nan=True,
-                                   err_msg=f"{case}: {key}")
+        # Entries that are zero in exact arithmetic (the bias before a batch norm has no
+        # gradient) come out as float32 rounding noise of the array's largest terms,
+        # which moves with the XLA version: absolute tolerance at that noise's scale.
+        finite = np.abs(want[np.isfinite(want)]) if want.dtype.kind == "f" else np.zeros(1)
+        noise = 1e-6 * float(finite.max(initial=0.0))
+        np.testing.assert_allclose(value, want, rtol=2e-5, atol=max(1e-7, noise),
+                                   equal_nan=True, err_msg=f"{case}: {key}")

@@ -413,9 +413,13 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
             except Interrupted:
                 raise
             except Exception as exc:  # a crash is recorded; the other groups go on
-                error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {_first_line(exc)}"
+                out_of_memory = _out_of_memory(exc)
+                if out_of_memory:
+                    error += (f" (the program's {group.n_members} members did not fit "
+                              "in memory: train fewer seeds or jobs per program)")
                 log.error("group %d (%d jobs) failed: %s", gid, len(group.jobs), error,
-                          exc_info=True)
+                          exc_info=not out_of_memory)  # an allocation needs no traceback
                 for job in group.jobs:
                     write_failure(job.run_dir, job.cfg, error)
                     OUTCOMES.errors[job.run_dir] = error
@@ -425,6 +429,16 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
             if on_group is not None:
                 on_group(gid, group, statuses, time.perf_counter() - t0)
     return results
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: Python's, or XLA's (``RESOURCE_EXHAUSTED``)."""
+    return isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in str(exc)
 
 
 def write_failure(run_dir: Path, cfg: Any, error: str) -> None:

@@ -389,3 +389,115 @@ def test_overrides_that_would_train_something_else_are_refused(cli, tmp_path, ov
         assert not (tmp_path / "out").exists()
     else:  # a job of a sweep is recorded as failed, with its error
         assert key in err and "Traceback" not in err
+
+
+# --- found by an independent fault probe of the fixes above -----------------------------------
+
+
+def test_an_unresolvable_interpolation_leaves_the_folder_as_it_was(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("VGRAD_NO_SUCH_VARIABLE", raising=False)
+    folder = tmp_path / "logs"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("another tool's\n")
+    (folder / "app.log").write_text("keep")
+    before = tree(tmp_path)
+    code, _, err = cli(*TINY, "width=${oc.env:VGRAD_NO_SUCH_VARIABLE}",
+                       f"hydra.run.dir={folder}")
+    assert code == 2
+    one_error_line(err, "VGRAD_NO_SUCH_VARIABLE")
+    assert tree(tmp_path) == before
+
+
+def test_hydras_output_subdir_is_guarded_where_it_is(cli, tmp_path):
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("user's")
+    run = tmp_path / "run"
+    (run / "meta").mkdir(parents=True)
+    (run / "meta" / "config.yaml").symlink_to(victim)
+    code, _, err = cli(*TINY, *LIGHT, f"hydra.run.dir={run}", "hydra.output_subdir=meta")
+    assert code == 2
+    one_error_line(err, "meta/config.yaml", "symbolic link")
+    assert victim.read_text() == "user's"
+
+    (run / "meta" / "config.yaml").unlink()
+    (run / "meta" / "config.yaml").write_text("mine\n")
+    before = tree(run)
+    code, _, err = cli(*TINY, *LIGHT, "batch_size=1000", f"hydra.run.dir={run}",
+                       "hydra.output_subdir=meta")  # refused once the data is loaded
+    assert code == 2 and "batch_size" in err
+    assert tree(run) == before
+
+
+def test_other_launchers_refuse_links_in_job_folders_before_hydra_writes(cli, tmp_path):
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("user's")
+    sweep = tmp_path / "S"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "config.yaml").symlink_to(victim)
+    code, _, err = cli("-m", "act=tanh,relu", *TINY, *LIGHT, "hydra/launcher=basic",
+                       f"hydra.sweep.dir={sweep}")
+    assert code == 2
+    one_error_line(err, "0/.hydra/config.yaml", "symbolic link")
+    assert victim.read_text() == "user's"
+    assert not run_dirs(sweep)
+
+
+def test_a_damaged_interrupted_run_is_trained_from_the_start_not_failed(trained, tmp_path):
+    import numpy as np
+
+    from vgrad import runner
+    from vgrad.analysis.tables import load_run
+
+    sweep = damaged_copy(trained, tmp_path)
+    run = sweep / "0"
+    summary = store.read_summary(run)
+    summary["status"] = "interrupted"
+    store.write_json(run / store.SUMMARY, summary)
+    store.write_checkpoint(run, summary["epochs_done"], [np.zeros(1)])
+    cfg = load_run(run).config
+    from omegaconf import OmegaConf
+
+    assert runner.resume_point(run, OmegaConf.create(cfg)) is not None  # whole: resumes
+    cut(run, "loss")
+    assert runner.resume_point(run, OmegaConf.create(cfg)) is None  # damaged: from the start
+
+
+@pytest.mark.parametrize("override,key", [("data.n_samples=3000000000", "data.n_samples"),
+                                          ("epochs=100000000", "epochs")])
+def test_memory_refusals_name_the_knob_that_does_not_fit(cli, tmp_path, override, key):
+    code, _, err = cli(override, "progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2
+    one_error_line(err, f"{key}=", "GB")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_signal_as_a_group_ends_stops_the_sweep_before_the_next(monkeypatch, tmp_path):
+    import contextlib
+
+    from conftest import compose_cfg
+
+    from vgrad import runner
+
+    jobs = [runner.prepare(compose_cfg(*TINY, *LIGHT, f"depth={d}"), tmp_path / str(d))
+            for d in (1, 2)]  # two structures: two programs
+    ended: list[int] = []
+
+    @contextlib.contextmanager
+    def signal_after_first_group():
+        yield lambda: signal.SIGINT if ended else None
+
+    monkeypatch.setattr(runner, "stop_on_signals", signal_after_first_group)
+    with pytest.raises(runner.Interrupted, match="SIGINT: stopped; the jobs trained so far"):
+        runner.train_jobs(jobs, on_group=lambda gid, group, statuses, s: ended.append(gid))
+    assert ended == [0]
+    assert store.read_summary(tmp_path / "1")["status"] == "completed"
+    assert not (tmp_path / "2").exists()
+
+
+def test_a_foreign_file_named_summary_json_is_not_a_failed_job(cli, tmp_path):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "summary.json").write_text("precious")
+    code, _, err = cli("-m", "act=tanh", *TINY, *LIGHT, f"hydra.sweep.dir={tmp_path}")
+    assert code == 0, err
+    assert (tmp_path / "0" / "summary.json").read_text() == "precious"
+    assert store.read_summary(tmp_path / "1")["status"] == "completed"

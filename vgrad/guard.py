@@ -30,8 +30,10 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from vgrad import store
 
-#: What Hydra writes into a run folder's ``.hydra/``.
+#: What Hydra writes into a run folder's ``.hydra/`` (``hydra.output_subdir``).
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+#: The folder of TensorBoard events (``tensorboard=true``; ``vgrad.tensorboard``).
+TENSORBOARD = "tensorboard"
 
 
 class Refused(BaseException):  # noqa: N818 (a refusal, raised through Hydra's callbacks)
@@ -56,23 +58,28 @@ class Snapshot:
     hydra_files: dict[str, bytes] = field(default_factory=dict)
     #: The job log Hydra opens in the folder (``<job name>.log``).
     log_name: str = ""
+    #: Hydra's folder of config files (``hydra.output_subdir``; None: none written).
+    subdir: str | None = ".hydra"
 
 
 #: Snapshots of the run folders of this process, by absolute path.
 SNAPSHOTS: dict[Path, Snapshot] = {}
 
 
-def snapshot(run_dir: Path, log_name: str) -> Snapshot:
+def snapshot(run_dir: Path, log_name: str, subdir: str | None = ".hydra") -> Snapshot:
     """Note what ``run_dir`` holds now (before Hydra writes into it)."""
     run_dir = Path(run_dir).absolute()
-    snap = Snapshot(run_dir, log_name=log_name)
+    snap = Snapshot(run_dir, log_name=log_name, subdir=subdir)
     folder = run_dir
     while not folder.exists() and not folder.is_symlink():
         snap.created.append(folder)
         folder = folder.parent
     if run_dir.is_dir():
         snap.entries = {p.name for p in run_dir.iterdir()}
-        hydra = run_dir / ".hydra"
+        if subdir is None:
+            SNAPSHOTS[run_dir] = snap
+            return snap
+        hydra = run_dir / subdir
         snap.hydra_existed = hydra.is_dir()
         for name in HYDRA_FILES:
             if (hydra / name).is_file():
@@ -87,15 +94,15 @@ def undo(run_dir: Path) -> None:
     snap = SNAPSHOTS.pop(Path(run_dir).absolute(), None)
     if snap is None or not snap.run_dir.is_dir() or snap.run_dir.is_symlink():
         return
-    hydra = snap.run_dir / ".hydra"
-    if hydra.is_dir() and not hydra.is_symlink():
+    hydra = snap.run_dir / (snap.subdir or ".hydra")
+    if snap.subdir is not None and hydra.is_dir() and not hydra.is_symlink():
         for name in HYDRA_FILES:
             path = hydra / name
             if path.is_symlink() or not path.is_file():
                 continue
             if name in snap.hydra_files:
                 if path.read_bytes() != snap.hydra_files[name]:
-                    store.atomic_write(path, snap.hydra_files[name])
+                    path.write_bytes(snap.hydra_files[name])  # in place: mode and links
             else:
                 path.unlink()
         if not snap.hydra_existed:
@@ -110,17 +117,20 @@ def undo(run_dir: Path) -> None:
             folder.rmdir()
 
 
-def check_folder(run_dir: Path, log_name: str) -> None:
+def check_folder(run_dir: Path, log_name: str, subdir: str | None = ".hydra") -> None:
     """Refuse links where Hydra or vgrad write inside a run folder
-    (:class:`vgrad.store.LinkRefused`). The run folder itself may be a link: it is the
-    user's choice (``hydra.run.dir``)."""
+    (:class:`vgrad.store.LinkRefused`): Hydra's ``subdir`` (``hydra.output_subdir``)
+    and its files, the job log, vgrad's files, the TensorBoard folders. The run folder
+    itself may be a link: it is the user's choice (``hydra.run.dir``)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return
-    if store.refuse_link(run_dir / ".hydra").is_dir():
-        store.refuse_links(run_dir / ".hydra", HYDRA_FILES)
-    for name in (*store.RUN_FILES, log_name):
+    if subdir is not None and store.refuse_link(run_dir / subdir).is_dir():
+        store.refuse_links(run_dir / subdir, HYDRA_FILES)
+    for name in (*store.RUN_FILES, log_name, TENSORBOARD):
         store.refuse_link(run_dir / name)
+    if (run_dir / TENSORBOARD).is_dir():
+        store.refuse_links(run_dir / TENSORBOARD, ("seed_*",))
 
 
 class RunGuard(Callback):
@@ -129,17 +139,17 @@ class RunGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         from vgrad import config as vconfig
         from vgrad import runner
-        from vgrad.errors import ConfigError
 
         run_dir = Path(str(config.hydra.run.dir))
         log_name = f"{config.hydra.job.name}.log"
         task = copy.deepcopy(config)
         with read_write(task), open_dict(task):
             del task["hydra"]
+        subdir = config.hydra.output_subdir
         try:
-            check_folder(run_dir, log_name)
+            check_folder(run_dir, log_name, subdir)
             vconfig.validate(task)
             runner.ended_before(run_dir.absolute(), task)  # another config's run: refuse
-        except (ConfigError, store.LinkRefused) as exc:
-            raise Refused(exc) from None
-        snapshot(run_dir, log_name)
+        except Exception as exc:  # noqa: BLE001 (bad input of any kind: an unresolvable
+            raise Refused(exc) from None  # ${...}, a wrong value, a link, another run)
+        snapshot(run_dir, log_name, subdir)

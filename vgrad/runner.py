@@ -67,8 +67,9 @@ class Interrupted(Exception):  # noqa: N818 (what happened, not an error)
     def __init__(self, signum: int, run_dirs: list[Path]):
         self.signum, self.run_dirs = signum, run_dirs
         name = signal.Signals(signum).name
-        super().__init__(f"{name}: stopped; {len(run_dirs)} run(s) keep what they trained "
-                         "(status interrupted); run the same command again to continue")
+        kept = (f"{len(run_dirs)} run(s) keep what they trained (status interrupted)"
+                if run_dirs else "the jobs trained so far ended; the others did not start")
+        super().__init__(f"{name}: stopped; {kept}; run the same command again to continue")
 
     @property
     def exit_code(self) -> int:
@@ -244,6 +245,9 @@ def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
             (run_dir / store.GRADS).is_file()) else None
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
+    if store.metrics_damage(run_dir, summary) is not None:
+        log.warning("%s: the run's metrics are damaged; training it from the start", run_dir)
+        return None
     steps_done = done * summary["steps_per_epoch"]
     step = metrics["step"]
     keep = step < steps_done
@@ -265,11 +269,46 @@ def prepare(cfg: Any, run_dir: Path) -> Job:
     """A validated job with its data loaded. Raises :class:`ConfigError` on bad input,
     a run too large for the machine's memory included."""
     config.validate(cfg)
+    check_data_memory(cfg.data)
     ds = data.load(cfg.data)
     config.validate_data(cfg, len(ds.x_train), ds.n_classes)
     job = Job(cfg, Path(run_dir), ds)
     check_memory(job)
     return job
+
+
+#: Copies of a generated dataset alive while it is made: scikit-learn's float64 arrays,
+#: the shuffled split, the scaled float32 arrays.
+DATA_COPIES = 4
+
+
+def check_data_memory(node: Any) -> None:
+    """Refuse a generated dataset larger than the host's memory before generating it."""
+    floats = data.DATASETS[node.name].floats
+    if floats is None:
+        return
+    need = 8 * DATA_COPIES * floats(node)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        key = "data.n_samples" if "n_samples" in node else "data.n_train"
+        raise ConfigError(key, node[key.split(".")[1]],
+                          f"a dataset that fits in memory: generating it needs about "
+                          f"{need / 1e9:,.1f} GB, the host's memory is {have / 1e9:,.1f} GB")
+
+
+def _largest_knob(job: Job, have: int) -> tuple[str, Any]:
+    """The key to name in a memory refusal: ``seeds`` when more than one is asked for,
+    ``epochs`` when one epoch's records would fit (the run's length is what does not),
+    else ``width``."""
+    from vgrad.group import member_bytes
+
+    cfg = job.cfg
+    if cfg.seeds > 1:
+        return "seeds", cfg.seeds
+    one_epoch = Job(OmegaConf.merge(cfg, {"epochs": 1}), job.run_dir, job.data)
+    if member_bytes(one_epoch) <= have:
+        return "epochs", cfg.epochs
+    return "width", cfg.width
 
 
 def machine_memory() -> tuple[int, str]:
@@ -300,7 +339,7 @@ def check_memory(job: Job) -> None:
                   evaluation * cfg.seeds // 4096)) * itemsize // 4
     have, what = machine_memory()
     if need > have:
-        key, value = ("seeds", cfg.seeds) if cfg.seeds > 1 else ("width", cfg.width)
+        key, value = _largest_knob(job, have)
         raise ConfigError(key, value, f"a run that fits in memory: {cfg.seeds} seed(s) of this "
                           f"net need about {need / 1e9:,.1f} GB (state, activations, "
                           f"records), {what} is {have / 1e9:,.1f} GB; train fewer seeds per "
@@ -406,7 +445,8 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
         log.warning("JAX_ENABLE_X64 is set, but each run computes in its own dtype: "
                     "dtype=float64 for double precision")
     with stop_on_signals() as stop:
-        for gid, group in enumerate(group_jobs(jobs, max_members, max_jobs)):
+        groups = group_jobs(jobs, max_members, max_jobs)
+        for gid, group in enumerate(groups):
             t0 = time.perf_counter()
             try:
                 statuses = train_group(group, gid, stop, progress)
@@ -428,6 +468,8 @@ def train_jobs(jobs: list[Job], max_members: int | None = None,
                 results[job.run_dir] = status
             if on_group is not None:
                 on_group(gid, group, statuses, time.perf_counter() - t0)
+            if gid + 1 < len(groups) and (signum := stop()) is not None:
+                raise Interrupted(signum, [])  # the signal came as the group ended
     return results
 
 

@@ -21,6 +21,8 @@ from typing import Any
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
+from hydra_plugins.vgrad_launcher.vgrad_launcher import VgradLauncher
+
 
 @dataclass
 class VgradSweeperConf(BasicSweeperConf):
@@ -42,12 +44,26 @@ class VgradSweeper(BasicSweeper):
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         store.refuse_links(sweep_dir, ("multirun.yaml", "runs.csv"))
+        if not isinstance(self.launcher, VgradLauncher):
+            _refuse_links_in_jobs(sweep_dir, self.config)
         with store.sweep_lock(sweep_dir):
             return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        from hydra_plugins.vgrad_launcher.vgrad_launcher import VgradLauncher
-
         if isinstance(self.launcher, VgradLauncher):
             return  # it composes every job of the batch before it trains any
         super().validate_batch_is_legal(batch)
+
+
+def _refuse_links_in_jobs(sweep_dir: Path, config: Any) -> None:
+    """Other launchers (basic, joblib, submitit) let Hydra write each job's ``.hydra/``
+    and log before vgrad sees the job, so links are refused for the whole sweep first:
+    a job folder that is a link, or a link where Hydra or vgrad write inside one."""
+    from vgrad import guard, store
+
+    log_name = f"{config.hydra.job.name}.log"
+    for folder in sorted(sweep_dir.iterdir()):
+        if folder.is_symlink() and folder.name.isdigit():
+            raise store.LinkRefused(folder)
+        if folder.is_dir() and not folder.is_symlink():
+            guard.check_folder(folder, log_name, config.hydra.output_subdir)

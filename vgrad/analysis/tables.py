@@ -160,7 +160,10 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     not a run summary, or if a run that trained has no readable metrics."""
     path = Path(path)
     try:
-        summary = json.loads((path / store.SUMMARY).read_text())
+        try:
+            summary = json.loads((path / store.SUMMARY).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:  # not JSON: someone else's file
+            raise NotARun(f"not a vgrad run summary ({exc})") from None
         _check_summary(summary)
     except NotARun as exc:
         raise NotARun(f"{path / store.SUMMARY}: {exc}") from None

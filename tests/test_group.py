@@ -50,7 +50,7 @@ def test_vgrad_launcher_gives_the_basic_launchers_numbers(cli, tmp_path):
         assert (d / ".hydra" / "overrides.yaml").is_file()
         assert not (d / store.CHECKPOINT).exists()  # removed once the run ended
     assert (tmp_path / "grouped" / "runs.csv").is_file()
-    assert "report: python scripts/report.py" in out + err
+    assert "report: vgrad-report" in out + err
 
 
 @pytest.mark.parametrize("varied", [

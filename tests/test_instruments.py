@@ -9,6 +9,7 @@ import pytest
 from conftest import TINY, compose_cfg, run_to_end, step_once
 
 from vgrad import probes, store
+from vgrad import tensorboard as tb
 
 
 def numpy_backprop(params, x, y, act, dact):
@@ -172,7 +173,7 @@ def test_tensorboard_events_are_written_and_readable(cli, tmp_path):
     code, _, err = cli(*TINY, "seeds=2", "tensorboard=true", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     for seed in (0, 1):
-        events = EventAccumulator(str(tmp_path / "tensorboard" / f"seed_{seed}"),
+        events = EventAccumulator(str(tb.seed_dirs(tmp_path)[seed]),
                                   size_guidance={"scalars": 0, "histograms": 0})
         events.Reload()
         tags = events.Tags()
@@ -193,7 +194,7 @@ def test_tensorboard_exports_what_the_chosen_probes_recorded(cli, tmp_path):
     code, _, err = cli(*TINY, "tensorboard=true", "record.step_probes=[kernel_grad_stats]",
                        "record.epoch_probes=[]", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
-    events = EventAccumulator(str(tmp_path / "tensorboard" / "seed_0"))
+    events = EventAccumulator(str(tb.seed_dirs(tmp_path)[0]))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"grad_std/dense_0", "grad_norm/dense_4", "train/acc"} <= scalars

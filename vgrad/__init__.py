@@ -29,3 +29,12 @@ def _request_host_devices() -> None:
 
 
 _request_host_devices()
+
+
+def __getattr__(name: str):
+    """``vgrad.api`` on first use (``import vgrad`` stays light)."""
+    if name == "api":
+        import importlib
+
+        return importlib.import_module("vgrad.api")
+    raise AttributeError(f"module 'vgrad' has no attribute {name!r}")

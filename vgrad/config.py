@@ -207,6 +207,20 @@ def validate(cfg: Any) -> None:
                           ("record.epoch_probes", probes.EPOCH_PROBES)):
         for name in r[key.split(".")[1]]:
             _one_of(key, name, registry)
+    if cfg.get("tensorboard"):
+        validate_extras(cfg)
+
+
+def validate_extras(cfg: Any) -> None:
+    """Refuse what needs an optional extra that is not installed (looked up with
+    ``importlib.util.find_spec``, nothing imported): ``tensorboard=true`` needs
+    tensorboardX. Part of :func:`validate`, so a single run is refused before Hydra
+    makes its folder."""
+    from vgrad import tensorboard
+
+    if cfg.get("tensorboard") and (absent := tensorboard.missing()):
+        raise ConfigError("tensorboard", "true", f"the tensorboard extra installed (no "
+                          f"module {', '.join(absent)}): {tensorboard.INSTALL}")
 
 
 #: The config groups whose choice is the ``name`` key of the chosen file.

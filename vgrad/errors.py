@@ -2,7 +2,9 @@
 
 Hydra already detects unknown choices, unknown keys and wrong types while composing
 the config, but prints them over several lines with its search path; ``describe``
-folds those exceptions (and vgrad's own :class:`ConfigError`) into a single line.
+folds those exceptions (and vgrad's own :class:`ConfigError`) into a single line. A
+launcher whose Hydra plugin is not installed (``hydra/launcher=parallel`` or ``slurm``
+without the ``launchers`` extra) is named with the ``pip install`` that provides it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,31 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={shown}: expected {allowed}")
 
 
+#: Hydra's launcher plugins that vgrad's ``launchers`` extra installs, and which of
+#: vgrad's launcher configs (``conf/hydra/launcher``) run on each.
+LAUNCHER_PLUGINS = {"joblib": "hydra/launcher=parallel runs on it",
+                    "submitit": "hydra/launcher=slurm runs on it"}
+LAUNCHERS_INSTALL = 'pip install "vgrad[launchers]"'
+
+
+def launcher_plugin(group: str, choice: str) -> str | None:
+    """The plugin (``joblib``, ``submitit``) that provides launcher ``choice`` when
+    Hydra found no config for it: ``hydra/launcher=parallel`` asks for
+    ``hydra/launcher/joblib``, ``slurm`` for ``submitit_slurm``; ``submitit_local``."""
+    if group.strip("/") != "hydra/launcher":
+        return None
+    if choice == "joblib":
+        return "joblib"
+    if choice.startswith("submitit_"):
+        return "submitit"
+    return None
+
+
+class ComposeError(ValueError):
+    """Overrides Hydra could not compose into a config (an unknown choice, key or type,
+    an unparsable override), raised by :mod:`vgrad.api` with :func:`describe`'s line."""
+
+
 def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text.strip())
 
@@ -33,6 +60,9 @@ def describe(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, choice = exc.missing_cfg_file.rpartition("/")
+        if (plugin := launcher_plugin(group, choice)) is not None:
+            return (f"{group}={choice}: Hydra's {plugin} launcher plugin is not installed "
+                    f"({LAUNCHER_PLUGINS[plugin]}): {LAUNCHERS_INSTALL}")
         options = ", ".join(o for o in (exc.options or []) if not o.startswith("schema"))
         if group and options:
             return f"{group}={choice}: unknown choice; expected one of {options}"

@@ -129,8 +129,8 @@ def check_folder(run_dir: Path, log_name: str, subdir: str | None = ".hydra") ->
         store.refuse_links(run_dir / subdir, HYDRA_FILES)
     for name in (*store.RUN_FILES, log_name, TENSORBOARD):
         store.refuse_link(run_dir / name)
-    if (run_dir / TENSORBOARD).is_dir():
-        store.refuse_links(run_dir / TENSORBOARD, ("seed_*",))
+    if (run_dir / TENSORBOARD).is_dir():  # tensorboard/<label>/seed_<s>/
+        store.refuse_links(run_dir / TENSORBOARD, ("*", "*/seed_*"))
 
 
 class RunGuard(Callback):

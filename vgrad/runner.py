@@ -362,7 +362,7 @@ class RunFolder:
         if job.cfg.tensorboard:
             from vgrad.tensorboard import TensorBoardExport
 
-            self.board = TensorBoardExport(job.run_dir, job.seeds.tolist())
+            self.board = TensorBoardExport(job.run_dir, job.seeds.tolist(), config=job.config)
 
     def write(self, rec: loop.Records, status: str) -> None:
         run_dir = self.job.run_dir

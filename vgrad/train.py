@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 import textwrap
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import filter_overrides
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -59,13 +63,14 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         job.resume = runner.resume_point(run_dir, cfg)
         if job.resume is not None:
             log.info("continuing %s from epoch %d", run_dir, job.resume.epochs_done)
-    log.info("data %s: %d train / %d test examples, %d classes; %d seed(s) from %d",
-             cfg.data.name, len(job.data.x_train), len(job.data.x_test), job.data.n_classes,
-             cfg.seeds, cfg.seed)
+    log.info("%s", describe_run(cfg, job.data))
+    # The first chunk's progress comes after the program compiled (10-20 s): say so.
     bar = tqdm(total=cfg.epochs, unit="epoch", disable=not cfg.progress or None,
-               desc=run_dir.name, leave=False, initial=job.epochs_done)
+               desc=f"{run_dir.name} compiling", leave=False, initial=job.epochs_done)
 
     def progress(group: Group, epochs_done: int) -> None:
+        if bar.n == job.epochs_done:  # the first chunk has run: no longer compiling
+            bar.set_description(run_dir.name, refresh=False)
         bar.update(epochs_done - bar.n)
 
     try:
@@ -74,33 +79,114 @@ def train(cfg: DictConfig, run_dir: Path) -> str:
         bar.close()
 
 
+def describe_run(cfg: DictConfig, ds: Any) -> str:
+    """One line naming the net, its data and its seeds, e.g. "sigmoid 2-5-5-5-5-1 on
+    circles (1000 train / 0 test examples, 2 classes), 1 seed"."""
+    seeds = (f"{cfg.seeds} seeds ({cfg.seed}-{cfg.seed + cfg.seeds - 1})" if cfg.seeds > 1
+             else "1 seed" if cfg.seed == 0 else f"1 seed ({cfg.seed})")
+    targets = "real targets" if cfg.loss.value == "regression" else f"{ds.n_classes} classes"
+    return (f"{describe_net(cfg, ds)} on {cfg.data.name} ({len(ds.x_train)} train / "
+            f"{len(ds.x_test)} test examples, {targets}), {seeds}")
+
+
+def describe_net(cfg: DictConfig, ds: Any, act: bool = True) -> str:
+    """The net in a few words: its activation (unless ``act`` is false), family and
+    widths, input side first ("sigmoid 2-5-5-5-5-1"; a recurrent net: "tanh rnn
+    2-64x1-1 over 100 steps")."""
+    from vgrad import data, losses, models
+    from vgrad.models import rnn
+
+    recurrent = cfg.model.name in rnn.CELLS
+    act = act and not (recurrent and rnn.CELLS[cfg.model.name] > 1)  # gated cells: no act
+    name = " ".join(([cfg.act.name] if act else [])
+                    + ([cfg.model.name] if cfg.model.name != "mlp" else []))
+    out = losses.out_dim(cfg.loss.value, ds.n_classes)
+    if recurrent:  # (the registry's widths count the gates: name the layers)
+        length, features = data.sequence_shape(cfg.data)
+        return (f"{name} {features}-{cfg.width}x{cfg.depth}-{out} over {length} "
+                "steps").strip()
+    widths = [int(np.prod(ds.x_train.shape[1:])), *models.MODELS[cfg.model.name].widths(cfg),
+              out]
+    if len(widths) > 8:  # a deep net: runs of one width counted
+        parts: list[str] = []
+        i = 0
+        while i < len(widths):
+            j = i
+            while j < len(widths) and widths[j] == widths[i]:
+                j += 1
+            parts.append(f"{widths[i]}x{j - i}" if j - i > 2 else
+                         "-".join([str(widths[i])] * (j - i)))
+            i = j
+    else:
+        parts = [str(w) for w in widths]
+    return f"{name} {'-'.join(parts)}".strip()
+
+
+def headline(run_dir: Path) -> str | None:
+    """The run's first number: the first layer's delta norm relative to the last's at
+    step 0 (median over seeds), or None when delta_norm was not recorded."""
+    try:
+        with np.load(run_dir / store.METRICS, allow_pickle=False) as m:
+            if "delta_norm" not in m.files or "step" not in m.files:
+                return None
+            delta, step = m["delta_norm"], m["step"]
+            names = [str(n) for n in m["layer_names"]] if "layer_names" in m.files else []
+    except (OSError, ValueError):
+        return None
+    if delta.ndim != 3 or delta.shape[1] == 0 or delta.shape[2] < 2 or step[0] != 0:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = delta[:, 0, 0] / delta[:, 0, -1]
+    ratio = ratio[np.isfinite(ratio)]
+    if ratio.size == 0:
+        return None
+    layers = f" ({names[0]} / {names[-1]})" if len(names) == delta.shape[2] else ""
+    seeds = f", median of {ratio.size} seeds" if ratio.size > 1 else ""
+    r = float(np.median(ratio))
+    trend = ("" if 0.5 <= r <= 2 else
+             f": the gradient {'shrinks' if r < 1 else 'grows'} {max(r, 1 / r):.3g}x on its "
+             "way to the input")
+    return (f"at step 0 the first layer's ||delta|| is {r:.3g} x the last "
+            f"layer's{layers}{seeds}{trend}")
+
+
 def report(run_dir: Path, status: str) -> None:
-    """The log lines of an ended run: per-seed results, timing, and what to run next."""
+    """The log lines of an ended run: per-seed results, timing, and what to run next; a
+    job of a sweep names its overrides in each of its lines."""
+    from vgrad.cli import PLOT_RUN
+
     summary = store.read_summary(run_dir)
+    hydra_cfg = HydraConfig.get()
+    single = hydra_cfg.mode == RunMode.RUN
+    overrides = " ".join(filter_overrides(hydra_cfg.overrides.task))
+    job = ("" if single else f"job {hydra_cfg.job.num} ({overrides}): " if overrides
+           else f"job {hydra_cfg.job.num}: ")
     exploded = []
     for s in summary["per_seed"]:
         f = s["final"]
         test = (f", test loss {_fmt(f['test_loss'])} acc {_fmt(f['test_acc'])}"
                 if f.get("test_loss") is not None else "")
-        log.info("seed %d: final train loss %s acc %s%s%s", s["seed"], _fmt(f["train_loss"]),
-                 _fmt(f["train_acc"]), test,
+        log.info("%sseed %d: final train loss %s acc %s%s%s", job, s["seed"],
+                 _fmt(f["train_loss"]), _fmt(f["train_acc"]), test,
                  f", diverged at step {s['diverged_at_step']}" if s["diverged_at_step"]
                  is not None else "")
         if s["diverged_at_step"] is None and (f["train_loss"] or 0) > EXPLODED_LOSS:
             exploded.append(s["seed"])
     if exploded:
-        log.warning("seed(s) %s ended with a training loss above %.0e: the loss or the "
-                    "gradients exploded without overflowing (see grad_global_norm)",
+        log.warning("%sseed(s) %s ended with a training loss above %.0e: the loss or the "
+                    "gradients exploded without overflowing (see grad_global_norm)", job,
                     ", ".join(map(str, exploded)), EXPLODED_LOSS)
+    if (line := headline(run_dir)) is not None:
+        log.info("%s%s", job, line)
     t = summary["timing"]
     if t.get("export_s"):
-        log.info("TensorBoard events written in %.2f s", t["export_s"])
+        log.info("%sTensorBoard events written in %.2f s", job, t["export_s"])
     group = t.get("group") or {}
-    shared = f" (shared by a group of {group['jobs']} jobs)" if group.get("jobs", 1) > 1 else ""
-    log.info("%s in %.2f s (+%.2f s compile%s), %s steps/s; outputs: %s", status, t["run_s"],
-             t["compile_s"], shared, _fmt(t["steps_per_s"], ".0f"), run_dir)
-    if HydraConfig.get().mode == RunMode.RUN:
-        log.info("figures: python scripts/plot_run.py %s", run_dir)
+    shared = f", shared by {group['jobs']} jobs" if group.get("jobs", 1) > 1 else ""
+    log.info("%s%s in %.2f s (+%.2f s compile%s), %s steps/s; outputs: %s", job, status,
+             t["run_s"], t["compile_s"], shared, _fmt(t["steps_per_s"], ".0f"), run_dir)
+    if single:
+        log.info("figures: %s %s", PLOT_RUN, shlex.quote(str(run_dir)))
 
 
 #: A final training loss above this is reported as an explosion (for a cross-entropy or
@@ -175,6 +261,7 @@ def help_text() -> str:
         "",
         "usage: python -m vgrad.train [KEY=VALUE ...]        one run (all its seeds at once)",
         "       python -m vgrad.train -m KEY=A,B,C ...        a sweep over every combination",
+        "       (vgrad-train is the same command)",
         "",
         "Sweep axes (KEY=CHOICE; each choice's parameters as KEY.PARAM=VALUE):",
     ]
@@ -200,8 +287,10 @@ def help_text() -> str:
         "  python -m vgrad.train act=relu init=he_normal depth=50 dtype=float64",
         "",
         "Outputs: outputs/runs/DATE/TIME/ (single runs), outputs/sweeps/DATE/TIME/N/ (sweeps),",
-        "each with summary.json, metrics.npz and params.npz; then",
-        "  python scripts/plot_run.py RUN    python scripts/report.py SWEEP",
+        "each with summary.json, metrics.npz and params.npz; then (each with --help)",
+        "  vgrad-report SWEEP      one HTML page: SWEEP/report/index.html",
+        "  vgrad-plot-run RUN      a run's figures: RUN/figures/",
+        "  vgrad-plot-sweep SWEEP --x AXIS [--y AXIS]    figures over the sweep's axes",
         "Every default: python -m vgrad.train --cfg job.  Hydra's own help: --hydra-help.",
     ]
     return "\n".join(lines)
@@ -248,12 +337,13 @@ def main() -> None:
     for run_dir, error, _ in outcomes.failed:
         where = f" (run folder {run_dir})" if run_dir.is_dir() else ""
         print(f"vgrad: error: {error}{where}", file=sys.stderr)
-    reported = {run_dir.parent for run_dir, *_ in outcomes.failed}
-    for sweep_dir in set(callback.FAILED_SWEEPS) - reported:  # jobs of other processes
+    reported = {run_dir.parent.resolve() for run_dir, *_ in outcomes.failed}
+    unreported = {p.resolve() for p in callback.FAILED_SWEEPS} - reported  # other processes'
+    for sweep_dir in unreported:
         print(f"vgrad: error: jobs of the sweep failed or did not end; see "
               f"{sweep_dir / 'runs.csv'}", file=sys.stderr)
     if outcomes.failed or callback.FAILED_SWEEPS:
-        nothing_ran = not outcomes.ended and not (set(callback.FAILED_SWEEPS) - reported)
+        nothing_ran = not outcomes.ended and not unreported
         bad_input_only = all(bad for *_, bad in outcomes.failed) and nothing_ran
         sys.exit(2 if bad_input_only else 1)
 

@@ -148,13 +148,15 @@ class VgradLauncher(Launcher):
                                                             ignore=vconfig.VOLATILE))
                 try:  # links planted where Hydra or vgrad write: that job is refused
                     store.refuse_link(sweep_dir / name)
-                    guard.check_folder(sweep_dir / name, f"{cfg.hydra.job.name}.log")
+                    guard.check_folder(sweep_dir / name, f"{cfg.hydra.job.name}.log",
+                                       cfg.hydra.output_subdir)
                 except store.LinkRefused as exc:
                     refused = exc
                 used.add(name)
                 if name != default:
-                    log.info("\t#%d goes to folder %s (%s)", idx, name,
-                             "its earlier run" if same else f"{default} holds another run")
+                    why = ("its earlier run" if same else f"{default} holds another run"
+                           if default in existing else f"{default} went to an earlier job")
+                    log.info("\t#%d goes to folder %s (%s)", idx, name, why)
                     with read_write(cfg.hydra), open_dict(cfg.hydra):
                         cfg.hydra.sweep.subdir = name
                 planned.append(_Planned(idx, cfg, task, sweep_dir / name, refused))
@@ -192,15 +194,24 @@ class VgradLauncher(Launcher):
             return
         max_members = self._max_members(jobs)
         groups = vgroup.group_jobs(jobs, max_members, self.max_jobs)
-        log.info("%d jobs to train in %d program(s)%s", len(jobs), len(groups),
-                 "" if max_members is None else f" (at most {max_members} members each)")
+        log.info("%d jobs to train in %d program(s)", len(jobs), len(groups))
+        log.debug("at most %s members (jobs x seeds) per program", max_members)
         with _SweepBar(len(jobs), enabled=bool(self.config.get("progress", True))) as bar:
             def on_group(gid: int, group: Any, statuses: list[str], seconds: float) -> None:
+                from vgrad.train import describe_net
+
                 t = _group_timing(group)
-                log.info("group %d: %d job(s) x seeds = %d members, compile %.1f s, "
-                         "train %.1f s: %s", gid, len(group.jobs), group.n_members,
+                bar.bar.clear()  # the log line on a line of its own; the bar redrawn below
+                seeds = {job.cfg.seeds for job in group.jobs}
+                size = (f"{len(group.jobs)} job(s) x {seeds.pop()} seed(s)" if len(seeds) == 1
+                        else f"{len(group.jobs)} jobs, {group.n_members} seeds in all")
+                log.info("program %d of %d: %s of %s, compiled in %.1f s, trained in %.1f s: "
+                         "%s", gid + 1, len(groups), size,
+                         describe_net(group.jobs[0].cfg, group.jobs[0].data, act=len(
+                             {job.cfg.act.name for job in group.jobs}) == 1),
                          t.get("compile_s", 0.0), t.get("run_s", 0.0),
                          ", ".join(f"{s} {statuses.count(s)}" for s in sorted(set(statuses))))
+                log.debug("program %d: %d members", gid + 1, group.n_members)
                 bar.group_done(group)
 
             try:
@@ -297,25 +308,34 @@ def _group_timing(group: Any) -> dict[str, float]:
 
 
 class _SweepBar:
-    """One progress bar for the sweep: jobs trained out of jobs to train, with an ETA."""
+    """One progress bar for the sweep: jobs trained out of jobs to train, with an ETA;
+    "compiling" until a program's first chunk reports."""
 
     def __init__(self, total: int, enabled: bool):
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, unit="job", disable=not enabled or None, leave=False,
+                        desc="compiling",
                         bar_format="{l_bar}{bar}| {n:.1f}/{total} jobs [{elapsed}<{remaining}]")
         self.finished = 0.0
+        self.compiling = True
 
     def progress(self, group: Any, epochs_done: int) -> None:
         first = group.jobs[0].epochs_done
         epochs = group.cfg.epochs
         fraction = (epochs_done - first) / max(epochs - first, 1)
+        if self.compiling:
+            self.bar.set_description("", refresh=False)
+            self.compiling = False
         self.bar.n = self.finished + len(group.jobs) * fraction
         self.bar.refresh()
 
     def group_done(self, group: Any) -> None:
         self.finished += len(group.jobs)
         self.bar.n = self.finished
+        if self.finished < self.bar.total:  # the next program compiles
+            self.bar.set_description("compiling", refresh=False)
+            self.compiling = True
         self.bar.refresh()
 
     def __enter__(self) -> "_SweepBar":

@@ -3,7 +3,8 @@
 Configured in ``conf/config.yaml`` (``hydra.callbacks.vgrad_sweep``), it runs in the
 launching process whatever the launcher (basic, joblib, submitit): it writes the sweep's
 runs table to ``<sweep dir>/runs.csv`` (whole, and never through a symbolic link planted
-there) and logs the one command that draws the report, quoted for a POSIX shell.
+there) and logs the one command that draws the report (the console command
+``vgrad-report``), quoted for a POSIX shell.
 A sweep in which a job failed makes ``python -m vgrad.train`` exit with status 1.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from vgrad.cli import REPORT
 
 log = logging.getLogger("vgrad")
 
@@ -67,6 +70,6 @@ def write_runs_table(sweep_dir: Path) -> None:
              ", ".join(f"{k} {v}" for k, v in per_run["status"].value_counts().items()),
              table if written else "not written")
     arg = str(sweep_dir)
-    if arg.startswith("-"):  # not an option of the script
+    if arg.startswith("-"):  # not an option of the command
         arg = f"./{arg}"
-    log.info("report: python scripts/report.py %s", shlex.quote(arg))
+    log.info("report: %s %s", REPORT, shlex.quote(arg))

@@ -112,7 +112,7 @@ def test_sweep_figures(sweep_dir, tmp_path):
     assert "layer (0 = next to the input)" in labels_of(profile)
     assert "δ" in labels_of(profile)
     bars = figures.bars(sweep, "act")
-    assert len(bars.axes[0].patches) == 2  # train accuracy per activation (no test set)
+    assert len(bars.axes[0].patches) == 4  # train accuracy per act x depth (no test set)
     curves = figures.curves(sweep, "depth")  # depth by colour, act by line style
     assert lines_of(curves) == [4]
     assert "pooled" not in labels_of(curves)

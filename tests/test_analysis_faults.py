@@ -153,8 +153,9 @@ def test_sweep_figures_name_what_they_pool(cli, tmp_path):
     labels = [t.get_text() for legend in profile.legends for t in legend.get_texts()]
     assert "act=tanh, depth=1" in labels and len(set(labels)) == len(labels)
     bars = figures.bars(sweep, "act")
-    pooled = next(line for line in texts_of(bars).split("\n") if "pooled over" in line)
-    assert "depth (1, 2)" in pooled and "optim.lr (0.001, 0.01)" in pooled
+    text = " ".join(texts_of(bars).split())  # depth: grouped bars; lr: pooled, and said
+    assert "configurations (pooled over optim.lr (0.001, 0.01))" in text
+    assert {"depth=1", "depth=2"} <= {t.get_text() for g in bars.legends for t in g.get_texts()}
     assert "median" in texts_of(bars)
     assert bars.axes[0].get_ylim()[1] <= 1.05  # accuracy bars stay within their range
     heat = figures.heatmap(sweep, "act", "depth")

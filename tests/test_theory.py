@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import compose_cfg, run_to_end
+from conftest import compose_cfg, run_to_end, texts_of
 from scipy.optimize import brentq
 
 from vgrad import data, theory
@@ -119,9 +119,10 @@ def test_the_profile_figure_draws_the_theory_where_it_applies_and_says_where_not
         out = np.median(store.read_metrics(run)["delta_norm"][:, 0, -1])
         np.testing.assert_allclose(drawn[f"act={name} (mean-field theory)"], out * ratio,
                                    rtol=1e-6)
-    text = fig._suptitle.get_text()
-    assert "mean-field theory" in text and text.count("χ₁ = ") == 2
-    assert "shrinks e-fold" in text  # sigmoid at sigma_w^2 = 2: chi_1 = 0.1
+    legend = [t.get_text() for g in fig.legends for t in g.get_texts()]
+    assert sum("χ₁ = " in t for t in legend) == 2  # each line's chi_1, in the legend
+    assert "mean-field theory" in fig._suptitle.get_text()
+    assert "shrinks e-fold" in " ".join(texts_of(fig).split())  # sigmoid, sigma_w^2 = 2
 
     code, _, err = cli("-m", "act=tanh,relu", "init=normal", *args,
                        f"hydra.sweep.dir={tmp_path / 'normal'}")

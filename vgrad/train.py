@@ -144,6 +144,7 @@ def headline(run_dir: Path) -> str | None:
     seeds = f", median of {ratio.size} seeds" if ratio.size > 1 else ""
     r = float(np.median(ratio))
     trend = ("" if 0.5 <= r <= 2 else
+             ": no gradient reaches the input" if r == 0 else
              f": the gradient {'shrinks' if r < 1 else 'grows'} {max(r, 1 / r):.3g}x on its "
              "way to the input")
     return (f"at step 0 the first layer's ||delta|| is {r:.3g} x the last "

@@ -102,7 +102,8 @@ def test_dotted_and_quoted_folder_names_get_their_own_figures(cli, tmp_path):
     code, _, err = cli("-m", "optim.lr=0.001,0.01", *TINY, f"hydra.sweep.dir={sweep}",
                        "hydra.sweep.subdir=lr${optim.lr}")
     assert code == 0, err
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["lr0.001", "lr0.01"]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != ".vgrad")
+    assert runs == ["lr0.001", "lr0.01"]  # (.vgrad/: the sweep's command history)
     odd = sweep / "it's \"dq\" star*q?"
     shutil.copytree(sweep / "lr0.01", odd)
     summary = json.loads((odd / store.SUMMARY).read_text())

@@ -38,7 +38,10 @@ class VgradSweeper(BasicSweeper):
         """Lock the sweep folder before Hydra writes ``multirun.yaml`` into it, so that a
         sweep refused because another one is writing there changes nothing of it; refuse
         links planted where the sweep writes its own files."""
+        from omegaconf import OmegaConf
+
         from vgrad import store
+        from vgrad.analysis.tables import record_command
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
@@ -47,6 +50,10 @@ class VgradSweeper(BasicSweeper):
         if not isinstance(self.launcher, VgradLauncher):
             _refuse_links_in_jobs(sweep_dir, self.config)
         with store.sweep_lock(sweep_dir):
+            # The sweep's command, kept beside Hydra's multirun.yaml (which each sweep
+            # into the folder rewrites): the report lists every command.
+            overrides = OmegaConf.to_container(self.config.hydra.overrides, resolve=False)
+            record_command(sweep_dir, overrides.get("task", []), overrides.get("hydra", []))
             return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:

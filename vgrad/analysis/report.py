@@ -1,8 +1,10 @@
-"""One self-contained HTML page for a sweep (or a single run): the command that made
-it, a table of its runs, the sweep figures over the axes that vary, and each run's
-figures. Figures are written beside the page as PNG and referenced by relative,
-URL-encoded paths, so the folder opens in any browser from disk, whatever the run
-folders are called (``scripts/plot_run.py`` and ``plot_sweep.py`` also write PDF).
+"""One self-contained HTML page for a sweep (or a single run): the commands that wrote
+into its folder and its status counts (short, on top), the sweep figures over the axes
+that vary, the runs table (folded for long sweeps; a click on a column header sorts it)
+and the figures of each run, or of representative runs of a long sweep (``runs``).
+Figures are written beside the page as PNG and referenced by relative, URL-encoded
+paths, so the folder opens in any browser from disk, offline, whatever the run folders
+are called (``scripts/plot_run.py`` and ``plot_sweep.py`` also write PDF).
 
     python scripts/report.py outputs/sweeps/DATE/TIME     # -> .../report/index.html
 
@@ -27,7 +29,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
@@ -35,11 +37,14 @@ from urllib.parse import quote
 import pandas as pd
 
 from vgrad import store
-from vgrad.analysis import figures, theory_figures
-from vgrad.analysis.tables import Run, Sweep, load_sweep
+from vgrad.analysis import figures
+from vgrad.analysis.tables import Run, Sweep, load_sweep, sweep_commands
 
-#: Per-run figures are drawn for at most this many runs (the table lists them all).
+#: A sweep of at most this many runs gets every run's figures by default; a longer one,
+#: those of representative runs (``representative_runs``).
 MAX_RUN_FIGURES = 12
+#: The runs table is folded (``<details>``) from this many runs on.
+FOLD_TABLE = 20
 
 
 def summary_table(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -79,12 +84,13 @@ def _status_text(runs: pd.DataFrame) -> str:
     return ", ".join(f"{n} {status}" for status, n in counts.items())
 
 
-def run_figures(run: Run, stem: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+def run_figures(run: Run, stem: Path, varying: Sequence[str] = ()
+                ) -> tuple[list[tuple[str, Path]], list[str]]:
     """Draw and save (PNG) one run's figures as ``stem_KIND.png``; return the figures
     written, by kind, and the kinds the run did not record."""
     written, missing = [], []
     for kind, make in figures.RUN_FIGURES.items():
-        fig = make(run)
+        fig = make(run, varying=list(varying))  # titled by the sweep's varying axes
         if fig is None:
             missing.append(kind)
             continue
@@ -137,15 +143,31 @@ def _end_workers(pool: ProcessPoolExecutor) -> None:
             worker.kill()
 
 
-def _draw_runs(runs: list[Run], figdir: Path, jobs: int) -> list:
-    """``run_figures`` of every run, in files named by position (run folders may be named
-    anything), drawn by ``jobs`` processes: drawing and rasterising figures is
-    matplotlib's single-threaded work, and a report's runs are independent. The workers
-    end with this process; on an exception here (KeyboardInterrupt included) they are
-    ended at once and the exception goes on."""
-    stems = [figdir / f"run_{n:03d}" for n in range(len(runs))]
+def _draw_runs(runs: list[Run], figdir: Path, jobs: int,
+               numbers: list[int] | None = None) -> list:
+    """``run_figures`` of every run (see ``_drawing_runs``), waited for."""
+    with _drawing_runs(runs, figdir, jobs, numbers) as results:
+        return results()
+
+
+@contextlib.contextmanager
+def _drawing_runs(runs: list[Run], figdir: Path, jobs: int,
+                  numbers: list[int] | None = None, varying: Sequence[str] = ()
+                  ) -> Iterator[Callable[[], list]]:
+    """Start drawing ``run_figures`` of every run, in files named by number (``numbers``,
+    default the position in ``runs``: run folders may be named anything), in ``jobs``
+    processes; yield a function that waits for the results. Drawing and rasterising
+    figures is matplotlib's single-threaded work and a report's runs are independent,
+    so the workers draw while the caller draws the sweep's figures. The workers end
+    with this process; on an exception in the ``with`` block (KeyboardInterrupt
+    included) they are ended at once and the exception goes on. The function draws
+    itself the runs that no worker has started yet; with one job (or one run), all of
+    them."""
+    numbers = list(range(len(runs))) if numbers is None else numbers
+    stems = [figdir / f"run_{n:03d}" for n in numbers]
     if jobs <= 1 or len(runs) <= 1:
-        return [run_figures(r, s) for r, s in zip(runs, stems, strict=True)]
+        yield lambda: [run_figures(r, s, varying) for r, s in zip(runs, stems, strict=True)]
+        return
     # spawn, not fork: the caller may hold threads (JAX's, in a sweep's process).
     pool = ProcessPoolExecutor(min(jobs, len(runs)),
                                mp_context=multiprocessing.get_context("spawn"),
@@ -153,13 +175,23 @@ def _draw_runs(runs: list[Run], figdir: Path, jobs: int) -> list:
     try:
         light = [dataclasses.replace(r, _metrics=None) for r in runs]  # workers read files
         with _sigint_ignored():  # workers are started by the first submissions
-            results = pool.map(run_figures, light, stems)
-        drawn = list(results)
+            futures = [pool.submit(run_figures, r, s, tuple(varying))
+                       for r, s in zip(light, stems, strict=True)]
+
+        def results() -> list:
+            # This process, done with its own figures, takes the runs no worker has
+            # started, from the last one back, while the workers go on from the first.
+            mine = {}
+            for i in reversed(range(len(futures))):
+                if futures[i].cancel():
+                    mine[i] = run_figures(runs[i], stems[i], varying)
+            return [mine[i] if i in mine else f.result() for i, f in enumerate(futures)]
+
+        yield results
     except BaseException:
         _end_workers(pool)
         raise
     pool.shutdown()
-    return drawn
 
 
 def _writable(folder: Path) -> None:
@@ -206,103 +238,213 @@ def cannot_write(prog: str, exc: OSError, folder: Path | None = None) -> str:
             f"({reason}); choose another folder with --out DIR")
 
 
+def representative_runs(runs: pd.DataFrame, axes: list[str], names: list[str]) -> list[str]:
+    """Runs among ``names`` (in their order) that show every value of every swept axis at
+    least once: greedily the run showing most values not shown yet, the earlier one on a
+    tie (a full grid of a x b values takes max(a, b) runs; the first run is always
+    chosen)."""
+    if not names:
+        return []
+    first = runs.drop_duplicates("run").set_index("run")
+    columns = [figures.axis_column(runs, a) for a in axes]
+    values = [{(c, str(first.at[n, c])) for c in columns} for n in names]
+    missing = set().union(*values)
+    chosen = {0}
+    missing -= values[0]
+    while missing:
+        best = max(range(len(names)), key=lambda i: (len(values[i] & missing), -i))
+        chosen.add(best)
+        missing -= values[best]
+    return [names[i] for i in sorted(chosen)]
+
+
+def _chosen_runs(sweep: Sweep, runs: pd.DataFrame, axes: list[str],
+                 which: str | list[str]) -> list[Run]:
+    """The runs whose figures the page draws (see ``write_report``)."""
+    drawable = [r for r in sweep.runs_list if r.status != "failed"]
+    if not isinstance(which, str):
+        wanted = list(dict.fromkeys(which))
+        known = {r.name for r in sweep.runs_list}
+        unknown = [n for n in wanted if n not in known]
+        if unknown:
+            raise ValueError(f"no run named {', '.join(map(repr, unknown))} in "
+                             f"{sweep.root}")
+        return [r for r in drawable if r.name in set(wanted)]
+    if which == "all" or (which == "representative" and len(drawable) <= MAX_RUN_FIGURES):
+        return drawable
+    if which != "representative":
+        raise ValueError(f"runs={which!r}: use 'representative', 'all' or a list of run "
+                         "names")
+    names = set(representative_runs(runs, axes, [r.name for r in drawable]))
+    return [r for r in drawable if r.name in names]
+
+
+#: Sorts a table on a click on a column header (numbers as numbers, blanks last); no
+#: external resource, so the page works from disk, offline.
+_SORT_JS = """<script>
+for (const th of document.querySelectorAll("table.sortable th")) {
+  th.addEventListener("click", () => {
+    const body = th.closest("table").tBodies[0], i = th.cellIndex;
+    const up = th.dataset.order !== "up";
+    for (const other of th.parentNode.cells) delete other.dataset.order;
+    th.dataset.order = up ? "up" : "down";
+    const key = row => {
+      const text = row.cells[i].textContent.trim(), n = parseFloat(text);
+      return isNaN(n) ? [1, text] : [0, n];
+    };
+    const rows = Array.from(body.rows).sort((a, b) => {
+      const [p, x] = key(a), [q, y] = key(b);
+      const d = p - q || (p ? x.localeCompare(y, undefined, {numeric: true}) : x - y);
+      return up ? d : -d;
+    });
+    body.append(...rows);
+  });
+}
+</script>"""
+
+
+def _table_html(table: pd.DataFrame, anchors: dict[str, str]) -> str:
+    """The runs table as HTML, sortable by a click on a header; a run with figures on the
+    page links to them."""
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    rows = []
+    for record in table.itertuples(index=False):
+        cells = []
+        for column, value in zip(table.columns, record, strict=True):
+            text = "—" if value is None or (isinstance(value, float) and value != value) \
+                else html.escape(str(value))
+            if column == "run" and str(value) in anchors:
+                text = f'<a href="#{anchors[str(value)]}">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return (f'<table class="sortable"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _commands_html(commands: list[str]) -> str:
+    if not commands:
+        return ("<p>Command: <code>(a single run: see .hydra/overrides.yaml)</code></p>")
+    if len(commands) == 1:
+        return f"<p>Command: <code>{html.escape(commands[0])}</code></p>"
+    items = "".join(f"<li><code>{html.escape(c)}</code></li>" for c in commands)
+    return (f"<p>{len(commands)} commands wrote into this folder (oldest first):</p>"
+            f"<ol>{items}</ol>")
+
+
 def write_report(sweep_dir: str | Path, out: str | Path | None = None,
-                 jobs: int | None = None) -> Path:
-    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path. Run
-    figures are drawn by ``jobs`` processes (default: one per core). Raises ValueError
-    when the folder holds no run the analysis can read, :class:`vgrad.store.LinkRefused`
-    (a ValueError) when a symbolic link stands where the report writes, and OSError
-    when the output cannot be written (both before anything is drawn)."""
+                 jobs: int | None = None, runs: str | list[str] = "representative") -> Path:
+    """Write ``out/index.html`` (default ``<sweep>/report/``); return its path.
+
+    The page leads with the sweep's figures, then the runs table, then run figures for
+    ``runs``: ``"representative"`` (the default) draws every run of a sweep of up to
+    ``MAX_RUN_FIGURES`` runs and, for a longer one, runs that show every value of every
+    swept axis at least once (``representative_runs``: max(a, b) runs for a grid of
+    a x b values); ``"all"`` draws every run; a list of run names (as in the table's
+    ``run`` column) draws those. The page says which runs have figures and how to get
+    the others. Run figures are drawn by ``jobs`` processes (default: one per core).
+    Raises ValueError when the folder holds no run the analysis can read or ``runs``
+    names a run it does not hold, :class:`vgrad.store.LinkRefused` (a ValueError) when a
+    symbolic link stands where the report writes, and OSError when the output cannot be
+    written (all before anything is drawn)."""
     sweep: Sweep = load_sweep(sweep_dir)
     root = Path(out) if out is not None else Path(sweep_dir) / "report"
     figdir = root / "figures"
-    runs = sweep.runs
-    if runs.empty:
+    table_runs = sweep.runs
+    if table_runs.empty:
         raise ValueError(f"no run under {sweep_dir} that the analysis can read")
+    axes = figures.varying_axes(table_runs)
+    shown = _chosen_runs(sweep, table_runs, axes, runs)
     # Links and unwritable folders are refused before anything is drawn: a folder the
     # user named may be a link, the default report/ and figures/ (vgrad's) may not.
     _refuse_links(root, own=out is None, names=("index.html", "runs.csv"))
     _refuse_links(figdir, own=True, names=("sweep_*.png", "run_*.png"))
     _writable(root)
     _writable(figdir)
-    ended = runs[runs["status"] != "failed"]
-    axes = figures.varying_axes(runs)
+    ended = table_runs[table_runs["status"] != "failed"]
     parts: list[str] = []
     if not ended.empty and ended["diverged"].all():
         parts.append("<p class=note><b>Every seed of every run diverged.</b> The table "
                      "gives the step at which each diverged; the figures show what was "
                      "finite before.</p>")
 
-    # Sweep figures over the axes that vary (PNG only: the page needs nothing more).
-    sweep_figs: list[tuple[str, object]] = []
-    if axes and not ended.empty:
-        hue = axes[0]
-        sweep_figs += [(f"Gradient profile across layers by {hue}", figures.profile(sweep, hue)),
-                       (f"Gradient through time by {hue}", figures.time_profile(sweep, hue)),
-                       (f"Final accuracy by {hue}", figures.bars(sweep, hue)),
-                       (f"Training loss by {hue}", figures.curves(sweep, hue, "train_loss"))]
-        if len(axes) > 1:
-            sweep_figs.append((f"{figures.default_metric(sweep)} over {axes[0]} × {axes[1]}",
-                               figures.heatmap(sweep, axes[0], axes[1])))
-        # Signal-propagation theory beside the measurements, where it applies.
-        sweep_figs += [
-            ("Trainability phase diagram with the 6 ξ_c curve of mean-field theory",
-             theory_figures.phase_diagram(sweep)),
-            ("Correlation and δ across layers at initialisation: measured vs theory",
-             theory_figures.signal_theory(sweep)),
-            ("Dynamical isometry: Jacobian singular values against depth",
-             theory_figures.isometry(sweep))]
-    for i, (caption, fig) in enumerate(sweep_figs):
-        if fig is not None:
+    # Run figures (in files named by the run's position in the sweep: run folders may be
+    # named anything, and a run keeps its files whichever runs are drawn) are drawn by
+    # worker processes while this one draws the sweep's figures.
+    position = {r.name: n for n, r in enumerate(sweep.runs_list)}
+    with _drawing_runs(shown, figdir, jobs if jobs is not None else os.cpu_count() or 1,
+                       [position[r.name] for r in shown], axes) as results:
+        # Sweep figures over the axes that vary, those of figures.SWEEP_FIGURES that
+        # apply, one at a time (PNG only: the page needs nothing more).
+        for i, (_, caption, fig) in enumerate(figures.sweep_figures(sweep, axes)):
             png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]
             parts.append(_img(png, root, caption))
-
-    # Per-run figures.
-    run_sections = []
-    drawable = [r for r in sweep.runs_list if r.status != "failed"]
-    shown = drawable[:MAX_RUN_FIGURES]
-    drawn = _draw_runs(shown, figdir, jobs if jobs is not None else os.cpu_count() or 1)
+        drawn = results()
+    run_sections, anchors = [], {}
     for run, (written, notes) in zip(shown, drawn, strict=True):
-        imgs = [_img(png, root, f"{run.name}: {kind.replace('_', ' ')}")
+        anchors[run.name] = f"run-{position[run.name]}"
+        label = figures.run_label(run, axes, math=False) if axes else run.name
+        imgs = [_img(png, root, f"{label}: {kind.replace('_', ' ')}")
                 for kind, png in written]
         note = (f"<p class=note>Not recorded in this run: {', '.join(notes)}.</p>"
                 if notes else "")
-        run_sections.append(f"<h3>Run {html.escape(run.name)} "
-                            f"({html.escape(run.status)})</h3>{note}{''.join(imgs)}")
+        named = f": {html.escape(label)}" if axes else ""
+        run_sections.append(f'<section id="{anchors[run.name]}"><h3>Run '
+                            f"{html.escape(run.name)} ({html.escape(run.status)}){named}</h3>"
+                            f"{note}{''.join(imgs)}</section>")
 
-    store.write_text(root / "runs.csv", runs.to_csv(index=False))
-    table = summary_table(runs, axes).to_html(index=False, border=0, na_rep="—")
-    command = sweep.command()
+    store.write_text(root / "runs.csv", table_runs.to_csv(index=False))
+    table = summary_table(table_runs, axes)
+    table_html = _table_html(table, anchors)
+    n_runs = len(table)
+    if n_runs >= FOLD_TABLE:
+        table_html = (f"<details><summary>{n_runs} runs (click to unfold; click a column "
+                      f"header to sort)</summary>{table_html}</details>")
     skipped = "".join(f"<li>{html.escape(str(p))}: {html.escape(w)}</li>"
                       for p, w in sweep.skipped)
-    more = len(drawable) - len(shown)
+    if skipped:
+        skipped = (f"<details{' open' if len(sweep.skipped) <= 5 else ''}><summary>"
+                   f"{len(sweep.skipped)} run folder(s) skipped (unreadable or not ended)"
+                   f"</summary><ul>{skipped}</ul></details>")
+    drawable = sum(r.status != "failed" for r in sweep.runs_list)
+    if len(shown) == drawable:
+        which = "Every run that trained has its figures here."
+    else:
+        which = (f"Figures of {len(shown)} of the {drawable} runs that trained"
+                 + (", chosen so that every value of every swept axis appears at least "
+                    "once" if runs == "representative" else "")
+                 + " (linked from the table). The others: "
+                 "<code>vgrad.analysis.write_report(folder, runs=\"all\")</code> (or a list "
+                 "of run names), or <code>scripts/plot_run.py RUN</code> for one run.")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>vgrad report: {html.escape(str(sweep_dir))}</title>
 <style>
-body {{ font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }}
+body {{ font-family: system-ui, sans-serif; max-width: 96vw; margin: 1em auto; color: #222; }}
+p, h1, h2, h3 {{ max-width: 110ch; }}
 code, pre {{ background: #f4f4f4; padding: .2em .4em; }}
 table {{ border-collapse: collapse; font-size: .9em; }}
 th, td {{ padding: .25em .7em; text-align: left; border-bottom: 1px solid #ddd; }}
+table.sortable th {{ cursor: pointer; }}
+th[data-order=up]::after {{ content: " ▲"; }} th[data-order=down]::after {{ content: " ▼"; }}
 figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
-figcaption, .note {{ color: #555; font-size: .9em; }}
+figcaption, .note, summary {{ color: #555; font-size: .9em; }}
 </style></head><body>
 <h1>vgrad report</h1>
 <p>Folder: <code>{html.escape(str(Path(sweep_dir).resolve()))}</code></p>
-<p>Command: <code>{html.escape(command or "(a single run: see .hydra/overrides.yaml)")}</code></p>
-<p>{runs["run"].nunique()} run(s): {html.escape(_status_text(runs))};
+{_commands_html(sweep_commands(sweep.root))}
+<p>{table_runs["run"].nunique()} run(s): {html.escape(_status_text(table_runs))};
 swept axes: {html.escape(", ".join(axes) or "none")}.
-All runs, one row per seed: <a href="runs.csv">runs.csv</a>.</p>
-{f"<p>Skipped (unreadable or not ended):</p><ul>{skipped}</ul>" if skipped else ""}
-<h2>Runs</h2>
-<p class=note>Final metrics: median [interquartile range] over seeds.</p>
-{table}
+<a href="#runs">Runs table</a>; all runs, one row per seed: <a href="runs.csv">runs.csv</a>.</p>
+{skipped}
 <h2>Sweep</h2>
 {"".join(parts) or "<p class=note>One run: no sweep figures.</p>"}
+<h2 id="runs">Runs</h2>
+<p class=note>Final metrics: median [interquartile range] over seeds.</p>
+{table_html}
 <h2>Runs in detail</h2>
+<p class=note>{which}</p>
 {"".join(run_sections)}
-{f"<p class=note>{more} more run(s) not drawn here: scripts/plot_run.py RUN.</p>" if more > 0
- else ""}
+{_SORT_JS}
 </body></html>
 """
     index = root / "index.html"

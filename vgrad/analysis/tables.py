@@ -26,6 +26,7 @@ written last, so it is the one to trust if a kill fell between the two writes.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import warnings
 from dataclasses import dataclass, field
@@ -221,6 +222,10 @@ class Sweep:
         """The command line that made a Hydra multirun folder (from its multirun.yaml)."""
         return sweep_command(self.root)
 
+    def commands(self) -> list[str]:
+        """Every command that swept into the folder, oldest first (``sweep_commands``)."""
+        return sweep_commands(self.root)
+
 
 def time_series(run: Run, every: int = 1) -> pd.DataFrame:
     """One recurrent run's ||dL/dh_t|| as a long table (empty for other models)."""
@@ -298,8 +303,17 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(root, runs, skipped, foreign)
 
 
+def _command_line(task: list[str], hydra: list[str]) -> str:
+    """``python -m vgrad.train -m ...`` from a sweep's task and hydra overrides, each
+    shell-quoted, as written (``hydra.mode=...``, which ``-m`` sets, left out)."""
+    hydra_args = [o for o in hydra if not str(o).startswith("hydra.mode=")]
+    return " ".join(["python -m vgrad.train -m", *map(shlex.quote, map(str, task)),
+                     *map(shlex.quote, map(str, hydra_args))])
+
+
 def sweep_command(root: Path) -> str | None:
-    """``python -m vgrad.train -m ...`` rebuilt from a multirun folder's multirun.yaml."""
+    """``python -m vgrad.train -m ...`` rebuilt from a multirun folder's multirun.yaml
+    (the latest sweep into the folder: Hydra rewrites it; see ``sweep_commands``)."""
     from omegaconf import OmegaConf
 
     path = Path(root) / "multirun.yaml"
@@ -312,9 +326,71 @@ def sweep_command(root: Path) -> str | None:
                                            resolve=False)
     except Exception:  # noqa: BLE001 (a damaged multirun.yaml: no command, not a crash)
         return None
-    hydra_args = [o for o in overrides.get("hydra", []) if not o.startswith("hydra.mode=")]
-    return " ".join(["python -m vgrad.train -m", *map(shlex.quote, overrides.get("task", [])),
-                     *map(shlex.quote, hydra_args)])
+    return _command_line(overrides.get("task", []), overrides.get("hydra", []))
+
+
+#: Where each sweep into a folder appends its command (``record_command``).
+COMMANDS = Path(".vgrad") / "commands.jsonl"
+
+
+def record_command(sweep_dir: str | Path, overrides_task: list[str],
+                   overrides_hydra: list[str]) -> Path:
+    """Append the command of a sweep into ``sweep_dir`` to ``sweep_dir/.vgrad/
+    commands.jsonl``, one JSON line (``command``, ``task``, ``hydra``, ``time``) written
+    by one ``write`` in append mode, so that concurrent sweeps never interleave within a
+    line. Hydra rewrites ``multirun.yaml`` on every sweep into a folder; this keeps them
+    all. The overrides are taken as written (unresolved: ``${...}`` kept) and the
+    command shell-quoted as ``sweep_command`` gives it. A symbolic link at ``.vgrad`` or
+    at the file is refused (:class:`vgrad.store.LinkRefused`), never written through.
+    Returns the file's path."""
+    from datetime import datetime, timezone
+
+    folder = store.refuse_link(Path(sweep_dir) / COMMANDS.parent)
+    path = store.refuse_link(Path(sweep_dir) / COMMANDS)
+    folder.mkdir(parents=True, exist_ok=True)
+    task, hydra = [str(o) for o in overrides_task], [str(o) for o in overrides_hydra]
+    line = json.dumps({"command": _command_line(task, hydra), "task": task, "hydra": hydra,
+                       "time": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+                      ensure_ascii=False) + "\n"
+    # O_NOFOLLOW: a link planted between the check and the open is refused too (ELOOP).
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if path.is_symlink():
+            raise store.LinkRefused(path) from exc
+        raise
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+    return path
+
+
+def sweep_commands(root: str | Path) -> list[str]:
+    """Every command that swept into ``root``, oldest first: the lines of
+    ``.vgrad/commands.jsonl`` (a damaged line is skipped; a linked file is not read),
+    then the command of ``multirun.yaml`` if it is not the last of them (a sweep by a
+    vgrad that kept no history); just that one where there is no history; [] for a
+    folder no sweep wrote (a single run)."""
+    path = Path(root) / COMMANDS
+    commands: list[str] = []
+    if path.is_file() and not path.is_symlink() and not path.parent.is_symlink():
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("command"), str):
+                commands.append(entry["command"])
+    latest = sweep_command(Path(root))
+    if latest is not None and (not commands or commands[-1] != latest):
+        commands.append(latest)
+    return commands
 
 
 def axis_column(frame: pd.DataFrame, axis: str) -> str:

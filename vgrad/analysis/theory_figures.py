@@ -24,18 +24,35 @@ from matplotlib.figure import Figure
 from vgrad.analysis.figures import OKABE_ITO, _band, _figure, _suptitle, theory_inputs
 from vgrad.analysis.tables import Run, Sweep
 
-#: sigma_w^2 points of the 6 xi_c curve (each costs ~0.3-2 s of quadrature).
+#: sigma_w^2 points of the 6 xi_c curve (tanh: ~0.05 s each; an activation with kinks,
+#: whose correlation map keeps the 800 x 800 reference grid, ~1 s in the chaotic phase).
 CURVE_POINTS = 25
 
 
+#: The config keys ``figures.theory_inputs`` reads.
+_DESCRIBING = ("model", "bn", "act", "init", "bias_init")
+
+
 def _theory_inputs(run: Run) -> tuple | str:
-    """(activation, sigma_w^2, sigma_b^2, config) of a run the theory describes, or why
-    not (``figures.theory_inputs``: the rules of the profile figure's overlay)."""
+    """(activation, sigma_w^2, sigma_b^2) of a run the theory describes, or why not
+    (``figures.theory_inputs``: the rules of the profile figure's overlay); worked out
+    once per distinct (model, bn, act, init, bias_init) of a sweep."""
+    return _described(json.dumps({k: run.config.get(k) for k in _DESCRIBING},
+                                 sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=1024)
+def _described(key: str) -> tuple | str:
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create(run.config)
-    inputs = theory_inputs(cfg)
-    return inputs if isinstance(inputs, str) else (*inputs, cfg)
+    return theory_inputs(OmegaConf.create(json.loads(key)))
+
+
+def _config(run: Run):
+    """A run's whole config as an OmegaConf node (for titles and the data)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(run.config)
 
 
 @functools.lru_cache(maxsize=32)
@@ -65,8 +82,8 @@ def why_not(sweep: Sweep) -> str | None:
     reasons = [i for i in described if isinstance(i, str)]
     if reasons:
         return reasons[0]
-    if len({(json.dumps(dict(i[3].act), sort_keys=True, default=str), i[2])
-            for i in described}) > 1:
+    if len({(json.dumps(r.config.get("act"), sort_keys=True, default=str), i[2])
+            for r, i in zip(runs, described, strict=True)}) > 1:
         return "the runs differ in activation or sigma_b^2"
     return None
 
@@ -75,15 +92,15 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
                   points: int | None = None) -> Figure | None:
     """Median ``metric`` over seeds in each (sigma_w^2, depth) cell, with the theory's
     6 xi_c curve at ``points`` values of sigma_w^2 (default ``CURVE_POINTS``; each one in
-    the chaotic phase costs a root-finding over 2-D Gaussian integrals, ~1 s) and the
+    the chaotic phase costs a root-finding over 2-D Gaussian integrals) and the
     critical sigma_w^2; None unless the sweep varies both and the theory applies
     (``why_not``)."""
     runs = sweep.runs
     if why_not(sweep) is not None or "depth" not in runs:
         return None
-    inputs = [_theory_inputs(r) for r in sweep.runs_list if r.status != "failed"]
-    sw = {r.name: i[1] for r, i in zip(
-        [r for r in sweep.runs_list if r.status != "failed"], inputs, strict=True)}
+    ended_runs = [r for r in sweep.runs_list if r.status != "failed"]
+    inputs = [_theory_inputs(r) for r in ended_runs]
+    sw = {r.name: i[1] for r, i in zip(ended_runs, inputs, strict=True)}
     ended = runs[runs["status"] != "failed"].assign(sigma_w2=lambda d: d["run"].map(sw))
     if ended["sigma_w2"].nunique() < 2 or ended["depth"].nunique() < 2:
         return None
@@ -100,7 +117,8 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     mesh = a.pcolormesh(edges(xs), edges(ys), grid.to_numpy(float), cmap="viridis",
                         vmin=0.0, vmax=1.0, shading="flat")
     a.grid(False)
-    act, _, sigma_b2, cfg = inputs[0]
+    act, _, sigma_b2 = inputs[0]
+    cfg = _config(ended_runs[0])
     act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
     curve_x, curve_y, critical = _boundary(act_json, float(sigma_b2), float(xs.min()),
                                            float(xs.max()), points or CURVE_POINTS)
@@ -148,7 +166,8 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
     depth = depth if depth in depths else min(depths, key=lambda d: abs(d - np.median(depths)))
     at_depth = [r for r in runs if int(r.config["depth"]) == depth]
     inputs = {r.name: _theory_inputs(r) for r in at_depth}
-    act, _, sigma_b2, cfg = inputs[at_depth[0].name]
+    act, _, sigma_b2 = inputs[at_depth[0].name]
+    cfg = _config(at_depth[0])
     act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
     _, _, critical = _boundary(act_json, float(sigma_b2), 0.5, 8.0, 2)
     chosen = _three([inputs[r.name][1] for r in at_depth], critical)

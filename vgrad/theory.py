@@ -318,7 +318,7 @@ def input_q_for(q: float, sigma_w2: float, sigma_b2: float) -> float:
     With ``q = q_star(...)`` every layer starts at the fixed point, the setting in which
     Pennington, Schoenholz & Ganguli (2017) state dynamical isometry."""
     if not q > sigma_b2:
-        raise ValueError(f"q = {q} is not above sigma_b^2 = {sigma_b2}: no input reaches it")
+        raise ValueError(f"q = {q} is not above σ_b² = {sigma_b2}: no input reaches it")
     return (q - sigma_b2) / sigma_w2
 
 
@@ -550,7 +550,7 @@ def sigma_w2_of(init: Any) -> float:
         return float(init.scale)
     if init.name == "mean_field":
         return float(init.sigma_w2)
-    raise ValueError(f"init={init.name}: sigma_w^2 is not a constant of the fan-in; use "
+    raise ValueError(f"init={init.name}: σ_w² is not a constant of the fan-in; use "
                      "mean_field, variance_scaling (mode=fan_in) or he_*/lecun_*/nielsen")
 
 

@@ -84,7 +84,7 @@ def why_not(sweep: Sweep) -> str | None:
         return reasons[0]
     if len({(json.dumps(r.config.get("act"), sort_keys=True, default=str), i[2])
             for r, i in zip(runs, described, strict=True)}) > 1:
-        return "the runs differ in activation or sigma_b^2"
+        return "the runs differ in activation or σ_b²"
     return None
 
 

@@ -126,8 +126,9 @@ def test_a_linked_job_folder_or_file_refuses_that_job_only(cli, tmp_path):
     code, _, err = cli("-m", "act=tanh,relu,sigmoid", *TINY, *LIGHT, f"hydra.sweep.dir={sweep}")
     assert code == 1
     assert (victim / "summary.json").read_text() == "user's"
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.is_symlink()) == [
-        "1", "2", "3"]  # job 0 went to the next free number; job 1 was refused
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.is_symlink()
+                  and p.name != ".vgrad") == ["1", "2", "3"]  # job 0 went to the next free
+    # number; job 1 was refused (.vgrad/: the sweep's command history)
     assert sorted(p.name for p in (sweep / "1").iterdir()) == ["metrics.npz"]
     acts = {store.read_summary(sweep / n)["config"]["act"]["name"] for n in ("2", "3")}
     assert acts == {"tanh", "sigmoid"}

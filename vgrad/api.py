@@ -260,7 +260,7 @@ def sweep(axes: Mapping[str, Sequence[Any]], overrides: Overrides | None = None,
     root.mkdir(parents=True, exist_ok=True)
     with store.sweep_lock(root):
         store.refuse_links(root, ("multirun.yaml", "runs.csv"))
-        existing = _runs_in(root)
+        existing = runner.runs_in(root)
         used: set[str] = set()
         to_train = []
         for i, (job, args) in enumerate(zip(jobs, job_args, strict=True)):
@@ -272,7 +272,7 @@ def sweep(axes: Mapping[str, Sequence[Any]], overrides: Overrides | None = None,
             elif str(i) not in existing and str(i) not in used:
                 name = str(i)
             else:
-                name = str(_next_free_number(root, used | set(existing)))
+                name = str(runner.next_free_number(root, used | set(existing)))
             used.add(name)
             job.run_dir = root / name
             try:
@@ -309,35 +309,12 @@ def _record_command(root: Path, fixed: list[str], names: list[str],
                     axes: Mapping[str, Sequence[Any]]) -> None:
     """The equivalent ``python -m vgrad.train -m ...`` in the sweep's command history
     (``vgrad.analysis.tables.record_command``), which the report shows."""
-    from vgrad.analysis import tables
+    from vgrad.analysis.tables import record_command
 
-    record = getattr(tables, "record_command", None)
-    if record is None:  # (an analysis without a command history)
-        return
     task = fixed + [f"{n}={','.join(override_value(v) for v in axes[n])}" for n in names]
     try:
-        record(root, task, [f"hydra.sweep.dir={root}"])
+        record_command(root, task, [f"hydra.sweep.dir={root}"])
     except (OSError, store.LinkRefused) as exc:
         log.warning("sweep command not recorded: %s", exc)
 
 
-def _runs_in(root: Path) -> dict[str, Any]:
-    """The folders of ``root`` holding a run: name -> its config (a dict), or why it is
-    not a vgrad run (a str: never taken). Failed runs are left out: a job may take them."""
-    runs: dict[str, Any] = {}
-    for path in sorted(root.glob(f"*/{store.SUMMARY}")):
-        try:
-            summary = store.read_summary(path.parent)
-        except (OSError, ValueError):
-            summary = None
-        if (why := runner.foreign_summary(summary)) is not None:
-            runs[path.parent.name] = why
-        elif summary["status"] != "failed":
-            runs[path.parent.name] = summary["config"]
-    return runs
-
-
-def _next_free_number(root: Path, used: set[str]) -> int:
-    taken = {int(p.name) for p in root.iterdir() if p.name.isdigit()}
-    taken |= {int(n) for n in used if n.isdigit()}
-    return max(taken, default=-1) + 1

@@ -21,6 +21,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -72,6 +73,16 @@ example: {PLOT_SWEEP} outputs/sweeps/DATE/TIME --x act --y depth
 class Terminated(BaseException):
     """SIGTERM, raised where the report is so that it ends its workers as on Ctrl-C."""
 
+
+
+def _interruptible(command: Callable[[argparse.ArgumentParser, argparse.Namespace], int],
+                   parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``command``'s exit status; Ctrl-C ends it with one line and status 130."""
+    try:
+        return command(parser, args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -148,12 +159,7 @@ def plot_run_main(argv: list[str] | None = None, prog: str | None = None) -> int
     parser.add_argument("run", type=Path, metavar="RUN", help="a run folder (holding summary.json)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: RUN/figures)")
-    args = parser.parse_args(argv)
-    try:
-        return _plot_run(parser, args)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return _interruptible(_plot_run, parser, parser.parse_args(argv))
 
 
 def _plot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -209,12 +215,7 @@ def plot_sweep_main(argv: list[str] | None = None, prog: str | None = None) -> i
                         "is a test set, else train accuracy)")
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="output folder (default: SWEEP/figures)")
-    args = parser.parse_args(argv)
-    try:
-        return _plot_sweep(parser, args)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+    return _interruptible(_plot_sweep, parser, parser.parse_args(argv))
 
 
 def _plot_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

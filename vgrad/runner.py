@@ -204,6 +204,32 @@ def _same_config(summary: dict[str, Any], cfg: Any) -> list[str]:
                              ignore=config.VOLATILE)
 
 
+def runs_in(sweep_dir: Path) -> dict[str, Any]:
+    """Folders of a sweep holding a ``summary.json``: name -> the config of its run (a
+    dict), or, for a summary vgrad cannot read as a run (unreadable, unknown status), why
+    not (a str: that folder is never taken). Failed runs are left out: a job may take
+    their folder."""
+    runs: dict[str, Any] = {}
+    for path in sorted(Path(sweep_dir).glob(f"*/{store.SUMMARY}")):
+        try:
+            summary = store.read_summary(path.parent)
+        except (OSError, ValueError):
+            summary = None
+        if (why := foreign_summary(summary)) is not None:
+            runs[path.parent.name] = why
+        elif summary["status"] != "failed":
+            runs[path.parent.name] = summary["config"]
+    return runs
+
+
+def next_free_number(sweep_dir: Path, used: set[str]) -> int:
+    """The first job number above every numbered folder of the sweep and every name
+    already given to a job."""
+    taken = {int(p.name) for p in Path(sweep_dir).iterdir() if p.name.isdigit()}
+    taken |= {int(n) for n in used if n.isdigit()}
+    return max(taken, default=-1) + 1
+
+
 def ended_before(run_dir: Path, cfg: Any) -> str | None:
     """The status of an ended run of the same config in ``run_dir`` whose files are
     whole, else None (train it, again if it is damaged). Raises :class:`DifferentRun` if

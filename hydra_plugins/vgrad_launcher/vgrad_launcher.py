@@ -109,7 +109,7 @@ class VgradLauncher(Launcher):
 
         assert self.config is not None and self.hydra_context is not None
         log.info("Launching %d jobs, grouped by program structure", len(job_overrides))
-        existing = _runs_in(sweep_dir)
+        existing = runner.runs_in(sweep_dir)
         used: set[str] = set()
         planned = []
         original = HydraConfig.instance().cfg
@@ -135,7 +135,7 @@ class VgradLauncher(Launcher):
                 elif default not in existing and default not in used:
                     name = default
                 elif default == str(idx):  # numbered folders: take the next free number
-                    name = str(_next_free_number(sweep_dir, used))
+                    name = str(runner.next_free_number(sweep_dir, used))
                 elif default not in existing:  # (jobs the user's subdir gives one folder)
                     name = default
                 elif isinstance(existing[default], str):  # not a vgrad run's summary
@@ -270,32 +270,6 @@ def _task_config(cfg: DictConfig) -> DictConfig:
     with read_write(task), open_dict(task):
         del task["hydra"]
     return task
-
-
-def _runs_in(sweep_dir: Path) -> dict[str, Any]:
-    """Folders of the sweep holding a ``summary.json``: name -> the config of its run (a
-    dict), or, for a summary vgrad cannot read as a run (unreadable, unknown status), why
-    not (a str: that folder is never taken). Failed runs are left out: a job may take
-    their folder."""
-    from vgrad import runner, store
-
-    runs: dict[str, Any] = {}
-    for summary in sorted(sweep_dir.glob(f"*/{store.SUMMARY}")):
-        try:
-            s = store.read_summary(summary.parent)
-        except (OSError, ValueError):
-            s = None
-        if (why := runner.foreign_summary(s)) is not None:
-            runs[summary.parent.name] = why
-        elif s["status"] != "failed":
-            runs[summary.parent.name] = s["config"]
-    return runs
-
-
-def _next_free_number(sweep_dir: Path, used: set[str]) -> int:
-    taken = {int(p.name) for p in sweep_dir.iterdir() if p.name.isdigit()}
-    taken |= {int(n) for n in used if n.isdigit()}
-    return max(taken, default=-1) + 1
 
 
 def _group_timing(group: Any) -> dict[str, float]:

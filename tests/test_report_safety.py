@@ -360,3 +360,37 @@ def test_the_logged_report_command_can_be_pasted_into_a_shell(trained, tmp_path,
                            capture_output=True, text=True, timeout=30)
     assert shell.returncode == 0, shell.stderr
     assert shell.stdout == str(sweep)
+
+
+# A Ctrl-C that lands in a garbage-collector callback (JAX registers one) would be printed
+# as "Exception ignored" and dropped by Python, and the command would go on to status 0:
+# CI saw the report finish so. The command's handler delivers it again, out of the callback.
+_SIGNAL_IN_GC_CALLBACK = """
+import gc, os, signal, sys, time
+from vgrad import cli
+
+def callback(phase, info):
+    if phase == "start":
+        os.kill(os.getpid(), signal.{name})
+        for _ in range(100_000):  # the handler runs here, inside the callback
+            pass
+        gc.callbacks.remove(callback)
+
+def command(parser, args):
+    gc.callbacks.append(callback)
+    gc.collect()
+    time.sleep(60)
+    return 0
+
+sys.exit(cli._interruptible(command, cli._parser("test", "cmd"), None))
+"""
+
+
+@pytest.mark.parametrize(("name", "code", "line"), [("SIGINT", 130, "interrupted"),
+                                                    ("SIGTERM", 143, "terminated")])
+def test_a_signal_landing_in_a_gc_callback_still_stops_the_command(name, code, line):
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_IN_GC_CALLBACK.format(name=name)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, lines(done.stderr)) == (code, [f"cmd: {line}"]), done.stderr
+    assert time.monotonic() - started < 30  # stopped, not slept through

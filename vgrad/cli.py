@@ -10,19 +10,22 @@ repository call the same functions; ``python -m vgrad.cli report ARGS`` runs
 ``vgrad-report ARGS`` where the install's scripts folder is not on PATH). Errors are one
 line and exit with status 2 (bad input: no such folder, no readable run, a symbolic link
 where a file would be written) or 1 (an output folder that cannot be written, named in
-the line); Ctrl-C ends a command with one line and status 130, SIGTERM the report with
-status 143. Heavy imports wait until the arguments are parsed, so that ``--help`` is
+the line); Ctrl-C ends a command with one line and status 130, SIGTERM with status
+143. Heavy imports wait until the arguments are parsed, so that ``--help`` is
 immediate.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 #: The console commands (pyproject.toml), for the lines that tell a user what to run next.
@@ -71,18 +74,65 @@ example: {PLOT_SWEEP} outputs/sweeps/DATE/TIME --x act --y depth
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the report is so that it ends its workers as on Ctrl-C."""
+    """SIGTERM, raised where the command is so that the report ends its workers as on
+    Ctrl-C."""
 
+
+def _dropped_here(frame: FrameType | None) -> bool:
+    """Whether an exception raised in ``frame`` would be printed and dropped by Python
+    rather than reach the command: inside a garbage-collector callback (JAX registers
+    one) or a ``__del__``, anywhere up the stack."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_on(signum: int, frame: FrameType | None) -> None:
+    """SIGINT raises KeyboardInterrupt, SIGTERM :class:`Terminated`, where the command
+    is. Where Python would drop the exception (``_dropped_here``: CI saw a Ctrl-C land
+    in JAX's garbage-collector callback and the report finish with status 0), the
+    signal is sent again to the main thread 50 ms later, out of that callback (a real
+    signal, which also wakes a wait)."""
+    if _dropped_here(frame):
+        threading.Timer(0.05, signal.pthread_kill,
+                        args=(threading.main_thread().ident, signum)).start()
+        return
+    if signum == signal.SIGTERM:
+        raise Terminated
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While active (in the main thread), SIGINT and SIGTERM raise where the command is
+    (``_raise_on``); the previous handlers are back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _interruptible(command: Callable[[argparse.ArgumentParser, argparse.Namespace], int],
                    parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``command``'s exit status; Ctrl-C ends it with one line and status 130."""
+    """``command``'s exit status; Ctrl-C ends it with one line and status 130, SIGTERM
+    with status 143."""
     try:
-        return command(parser, args)
+        with _signals_raise():
+            return command(parser, args)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{parser.prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -90,9 +140,6 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     first), exit status 2."""
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
     sys.exit(2)
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
 
 
 def _parser(text: str, prog: str | None) -> argparse.ArgumentParser:
@@ -117,20 +164,7 @@ def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="output folder (default: SWEEP/report)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes drawing the run figures (default: one per core)")
-    args = parser.parse_args(argv)
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
-    try:
-        return _report(parser, args)
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{parser.prog}: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    return _interruptible(_report, parser, parser.parse_args(argv))
 
 
 def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

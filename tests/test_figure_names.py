@@ -158,8 +158,9 @@ def test_profile_has_a_legend_and_only_recorded_panels(delta_only):
     sweep = load_sweep(delta_only)
     fig = figures.profile(sweep, "init.sigma_w2")
     assert len(fig.axes) == 2  # delta at step 0 and late: no empty gradient panels
-    assert [a.get_title() for a in fig.axes] == ["mean ‖δ_l‖ at step 0",
-                                                 "mean ‖δ_l‖ (last 10% of steps)"]
+    delta = r"mean $\Vert\delta_l\Vert$"
+    assert [a.get_title() for a in fig.axes] == [f"{delta} at step 0",
+                                                 f"{delta} (last 10% of steps)"]
     legend = [t.get_text() for g in fig.legends for t in g.get_texts()]
     assert any(t.startswith(r"$\sigma_w^2$=1.0: χ₁ = ") for t in legend), legend
     assert any(t.startswith(r"$\sigma_w^2$=2.0: χ₁ = ") for t in legend), legend
@@ -176,7 +177,7 @@ def test_exactly_zero_gradients_are_marked_not_silently_missing(residual):
     sweep = load_sweep(residual)
     fig = figures.profile(sweep, "model.alpha")
     grad_init = fig.axes[0]
-    assert grad_init.get_title() == "‖∂L/∂W_l‖ at step 0"
+    assert grad_init.get_title() == r"$\Vert\partial L/\partial W_l\Vert$ at step 0"
     assert grad_init.collections  # the zero markers
     assert r"exactly 0 there, which a log axis cannot draw: $\alpha$=ReZero" in \
         texts_of(fig)
@@ -238,10 +239,11 @@ def test_registry_and_per_layer_curves(two_axes):
     assert "\n" not in str(e.value)
     fig = figures.curves(sweep, "act", "update_ratio", layer=0)
     a = fig.axes[0]
-    assert a.get_yscale() == "log" and a.get_title().startswith("update ratio of dense_0")
+    assert a.get_yscale() == "log"
+    assert a.get_title().startswith("update ratio ‖ΔW‖ / ‖W‖ of dense_0")
     assert len(a.get_lines()) == 4  # act (colour) x depth (line style)
     named = figures.curves(sweep, "act", "update_ratio", layer="dense_1")
-    assert named.axes[0].get_title().startswith("update ratio of dense_1")
+    assert named.axes[0].get_title().startswith("update ratio ‖ΔW‖ / ‖W‖ of dense_1")
     with pytest.raises(ValueError, match="no layer 'nope'"):
         figures.curves(sweep, "act", "update_ratio", layer="nope")
     plt.close("all")

@@ -105,7 +105,8 @@ def test_no_note_when_every_run_or_no_run_recorded_it(trained, lacking, tmp_path
 
 def test_curves_says_a_test_metric_was_not_recorded_and_names_the_runs_without(trained):
     fig = figures.curves(only(trained, 0.0), "act", "test_acc")  # no run has a test set
-    assert "test acc was not recorded in these runs (no run has a test set)" in texts_of(fig)
+    assert "test accuracy was not recorded in these runs (no run has a test set)" in " ".join(
+        texts_of(fig).split())
     assert "diverged" not in texts_of(fig)
     # both: the lines of the runs without a test set are named (act: line style)
     sweep = load_sweep(trained)
@@ -165,3 +166,32 @@ def test_save_refuses_a_link_and_leaves_its_target_alone(tmp_path):
     assert png.name == "ok.v2.png" and png.read_bytes().startswith(b"\x89PNG")
     assert pdf.read_bytes().startswith(b"%PDF")
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_seed_at_exactly_zero_pulls_the_centre_down_on_a_log_axis():
+    """rnn_time's T = 200 line jumped up by decades where one of 3 seeds underflowed to 0:
+    the zero was dropped and the geometric mean taken over the other two."""
+    import numpy as np
+
+    x = np.arange(6)
+    values = np.array([[1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8],
+                       [1e-3, 1e-4, 1e-5, 0.0, 0.0, 1e-8],
+                       [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]])
+    fig, ax = plt.subplots()
+    figures._band(ax, x, values, "C0", "three seeds", log=True)
+    center = ax.get_lines()[0].get_ydata()
+    np.testing.assert_allclose(center[[0, 1, 2, 5]], [1e-3, 1e-4, 1e-5, 1e-8], rtol=1e-12)
+    assert np.isnan(center[3:5]).all()  # a geometric mean with a zero is zero: no point
+    marks = [c.get_offsets() for c in ax.collections if hasattr(c, "get_offsets")
+             and len(c.get_offsets()) and np.all(c.get_offsets()[:, 1] == 0.02)]
+    assert len(marks) == 1  # the zero marks, at the bottom of the axes
+    np.testing.assert_array_equal(marks[0][:, 0], [3, 4])
+    assert "three seeds" in figures._zero_note(fig)
+
+    five = np.vstack([values, values[[0, 2]]])  # 5 seeds, one zero: the median is drawn
+    fig, ax = plt.subplots()
+    figures._band(ax, x, five, "C0", "five seeds", log=True)
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(),
+                               [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8], rtol=1e-12)
+    assert figures._zero_note(fig) == ""
+    plt.close("all")

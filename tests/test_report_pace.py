@@ -220,7 +220,7 @@ def test_a_long_sweep_folds_its_table_and_draws_representative_runs(sweep_dir, t
     runs = load_sweep(sweep_dir).runs.drop_duplicates("run").set_index("run")
     shown = runs.loc[[name for _, name in drawn]]
     assert set(shown["depth"]) == {2, 3} and set(shown["optim.lr"]) == {0.01, 0.02}
-    assert "Figures of 2 of the 4 runs" in page and 'runs="all"' in page
+    assert "Figures of 2 of the 4 runs" in page and "--runs all" in page
     for number, _ in drawn:  # the table links each drawn run to its figures
         assert f'href="#run-{number}"' in page
 
@@ -231,6 +231,17 @@ def test_a_long_sweep_folds_its_table_and_draws_representative_runs(sweep_dir, t
     assert re.findall(r'<section id="run-\d+"><h3>Run (\S+) ', chosen) == [one]
     with pytest.raises(ValueError, match="no run named 'nope'"):
         write_report(sweep_dir, tmp_path / "bad", jobs=1, runs=["nope"])
+
+    # The same from the command line: --runs all, --runs NAME,NAME, one line for a bad name.
+    from vgrad import cli
+
+    assert cli.report_main([str(sweep_dir), "--out", str(tmp_path / "cli"), "--jobs", "1",
+                            "--runs", f"{one},{one}"]) == 0
+    page = (tmp_path / "cli" / "index.html").read_text()
+    assert re.findall(r'<section id="run-\d+"><h3>Run (\S+) ', page) == [one]
+    with pytest.raises(SystemExit) as exit_:
+        cli.report_main([str(sweep_dir), "--out", str(tmp_path / "nope"), "--runs", "nope"])
+    assert exit_.value.code == 2 and not (tmp_path / "nope" / "index.html").exists()
 
 
 def test_representative_runs_show_every_value_of_every_axis_with_few_runs():

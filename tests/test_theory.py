@@ -106,7 +106,8 @@ def test_the_profile_figure_draws_the_theory_where_it_applies_and_says_where_not
                        f"hydra.sweep.dir={tmp_path / 'he'}")
     assert code == 0, err
     fig = figures.profile(load_sweep(tmp_path / "he"), "act")
-    delta_init = next(a for a in fig.axes if a.get_title().startswith("mean ‖δ_l‖ at step 0"))
+    delta_init = next(a for a in fig.axes
+                      if a.get_title().startswith(r"mean $\Vert\delta_l\Vert$ at step 0"))
     drawn = {line.get_label(): line.get_ydata() for line in delta_init.get_lines()
              if line.get_marker() == "o"}
     assert set(drawn) == {"act=tanh (mean-field theory)", "act=sigmoid (mean-field theory)"}

@@ -164,6 +164,11 @@ def report_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         help="output folder (default: SWEEP/report)")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
                         help="processes drawing the run figures (default: one per core)")
+    parser.add_argument("--runs", default="representative", metavar="WHICH",
+                        help="runs whose figures the page shows: 'representative' (the "
+                             "default: every run of a short sweep, else runs showing every "
+                             "value of every swept axis), 'all', or run names as in the "
+                             "table's run column, comma-separated")
     return _interruptible(_report, parser, parser.parse_args(argv))
 
 
@@ -173,7 +178,9 @@ def _report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not args.sweep.is_dir():
         _fail(parser, f"{args.sweep}: no such folder")
     try:
-        index = write_report(args.sweep, args.out, args.jobs)
+        runs = (args.runs if args.runs in ("representative", "all")
+                else [name for name in args.runs.split(",") if name])
+        index = write_report(args.sweep, args.out, args.jobs, runs=runs)
     except ValueError as exc:  # no readable run; a symbolic link refused
         _fail(parser, str(exc))
     except OSError as exc:
@@ -220,7 +227,9 @@ def _plot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for kind, make in figures.RUN_FIGURES.items():
             fig = make(run)
             if fig is None:
-                print(f"{kind}: not recorded in this run, skipped")
+                note = figures.unrecorded(run, kind)
+                if note:
+                    print(f"not recorded in this run, skipped: {note}")
                 continue
             for path in figures.save(fig, out / kind):
                 print(path)

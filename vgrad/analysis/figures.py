@@ -76,6 +76,7 @@ import dataclasses
 import functools
 import io
 import json
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -306,12 +307,12 @@ def _measurer():
 
 def _wrap(text: str, width_in: float, size: float) -> str:
     """``text`` broken at spaces into lines that fit ``width_in`` inches at ``size``
-    points (measured as matplotlib draws them)."""
+    points (measured as matplotlib draws them); never inside ``$math$``."""
     limit = width_in * 72
     out = []
     for line in text.split("\n"):
         current = ""
-        for word in line.split(" "):
+        for word in re.findall(r"(?:\$[^$]*\$|[^\s$])+", line):
             longer = f"{current} {word}" if current else word
             if current and _width_pt(longer, size) > limit:
                 out.append(current)
@@ -416,13 +417,11 @@ MAX_BANDS = 6
 ZERO_MARK = "▼"
 
 
-def _mark_zeros(ax, x: np.ndarray, values: np.ndarray, color, label: str,
+def _mark_zeros(ax, x: np.ndarray, zero: np.ndarray, color, label: str,
                 drawn: bool) -> None:
-    """Mark with ZERO_MARK, at the bottom of a log axis, the points where every finite
-    value [S, T] is exactly zero (no place on a log axis), and remember the line's label
+    """Mark with ZERO_MARK, at the bottom of a log axis, the points ``x[zero]`` where a
+    line's value is exactly zero (no place on a log axis), and remember the line's label
     for the caption (``_zero_note``)."""
-    finite = np.isfinite(values)
-    zero = (finite & (values == 0)).any(axis=0) & ((values == 0) | ~finite).all(axis=0)
     if not zero.any():
         return
     xs = np.asarray(x, np.float64)[zero]
@@ -462,22 +461,24 @@ def _zero_note(fig: Figure) -> str:
 def _band(ax, x, values: np.ndarray, color, label: str, log: bool = False,
           band: bool = True, style: str = "-") -> tuple[int, bool]:
     """Plot values [S, T] over x: the seeds' centre line and spread band (see the module
-    docstring). Non-finite values are left out; on a log axis values <= 0 are too, and
-    points where every value is exactly 0 are marked at the bottom (``_mark_zeros``).
-    Returns the block size used along x (1 = every point) and whether a line was
-    drawn."""
+    docstring). Non-finite values are left out. On a log axis negative values are left
+    out too, but an exact 0 (a gradient that underflowed, a dead layer) is a value: it
+    pulls the centre down (a geometric mean with a zero is zero; a median of mostly
+    zeros is zero) rather than vanishing and letting the centre jump up; points where
+    the centre is exactly 0 are marked at the bottom (``_mark_zeros``). Returns the
+    block size used along x (1 = every point) and whether a line was drawn."""
     values = np.asarray(values, np.float64)
     values = np.where(np.isfinite(values), values, np.nan)
-    raw = values
+    x = np.asarray(x, np.float64)
     if log:
-        values = np.where(values > 0, values, np.nan)
-    if not np.isfinite(values).any():
-        if log:
-            _mark_zeros(ax, x, raw, color, label, drawn=False)
-        return 1, False
-    if log:
-        _mark_zeros(ax, x, raw, color, label, drawn=True)
-    x, values, size = _blocks(np.asarray(x, np.float64), values, log)
+        values = np.where(values >= 0, values, np.nan)
+        # Blocks average the positive values; a seed whose block holds only zeros is 0.
+        zero = np.where(np.isnan(values), np.nan, (values == 0).astype(np.float64))
+        _, zero, _ = _blocks(x, zero, log=False)
+        x, values, size = _blocks(x, np.where(values > 0, values, np.nan), log)
+        values = np.where(zero == 1, 0.0, values)
+    else:
+        x, values, size = _blocks(x, values, log)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (diverged seeds)
         if len(values) >= MANY_SEEDS:
@@ -486,6 +487,14 @@ def _band(ax, x, values: np.ndarray, color, label: str, log: bool = False,
             center = (np.exp(np.nanmean(np.log(values), axis=0)) if log
                       else np.nanmean(values, axis=0))
             low, high = np.nanmin(values, axis=0), np.nanmax(values, axis=0)
+    if log:
+        zero_center = center == 0
+        center = np.where(center > 0, center, np.nan)
+    drawn = bool(np.isfinite(center).any())
+    if log:
+        _mark_zeros(ax, x, zero_center, color, label, drawn=drawn)
+    if not drawn:
+        return 1, False
     ax.plot(x, center, color=color, label=label, linestyle=style)
     alone = np.isfinite(center) & ~np.isfinite(np.r_[np.nan, center[:-1]]) \
         & ~np.isfinite(np.r_[center[1:], np.nan])
@@ -718,6 +727,10 @@ def weights(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     return fig
 
 
+#: Nielsen's speed of learning of layer l, the norm of its bias gradient.
+SPEED_LABEL = r"$\Vert\partial C/\partial b_l\Vert$"
+
+
 def learning_speed(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     """Nielsen's figure (chapter 5): the speed of learning ||dC/db_l|| of each layer over
     training."""
@@ -730,22 +743,23 @@ def learning_speed(run: Run, varying: Sequence[str] | None = None) -> Figure | N
     if "probe_bias_grad_norm" in m:
         S = m["probe_bias_grad_norm"].shape[0]
         _, drawn = _layer_lines(ax[0, 0], m["epoch"], m["probe_bias_grad_norm"], names, True)
-        _log_scale(ax[0, 0], drawn, "‖∂C/∂b_l‖")
+        _log_scale(ax[0, 0], drawn, SPEED_LABEL)
         ax[0, 0].set(title="Averaged over the probe batch, at epoch boundaries",
-                     ylabel="‖∂C/∂b_l‖", xlabel="epoch (0 = initialisation)")
+                     ylabel=SPEED_LABEL, xlabel="epoch (0 = initialisation)")
         _layer_ticks(ax[0, 0], len(m["epoch"]))
     else:
         _note(ax[0, 0], "probe-batch bias gradients were not recorded in this run")
     if "bias_grad_norm" in m:
         S = m["bias_grad_norm"].shape[0]
         block, drawn = _layer_lines(ax[1, 0], m["step"], m["bias_grad_norm"], names, True)
-        _log_scale(ax[1, 0], drawn, "‖∂C/∂b_l‖")
-        ax[1, 0].set(title="On each step's mini-batch", ylabel="‖∂C/∂b_l‖", xlabel="step")
+        _log_scale(ax[1, 0], drawn, SPEED_LABEL)
+        ax[1, 0].set(title="On each step's mini-batch", ylabel=SPEED_LABEL,
+                     xlabel="step")
     else:
         _note(ax[1, 0], "per-step bias gradients were not recorded in this run")
     _layer_legend(fig, ax[1, 0] if "bias_grad_norm" in m else ax[0, 0],
                   layer_colors(len(names)), names)
-    _run_title(fig, "Speed of learning ‖∂C/∂b_l‖", run, varying)
+    _run_title(fig, f"Speed of learning {SPEED_LABEL}", run, varying)
     _caption(fig, _seed_note(S, block, len(names) <= MAX_BANDS), _diverged_note([run]),
              _zero_note(fig))
     return fig
@@ -919,6 +933,8 @@ def _time_rows(m: dict, at: str, layer: int = -1) -> np.ndarray:
 #: The time axis of every recurrent figure: steps back from the loss (read after the last
 #: input step T), so that sequences of different lengths line up at the loss.
 TIME_AXIS = "steps back from the loss, T − t"
+#: The gradient reaching the recurrent state h_t.
+STATE_GRAD = r"$\Vert\partial L/\partial h_t\Vert$"
 
 
 def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
@@ -941,9 +957,9 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
             label = f"rnn_{r}, {when}" if R > 1 else when
             drawn |= _band(ax[0, 0], back, _time_rows(m, at, r), colors[r], label, log=True,
                            style=style)[1]
-    _log_scale(ax[0, 0], drawn, "‖∂L/∂h_t‖")
-    ax[0, 0].set(title="Gradient reaching the state h_t: mean ‖∂L/∂h_t‖",
-                 xlabel=TIME_AXIS, ylabel="‖∂L/∂h_t‖")
+    _log_scale(ax[0, 0], drawn, STATE_GRAD)
+    ax[0, 0].set(title=f"Gradient reaching the state $h_t$: mean {STATE_GRAD}",
+                 xlabel=TIME_AXIS, ylabel=STATE_GRAD)
     _layer_ticks(ax[0, 0], T)
     if drawn:
         ax[0, 0].legend(fontsize=7, ncols=2 if R > 1 else 1)
@@ -956,11 +972,11 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
         image = ax[1, 0].imshow(top.T, aspect="auto", origin="lower", cmap="viridis",
                                 extent=(m["step"][0], m["step"][-1] + 1, -0.5, T - 0.5),
                                 interpolation="nearest")
-        fig.colorbar(image, ax=ax[1, 0], label="log10 ‖∂L/∂h_t‖")
+        fig.colorbar(image, ax=ax[1, 0], label=f"log10 {STATE_GRAD}")
         ax[1, 0].yaxis.set_major_locator(MaxNLocator(integer=True))
         ax[1, 0].grid(False)
     else:
-        _note(ax[1, 0], "‖∂L/∂h_t‖: no finite value to draw")
+        _note(ax[1, 0], f"{STATE_GRAD}: no finite value to draw")
     over = "median over seeds" if S > 1 else "one seed"
     ax[1, 0].set(title=f"Top recurrent layer, over training ({over})",
                  xlabel="training step", ylabel="T − t")
@@ -992,6 +1008,23 @@ RUN_FIGURES: dict[str, Callable[..., Figure | None]] = {
     "gradients": gradients, "weights": weights, "learning_speed": learning_speed,
     "histograms": histograms, "saturation": saturation, "signal": signal,
     "time": through_time}
+
+#: The probe (``record.step_probes`` or ``record.epoch_probes``) that records what each
+#: run figure draws, for the note of a run that did not.
+RUN_FIGURE_PROBES = {
+    "gradients": "step probe kernel_grad_stats", "weights": "epoch probe weight_stats",
+    "learning_speed": "step probe bias_grad_norm or epoch probe probe_bias_grad_norm",
+    "histograms": "epoch probe histograms", "saturation": "epoch probe activation_stats",
+    "signal": "epoch probe forward_signal", "time": "step probe time_delta_norm"}
+
+
+def unrecorded(run: Run, kind: str) -> str | None:
+    """What to tell a reader of ``run`` about its missing figure ``kind``: which probe
+    records it, or None where the figure does not apply (through time: recurrent nets
+    only)."""
+    if kind == "time" and not recurrent(run):
+        return None
+    return f"{kind.replace('_', ' ')} ({RUN_FIGURE_PROBES[kind]})"
 
 
 # --- per sweep: which runs make which line -----------------------------------------------
@@ -1161,6 +1194,25 @@ def _by_depth(lines: list[Line]) -> list[Line]:
     return out
 
 
+#: A profile figure draws at most this many lines; beyond, the deepest nets only.
+MAX_PROFILE_LINES = 16
+
+
+def _deepest(lines: list[Line]) -> tuple[list[Line], str]:
+    """The lines of the deepest nets, and a caption saying so, when there are more than
+    MAX_PROFILE_LINES lines of nets of several depths (a 13 x 10 phase diagram would
+    draw 130 lines): vanishing and exploding show most at depth. Else all, and ''."""
+    layers = [len(line.runs[0].metrics["layer_names"]) for line in lines]
+    if len(lines) <= MAX_PROFILE_LINES or len(set(layers)) == 1:
+        return lines, ""
+    deepest = max(layers)
+    kept = [dataclasses.replace(line, style="-")  # one depth left: no style to tell
+            for line, n in zip(lines, layers, strict=True) if n == deepest]
+    others = ", ".join(str(n) for n in sorted(set(layers)) if n != deepest)
+    return kept, (f"the deepest nets only ({deepest} layers; not drawn: {others} layers, "
+                  f"{len(lines) - len(kept)} lines)")
+
+
 def _profile_rows(runs: list[Run], key: str, at: str) -> np.ndarray | None:
     """[runs x seeds, L] per-layer values at the first step, or averaged over the last
     tenth of the recorded steps (NaN for a seed that diverged)."""
@@ -1182,6 +1234,20 @@ def _profile_rows(runs: list[Run], key: str, at: str) -> np.ndarray | None:
 def _seeds_of(lines: list[Line]) -> int:
     counts = [sum(len(r.rows()) for r in line.runs) for line in lines]
     return min(counts) if counts else 0
+
+
+def _lines_note(lines: list[Line], block: int = 1, bands: bool = True) -> str:
+    """The caption's count of what each line is a median (or mean) of: seeds, or, where
+    a line pools runs of several configurations, those runs and their seeds (a line
+    over 10 depths of 1 seed each is not "10 seeds")."""
+    n, runs = _seeds_of(lines), min((len(line.runs) for line in lines), default=1)
+    note = _seed_note(n, block, bands)
+    if runs > 1 and n > 1:
+        seeds = n // runs if n % runs == 0 else None
+        each = f"{seeds} seed{'s' if seeds != 1 else ''} each" if seeds else "their seeds"
+        note = note.replace(f"of {n} seeds", f"of {n} curves per line ({runs} pooled runs, "
+                                             f"{each})", 1)
+    return note
 
 
 def _runs_of(lines: Sequence[Line | None]) -> list[Run]:
@@ -1329,7 +1395,8 @@ THEORY_NOTE = ("open circles: mean-field theory for infinite width at step 0, sc
                "the depth over which E‖δ‖² shrinks e-fold towards the input (χ₁ < 1) or "
                "grows e-fold (χ₁ > 1)")
 #: How the profile names what it draws.
-PROFILE_LABELS = {"grad_norm": "‖∂L/∂W_l‖", "delta_norm": "mean ‖δ_l‖"}
+PROFILE_LABELS = {"grad_norm": r"$\Vert\partial L/\partial W_l\Vert$",
+                  "delta_norm": r"mean $\Vert\delta_l\Vert$"}
 
 
 def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_norm"),
@@ -1354,6 +1421,7 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
         how.pooled = "; ".join(p for p in how.pooled.removeprefix("pooled over ").split("; ")
                                if not p.startswith(SHAPE_AXES))
         how.pooled = f"pooled over {how.pooled}" if how.pooled else ""
+    lines, only_deepest = _deepest(lines)
     fig, ax = _figure(len(shown), 2, width=8.0, height=2.8, sharex=False)
     n_layers = max((len(r.metrics["layer_names"]) for r in every), default=1)
     rename, theory_notes, missing = {}, [], []
@@ -1372,7 +1440,7 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
                     continue
                 x = np.arange(values.shape[1])
                 drawn |= _band(a, x, values, line.color, line.label, log=True,
-                               style=line.style)[1]
+                               band=len(lines) <= MAX_BANDS, style=line.style)[1]
             if theory and key == "delta_norm" and at == "init":
                 rename, theory_notes = _draw_theory(a, lines, measured)
             when = "at step 0" if at == "init" else "(last 10% of steps)"
@@ -1384,8 +1452,9 @@ def profile(sweep: Sweep, hue: str, keys: Sequence[str] = ("grad_norm", "delta_n
     absent = [f"{k} was not recorded in these runs" for k in keys if k not in shown]
     _suptitle(fig, f"Gradient profile across layers by {_by_axes(hue, how.style_axis)}",
               constants_label(every), *theory_notes)
-    _caption(fig, THEORY_NOTE if rename else "", how.pooled, _seed_note(_seeds_of(lines)),
-             _diverged_note(every), *missing, *absent, _zero_note(fig))
+    _caption(fig, only_deepest, THEORY_NOTE if rename else "", how.pooled,
+             _lines_note(lines, bands=len(lines) <= MAX_BANDS),
+             _diverged_note(_runs_of(lines)), *missing, *absent, _zero_note(fig))
     return fig
 
 
@@ -1413,16 +1482,16 @@ def time_profile(sweep: Sweep, hue: str) -> Figure | None:
                     f"{line.label}, {label('data.length', length)}"
                 drawn |= _band(a, np.arange(length)[::-1], rows, line.color, text,
                                log=True, style=line.style)[1]
-        _log_scale(a, drawn, "‖∂L/∂h_t‖")
+        _log_scale(a, drawn, STATE_GRAD)
         when = "at step 0" if at == "init" else "(last 10% of steps)"
-        a.set(title=f"mean ‖∂L/∂h_t‖ {when}", xlabel=TIME_AXIS, ylabel="‖∂L/∂h_t‖")
+        a.set(title=f"mean {STATE_GRAD} {when}", xlabel=TIME_AXIS, ylabel=STATE_GRAD)
         _layer_ticks(a, longest)
     _legend_below(fig, ax, ncols=3)
     runs = _runs_of(lines)
     _suptitle(fig, f"Gradient through time by {_by_axes(hue, how.style_axis)} "
                    "(top recurrent layer)", constants_label(runs))
     _caption(fig, "T − t = 0: the last input step, after which the loss is read",
-             how.pooled, _seed_note(_seeds_of(lines)), _diverged_note(runs), missing,
+             how.pooled, _lines_note(lines), _diverged_note(runs), missing,
              _zero_note(fig))
     return fig
 
@@ -1468,8 +1537,29 @@ def _pooled_note(runs: pd.DataFrame, named: Sequence[str]) -> str:
     return "pooled over " + "; ".join(parts)
 
 
+#: How a figure names a recorded array (others: the key, with
+#: spaces for underscores).
+METRIC_NAMES = {"train_acc": "train accuracy", "test_acc": "test accuracy",
+                "grad_global_norm": "global gradient norm ‖∇L‖",
+                "loss": "loss on each step's batch",
+                "update_ratio": "update ratio ‖ΔW‖ / ‖W‖",
+                "grad_norm": "‖∂L/∂W‖", "delta_norm": "mean ‖δ‖"}
+
+
 def _metric_text(metric: str) -> str:
-    return metric.removeprefix("final_").replace("_", " ").replace(" acc", " accuracy")
+    """How a figure names a recorded array or a final metric (``final_test_acc``)."""
+    metric = metric.removeprefix("final_")
+    return METRIC_NAMES.get(metric, metric.replace("_", " ").replace(" acc", " accuracy"))
+
+
+def _ink_on(rgba: tuple[float, ...]) -> str:
+    """Black or white text, whichever reads on a cell of colour ``rgba`` (its relative
+    luminance, WCAG 2)."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in rgba[:3])
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.18 else "white"
 
 
 def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
@@ -1488,12 +1578,15 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
     cells = _category_lines(sweep, ended, ("_y", "_x"), (y, x))
     kept, missing = _recorded_lines(list(cells.values()), metric)
     absent = {k for k, line in zip(cells, kept, strict=True) if line is None}
-    width = max(6.4, 0.9 * len(xs) + 2.8)
-    fig, ax = _figure(1, 1, width=width, height=0.5 * len(ys) + 1.9)
+    width = min(max(6.4, 0.9 * len(xs) + 2.8), 10.0)  # a page's width at most
+    fig, ax = _figure(1, 1, width=width, height=min(0.5 * len(ys) + 1.9, 8.0))
+    size = 8 if len(xs) <= 8 else 6.5
     a = ax[0, 0]
     values = grid.to_numpy(np.float64)
     finite = values[np.isfinite(values)]
-    image = a.imshow(np.where(np.isfinite(values), values, np.nan), cmap="viridis",
+    # Cells without a finite value (every seed diverged, nothing recorded) are grey.
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.85")
+    image = a.imshow(np.where(np.isfinite(values), values, np.nan), cmap=cmap,
                      aspect="auto", vmin=finite.min() if finite.size else 0,
                      vmax=finite.max() if finite.size else 1)
     a.set_xticks(range(len(xs)), [value_text(x, v) for v in xs])
@@ -1501,7 +1594,6 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
     if sum(len(v) for v in xs) > 6 * width:
         a.tick_params(axis="x", labelrotation=45)
     a.grid(False)
-    middle = np.median(finite) if finite.size else 0.0
     for i in range(len(ys)):
         for j in range(len(xs)):
             value, n_div = values[i, j], diverged.iat[i, j]
@@ -1510,8 +1602,8 @@ def heatmap(sweep: Sweep, x: str, y: str, metric: str | None = None) -> Figure:
                 text = "not\nrecorded"
             if n_div and n_div > 0:
                 text += f"\n{int(n_div)} diverged"
-            a.text(j, i, text, ha="center", va="center", fontsize=8,
-                   color="white" if not np.isfinite(value) or value < middle else "black")
+            a.text(j, i, text, ha="center", va="center", fontsize=size,
+                   color=_ink_on(image.to_rgba(value)) if np.isfinite(value) else "black")
     what = _metric_text(metric)
     a.set(xlabel=axis_name(x), ylabel=axis_name(y), title=f"{what}, median over seeds")
     bar = fig.colorbar(image, ax=a, label=what)
@@ -1739,6 +1831,17 @@ def _layer_name(runs: Sequence[Run], metric: str, layer: int | str) -> str:
     return names.pop() if len(names) == 1 else f"layer {layer}"
 
 
+def _spans_decades(arrays: Sequence[np.ndarray], decades: float = 3.0) -> bool:
+    """Whether the finite values of ``arrays`` are all positive and span more than
+    ``decades`` decades: a linear axis would show one line and a flat floor (the loss of
+    an exploding run against one that trains)."""
+    with np.errstate(all="ignore"):
+        values = np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in arrays]
+                                or [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    return bool(values.size and values.min() > 0 and values.max() > 10**decades * values.min())
+
+
 def curves(sweep: Sweep, hue: str, metric: str = "train_loss",
            layer: int | str | None = None) -> Figure | None:
     """A per-epoch metric (default training loss: ``train_loss``, ``test_acc``, ...), a
@@ -1746,9 +1849,10 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss",
     such as ``dense_0``) one layer of a per-layer one (``update_ratio``, ``grad_norm``),
     per value of an axis: median and band over seeds. Norms, ratios and a regression
     task's losses are drawn on a log axis; accuracies with chance and a regression
-    task's losses with the loss of predicting the mean. None when the sweep has no run
-    that ended. Raises ValueError (one line) for a metric no run recorded, a per-layer
-    metric without ``layer``, or one with other axes."""
+    task's losses with the loss of predicting the mean; a metric whose values span more
+    than three decades (an exploding run's loss) gets a log axis too. None when the
+    sweep has no run that ended. Raises ValueError (one line) for a metric no run
+    recorded, a per-layer metric without ``layer``, or one with other axes."""
     how = split(sweep, hue)
     every = _runs_of(how.lines)
     if not every:
@@ -1756,18 +1860,21 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss",
     axis = _curve_axis(every, metric, layer)
     kept, missing = _recorded_lines(how.lines, metric)
     lines = [line for line in kept if line is not None]
-    what = metric.replace("_", " ")
+    what = _metric_text(metric)
     if layer is not None:
         what += f" of {_layer_name(_runs_of(lines), metric, layer)}"
     fig, ax = _figure(1, 1, width=6.4, height=3.2)
     a = ax[0, 0]
+    stacked = [_stack_ragged([_curve_values(r, metric, layer) for r in line.runs])
+               for line in lines]
     log = ("norm" in metric or metric.endswith("ratio")
-           or (metric in ("loss", "train_loss", "test_loss") and all(map(regression, every))))
+           or (metric in ("loss", "train_loss", "test_loss") and all(map(regression, every)))
+           or _spans_decades(stacked))
     drawn, block = False, 1
-    for line in lines:
-        values = _stack_ragged([_curve_values(r, metric, layer) for r in line.runs])
+    for line, values in zip(lines, stacked, strict=True):
         x = max((r.metrics[axis] for r in line.runs), key=len)
-        b, d = _band(a, x, values, line.color, line.label, log=log, style=line.style)
+        b, d = _band(a, x, values, line.color, line.label, log=log,
+                     band=len(lines) <= MAX_BANDS, style=line.style)
         drawn, block = drawn or d, max(block, b)
     if not lines:
         why = " (no run has a test set)" if metric.startswith("test_") else ""
@@ -1784,12 +1891,17 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss",
         _layer_ticks(a)
     if drawn:
         handles, texts = a.get_legend_handles_labels()
-        a.legend(handles, [_wrap(t, 3.0, 8) for t in texts], fontsize=7 if len(texts) > 6
-                 else 8)
+        size = 7 if len(texts) > 6 else 8
+        if len(texts) <= 3:  # a short legend finds room inside
+            a.legend(handles, [_wrap(t, 3.0, size) for t in texts], fontsize=size)
+        else:  # a long one would hide lines: beside the axes, the figure made wider
+            fig.set_figwidth(fig.get_figwidth() + 2.4)
+            a.legend(handles, [_wrap(t, 2.2, size) for t in texts], fontsize=size,
+                     loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     runs = _runs_of(lines)
     _suptitle(fig, constants_label(runs or every))
-    _caption(fig, how.pooled, _seed_note(_seeds_of(lines), block), _diverged_note(runs),
-             missing, _zero_note(fig))
+    _caption(fig, how.pooled, _lines_note(lines, block, len(lines) <= MAX_BANDS),
+             _diverged_note(runs), missing, _zero_note(fig))
     return fig
 
 

@@ -4,9 +4,9 @@ that vary, the runs table (folded for long sweeps; a click on a column header so
 and the figures of each run, or of representative runs of a long sweep (``runs``).
 Figures are written beside the page as PNG and referenced by relative, URL-encoded
 paths, so the folder opens in any browser from disk, offline, whatever the run folders
-are called (``scripts/plot_run.py`` and ``plot_sweep.py`` also write PDF).
+are called (``vgrad-plot-run`` and ``vgrad-plot-sweep`` also write PDF).
 
-    python scripts/report.py outputs/sweeps/DATE/TIME     # -> .../report/index.html
+    vgrad-report outputs/sweeps/DATE/TIME     # -> .../report/index.html
 
 A sweep whose runs all diverged still gets its page: the table says where each seed
 diverged and the figures draw what was finite before.
@@ -25,6 +25,7 @@ import dataclasses
 import html
 import multiprocessing
 import os
+import shlex
 import signal
 import tempfile
 import threading
@@ -87,12 +88,15 @@ def _status_text(runs: pd.DataFrame) -> str:
 def run_figures(run: Run, stem: Path, varying: Sequence[str] = ()
                 ) -> tuple[list[tuple[str, Path]], list[str]]:
     """Draw and save (PNG) one run's figures as ``stem_KIND.png``; return the figures
-    written, by kind, and the kinds the run did not record."""
+    written, by kind, and notes on those the run did not record (``figures.unrecorded``).
+    """
     written, missing = [], []
     for kind, make in figures.RUN_FIGURES.items():
         fig = make(run, varying=list(varying))  # titled by the sweep's varying axes
         if fig is None:
-            missing.append(kind)
+            note = figures.unrecorded(run, kind)
+            if note:
+                missing.append(note)
             continue
         png = figures.save(fig, stem.parent / f"{stem.name}_{kind}", formats=("png",))[0]
         written.append((kind, png))
@@ -412,9 +416,10 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         which = (f"Figures of {len(shown)} of the {drawable} runs that trained"
                  + (", chosen so that every value of every swept axis appears at least "
                     "once" if runs == "representative" else "")
-                 + " (linked from the table). The others: "
-                 "<code>vgrad.analysis.write_report(folder, runs=\"all\")</code> (or a list "
-                 "of run names), or <code>scripts/plot_run.py RUN</code> for one run.")
+                 + " (linked from the table). The others: <code>vgrad-report "
+                 f"{html.escape(shlex.quote(str(sweep_dir)))} --runs all</code> (or "
+                 "<code>--runs NAME,NAME</code>), or <code>vgrad-plot-run RUN</code> for one "
+                 "run.")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <title>vgrad report: {html.escape(str(sweep_dir))}</title>

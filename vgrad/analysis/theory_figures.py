@@ -21,7 +21,14 @@ import warnings
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgrad.analysis.figures import OKABE_ITO, _band, _figure, _suptitle, theory_inputs
+from vgrad.analysis.figures import (
+    OKABE_ITO,
+    _band,
+    _figure,
+    _metric_text,
+    _suptitle,
+    theory_inputs,
+)
 from vgrad.analysis.tables import Run, Sweep
 
 #: sigma_w^2 points of the 6 xi_c curve (tanh: ~0.05 s each; an activation with kinks,
@@ -132,12 +139,14 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     handles, labels = a.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8,
                facecolor="0.35", labelcolor="white")
-    fig.colorbar(mesh, ax=a, label=metric.replace("_", " ") + " (median over seeds)")
-    seeds = ended.groupby("run").size().min()
+    what = _metric_text(metric)
+    seeds = int(ended.groupby("run").size().min())
+    fig.colorbar(mesh, ax=a, label=what + (" (median over seeds)" if seeds > 1 else ""))
+    per_cell = f"median of {seeds} seeds per cell" if seeds > 1 else "one seed per cell"
     _suptitle(fig, f"Trainability phase diagram: {cfg.act.name}, σ_b² = {sigma_b2:g}, "
               f"width {cfg.width}, {cfg.data.name}, {cfg.optim.name} lr {cfg.optim.lr:g}, "
               f"{cfg.epochs} epochs",
-              f"{metric.replace('_', ' ')}, median of {seeds} seed(s) per cell; nets "
+              f"{what}, {per_cell}; nets "
               "train below about 6 ξ_c (Schoenholz et al. 2017)")
     return fig
 
@@ -195,7 +204,8 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
     ax[1, 0].set_yscale("log")
     ax[0, 0].set(title="Correlation between different inputs $c^l$ at initialisation",
                  ylabel="$c^l$")
-    ax[1, 0].set(title="‖δ_l‖ / ‖δ_output‖ at step 0", ylabel="ratio",
+    ax[1, 0].set(title=r"$\Vert\delta_l\Vert / \Vert\delta_{\mathrm{output}}\Vert$ at step 0",
+                 ylabel="ratio",
                  xlabel="layer (0 = next to the input; the last is the output layer)")
     handles, labels = ax[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)

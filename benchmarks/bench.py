@@ -48,7 +48,7 @@ from hydra import compose, initialize_config_dir
 # (vgrad sets up one host device per core on import; JAX starts its backend lazily,
 # after that, so the import order does not matter.)
 from vgrad import data, store
-from vgrad.loop import member_mesh, shard_members
+from vgrad.compiled import member_mesh, shard_members
 from vgrad.train import CONF_DIR, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -32,7 +32,7 @@ import pytest  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from vgrad import group, loop, losses, models, optim, runner  # noqa: E402
+from vgrad import compiled, group, loop, losses, models, optim, records, runner  # noqa: E402
 from vgrad.step import init_state, make_train_step  # noqa: E402
 from vgrad.train import CONF_DIR  # noqa: E402
 
@@ -78,12 +78,12 @@ def compose_cfg(*overrides: str):
         return compose("config", overrides=list(overrides))
 
 
-def run_to_end(cfg, engine: str = "scan") -> loop.Records:
+def run_to_end(cfg, engine: str = "scan") -> records.Records:
     """Train a composed config in-process (a group of one job); return the final records."""
     return run_group([cfg], engine)[0]
 
 
-def run_group(cfgs, engine: str = "scan") -> list[loop.Records]:
+def run_group(cfgs, engine: str = "scan") -> list[records.Records]:
     """Train composed configs of one structure as one group; each job's final records."""
     jobs = [runner.prepare(cfg, Path("unused")) for cfg in cfgs]
     groups = group.group_jobs(jobs)
@@ -134,7 +134,7 @@ _COUNTER = CompileCounter()
 def compile_counter():
     """Counts real compilations: the persistent cache is off and this process's compiled
     programs are forgotten for the test."""
-    loop._CACHE.clear()
+    compiled._CACHE.clear()
     jax.config.update("jax_enable_compilation_cache", False)
     _COUNTER.events.clear()
     _COUNTER.active = True
@@ -147,9 +147,9 @@ def compile_counter():
 def _release_compiled_programs():
     """Unload every compiled program after each test module: a worker process runs
     hundreds of tests, and each program loaded maps ~700 memory regions (see
-    ``loop.MAX_PROGRAMS``); jax.jit's own caches hold the tests' directly jitted steps."""
+    ``compiled.MAX_PROGRAMS``); jax.jit's own caches hold the tests' directly jitted steps."""
     yield
-    loop._CACHE.clear()
+    compiled._CACHE.clear()
     jax.clear_caches()
 
 

@@ -74,7 +74,7 @@ def test_maxout_takes_the_max_over_each_units_pieces_with_k_times_the_parameters
     np.testing.assert_array_equal(out, np.asarray(z).reshape(4, 2, 3).max(-1))
     relu = compose_cfg("act=relu", "depth=2", "width=4")
     maxout = compose_cfg("act=maxout", "act.pieces=3", "depth=2", "width=4")
-    from vgrad import loop, models
+    from vgrad import models, program
 
     def hidden_params(cfg):
         net = models.build(cfg, 1)
@@ -82,8 +82,8 @@ def test_maxout_takes_the_max_over_each_units_pieces_with_k_times_the_parameters
         return {n: sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes["params"][n]))
                 for n in ("dense_0", "dense_1")}
 
-    assert (loop.count_params(models.build(maxout, 1), 2)
-            > loop.count_params(models.build(relu, 1), 2))
+    assert (program.count_params(models.build(maxout, 1), 2)
+            > program.count_params(models.build(relu, 1), 2))
     assert hidden_params(maxout)["dense_0"] == 3 * hidden_params(relu)["dense_0"]
 
 

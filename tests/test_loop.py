@@ -44,14 +44,15 @@ def test_matmul_precision_reaches_both_engines_programs(precision, marks):
 
     import jax.numpy as jnp
 
-    from vgrad import group, loop, runner
+    from vgrad import compiled as engine
+    from vgrad import group, runner
 
     cfg = compose_cfg(*TINY, f"matmul_precision={precision}")
     g = group.make_group([runner.prepare(cfg, Path("unused"))])
-    mesh = loop.member_mesh(1)
-    device_data = loop.device_data(g.datasets, cfg.record.probe_size, mesh)
-    members = loop.shard_members(g.members(), mesh)
-    compiled, _ = loop.compile_program(g, members, device_data, mesh)
+    mesh = engine.member_mesh(1)
+    device_data = engine.device_data(g.datasets, cfg.record.probe_size, mesh)
+    members = engine.shard_members(g.members(), mesh)
+    compiled, _ = engine.compile_program(g, members, device_data, mesh)
     state = compiled.start(members, device_data)
     perms = compiled.permutations(members, jnp.int32(0))
     # The debugging engine's step is traced on first use, long after compile_program.
@@ -168,26 +169,26 @@ def test_choosing_probes_records_only_those_and_the_same_values():
 def test_a_process_keeps_at_most_max_programs_and_evicts_the_oldest(monkeypatch):
     """Each loaded CPU program maps ~700 memory regions; keeping every one crashed XLA
     once a process had compiled about 90 (vm.max_map_count)."""
-    from vgrad import loop
+    from vgrad import compiled
 
-    monkeypatch.setattr(loop, "MAX_PROGRAMS", 1)
-    loop._CACHE.clear()
+    monkeypatch.setattr(compiled, "MAX_PROGRAMS", 1)
+    compiled._CACHE.clear()
     run_to_end(compose_cfg(*TINY, *LIGHT, "depth=1"))
-    first = next(iter(loop._CACHE))
+    first = next(iter(compiled._CACHE))
     run_to_end(compose_cfg(*TINY, *LIGHT, "depth=2"))  # another structure: another program
-    assert len(loop._CACHE) == 1 and first not in loop._CACHE
+    assert len(compiled._CACHE) == 1 and first not in compiled._CACHE
 
 
 def test_evaluation_blocks_shrink_to_the_memory_budget_without_changing_the_numbers(
         monkeypatch):
     """A recurrent net holds every time step of every example it evaluates: 1,000 seeds
     of a T=100 RNN asked a GPU for 36 GiB at once. Blocks shrink to ``EVAL_BYTES``."""
-    from vgrad import loop
+    from vgrad import compiled, views
 
-    assert loop.eval_block(10, 1, 4) == loop.EVAL_BLOCK
-    monkeypatch.setattr(loop, "EVAL_BYTES", 4 * 1024)
-    assert loop.eval_block(10, 2, 4) == 32  # 32 examples x 10 floats x 2 members x 4 B
-    assert loop.eval_block(10**6, 1, 4) == 1
+    assert views.eval_block(10, 1, 4) == views.EVAL_BLOCK
+    monkeypatch.setattr(views, "EVAL_BYTES", 4 * 1024)
+    assert views.eval_block(10, 2, 4) == 32  # 32 examples x 10 floats x 2 members x 4 B
+    assert views.eval_block(10**6, 1, 4) == 1
     monkeypatch.undo()
     cfg = compose_cfg("model=rnn", "act=tanh", "data=adding", "data.length=10",
                       "data.n_train=200", "data.n_test=50", "loss=regression", "depth=1", "width=8",
@@ -195,17 +196,17 @@ def test_evaluation_blocks_shrink_to_the_memory_budget_without_changing_the_numb
                       "record.step_probes=[global_norms]", "record.epoch_probes=[evaluation]")
 
     def evaluate(eval_bytes: int):
-        monkeypatch.setattr(loop, "EVAL_BYTES", eval_bytes)
-        loop._CACHE.clear()
+        monkeypatch.setattr(views, "EVAL_BYTES", eval_bytes)
+        compiled._CACHE.clear()
         records = run_to_end(cfg)
-        program = next(iter(loop._CACHE.values()))
+        program = next(iter(compiled._CACHE.values()))
         return (records.epoch_stats, program.chunk(1).memory_analysis().temp_size_in_bytes,
                 program.program.eval_block)
 
-    whole, whole_bytes, whole_block = evaluate(loop.EVAL_BYTES)
+    whole, whole_bytes, whole_block = evaluate(views.EVAL_BYTES)
     # 2 x 10 steps x (8 + 8) Dense outputs x 2 members x 4 B per example: blocks of 16.
     blocked, blocked_bytes, block = evaluate(16 * 2 * 10 * 16 * 2 * 4)
-    assert (whole_block, block) == (loop.EVAL_BLOCK, 16)
+    assert (whole_block, block) == (views.EVAL_BLOCK, 16)
     for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
         np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-5, err_msg=key)
     assert blocked_bytes < whole_bytes / 2

@@ -10,7 +10,7 @@ import pytest
 from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_to_end, step_once
 from test_instruments import ACTS, numpy_backprop
 
-from vgrad import layers, loop, losses, models, optim, probes, store
+from vgrad import layers, losses, models, optim, probes, program, store
 from vgrad.step import StepOut, init_state, make_eval_fn
 
 
@@ -157,7 +157,7 @@ def test_float64_runs_match_a_float64_numpy_reference(cli, tmp_path, dtype, tole
                for i in range(5)}
     cfg = compose_cfg(*TINY)
     ds = __import__("vgrad.data", fromlist=["load"]).load(cfg.data)
-    batch = loop.batch_indices(0, 0, len(ds.x_train), 16)[0]  # step 0's examples
+    batch = program.batch_indices(0, 0, len(ds.x_train), 16)[0]  # step 0's examples
     _, kernel_grads = numpy_backprop(initial, ds.x_train[batch].astype(np.float64),
                                      ds.y_train[batch], *ACTS["tanh"])
     worst = max(np.abs(grads[f"dense_{i}.kernel"][0, 0] - kernel_grads[i]).max()
@@ -194,7 +194,7 @@ def test_saved_parameters_are_the_runs_own(cli, tmp_path):
     cfg = compose_cfg(*TINY)
     net = models.build(cfg, 1)
     drawn = init_state(net, optim.make(cfg.clip, cfg.optim, 1, 1),
-                       loop.seed_keys(jnp.int32(1)).init, jnp.zeros((32, 2)), 5)
+                       program.seed_keys(jnp.int32(1)).init, jnp.zeros((32, 2)), 5)
     np.testing.assert_array_equal(params["initial.dense_2.kernel"][1],
                                   drawn.params["dense_2"]["kernel"])
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import LIGHT, run_dirs
 
-from vgrad import loop, store
+from vgrad import compiled, loop, store
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SWEEP = ["-m", "act=tanh,relu", "epochs=2", "data.n_samples=128", "progress=false"]
@@ -114,9 +114,9 @@ def test_member_mesh_uses_the_devices_that_divide_the_members():
     import jax
 
     n = len(jax.devices())
-    assert loop.member_mesh(1).devices.size == 1
-    assert loop.member_mesh(2 * n).devices.size == n
-    assert loop.member_mesh(7).devices.size in (1, 7)
+    assert compiled.member_mesh(1).devices.size == 1
+    assert compiled.member_mesh(2 * n).devices.size == n
+    assert compiled.member_mesh(7).devices.size in (1, 7)
 
 
 def test_benchmark_tiny_mode_keeps_its_books(tmp_path, run):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from conftest import LIGHT, TINY
 
-from vgrad import loop, store
+from vgrad import plan as plans
+from vgrad import store
 from vgrad import tensorboard as tb
 from vgrad.probes import HIST_EDGES
 
@@ -125,7 +126,7 @@ def test_the_stride_rule_keeps_at_most_cap_points_with_the_first_and_last(cap):
 
 def _long_run(epochs: int, steps_per_epoch: int, layers: int, chunk: int):
     """Records of a long run as the loop yields them, chunk by chunk (synthetic values)."""
-    plan = loop.Plan(steps_per_epoch, epochs, chunk, 1)
+    plan = plans.Plan(steps_per_epoch, epochs, chunk, 1)
     names = [f"dense_{i}" for i in range(layers)]
     rng = np.random.default_rng(0)
     bins = HIST_EDGES.size - 1

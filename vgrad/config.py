@@ -70,9 +70,9 @@ class Record:
     # Which probes run (vgrad/probes.py registries); fewer probes, faster steps and
     # compilation. The evaluation probe (losses and accuracies) always runs.
     step_probes: list[str] = field(default_factory=lambda: [
-        p for p in probes.STEP_PROBES if p not in probes.OPT_IN])
+        n for n, p in probes.STEP_PROBES.items() if not p.opt_in])
     epoch_probes: list[str] = field(default_factory=lambda: [
-        p for p in probes.EPOCH_PROBES if p not in probes.OPT_IN])
+        n for n, p in probes.EPOCH_PROBES.items() if not p.opt_in])
 
 
 @dataclass
@@ -177,18 +177,18 @@ def validate(cfg: Any) -> None:
     _one_of("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
     if "max" in cfg.clip:
         _positive("clip.max", cfg.clip.max)
-    if cfg.clip.name == "agc":
+    if "clipping" in cfg.clip:  # (agc)
         _positive("clip.clipping", cfg.clip.clipping)
-    if cfg.optim.name in ("sgd", "rmsprop"):
+    if "momentum" in cfg.optim:  # (sgd, rmsprop)
         _at_least("optim.momentum", cfg.optim.momentum, 0)
     _positive("bn_eps", cfg.bn_eps)
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError("bn_momentum", cfg.bn_momentum, "a number in [0, 1)")
     _validate_init(cfg.init, "init")
     _validate_init(cfg.bias_init, "bias_init")
-    if cfg.act.name == "maxout":
+    if "pieces" in cfg.act:  # (maxout)
         _at_least("act.pieces", cfg.act.pieces, 1)
-    if cfg.act.name == "rrelu" and not cfg.act.lower <= cfg.act.upper:
+    if "lower" in cfg.act and not cfg.act.lower <= cfg.act.upper:  # (rrelu)
         raise ConfigError("act.lower", cfg.act.lower, f"<= act.upper ({cfg.act.upper})")
     _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
     _one_of("dtype", cfg.dtype, DTYPES)
@@ -285,14 +285,14 @@ def _validate_init(node: Any, key: str) -> None:
             raise ConfigError(f"{key}.{field_}", node[field_], "a finite number")
     if "std" in node:
         _finite_at_least(f"{key}.std", node.std, 0)
-    if node.name == "uniform" and not node.min < node.max:
+    if "min" in node and not node.min < node.max:  # (uniform)
         raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
     if "sigma_w2" in node:
         _positive(f"{key}.sigma_w2", node.sigma_w2)
         _one_of(f"{key}.distribution", node.distribution, ("normal", "orthogonal"))
     if "sigma_b2" in node:
         _finite_at_least(f"{key}.sigma_b2", node.sigma_b2, 0)
-    if node.name == "variance_scaling":
+    if "mode" in node:  # (variance_scaling)
         _positive(f"{key}.scale", node.scale)
         _one_of(f"{key}.mode", node.mode, ("fan_in", "fan_out", "fan_avg"))
         _one_of(f"{key}.distribution", node.distribution,
@@ -306,12 +306,12 @@ def validate_data(cfg: Any, n_train: int, n_classes: int) -> None:
     if cfg.batch_size > n_train:
         raise ConfigError("batch_size", cfg.batch_size,
                           f"at most the training-set size ({n_train})")
-    regression = cfg.data.name in data.REGRESSION
+    regression = data.DATASETS[cfg.data.name].regression
     if (cfg.loss == Loss.regression) != regression:
         raise ConfigError("loss", cfg.loss.value if hasattr(cfg.loss, "value") else cfg.loss,
                           f"regression with data={cfg.data.name}" if regression else
                           f"bce, ce, mse or bce_onehot with data={cfg.data.name} (regression "
-                          "needs real-valued targets: data=adding)")
+                          "needs real-valued targets: data=" + "|".join(data.REGRESSION) + ")")
     if cfg.loss == Loss.bce and n_classes != 2:
         raise ConfigError("loss", "bce", f"ce or mse: data={cfg.data.name} has {n_classes} "
                           "classes and bce needs 2")

@@ -24,6 +24,11 @@ This module decides, from a job's composed config:
 Data values (circles' noise and factor, a dataset's scaling) are not knobs of the
 program either: they are its data arguments. Jobs whose datasets have the same shapes
 share a program, each member reading its own dataset by index.
+
+A group also builds what each member trains from its values (traced or not): its
+network's parts and network (:meth:`Group.parts`, :meth:`Group.network`) and its
+clipping and optimizer (:meth:`Group.transforms`); the program (``vgrad.program``) only
+calls them.
 """
 
 from __future__ import annotations
@@ -37,10 +42,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
-from vgrad import activations, config, data, models
+from vgrad import activations, config, initializers, losses, models, optim, views
 from vgrad.data import Dataset
 
 #: Config nodes whose float fields are traced knobs (each has a registry of choices).
@@ -117,8 +124,9 @@ def structure(cfg: Any) -> dict[str, Any]:
     for path in ZERO_IS_STRUCTURE:
         group, key = path.split(".")
         c[group][f"{key}_is_zero"] = path not in knob
-    if original["model"]["name"] in models.rnn.CELLS:  # how the input is read as a sequence
-        c["sequence_shape"] = data.sequence_shape(SimpleNamespace(**original["data"]))
+    # (a recurrent model's: how the input is read as a sequence)
+    c.update(models.MODELS[original["model"]["name"]].input_structure(
+        SimpleNamespace(**original["data"])))
     for key in ("seed", "seeds", "data", *config.VOLATILE):
         c.pop(key, None)
     return c
@@ -226,6 +234,44 @@ class Group:
         return Members(np.asarray(seed, np.int32), floats, *(
             np.asarray(x, np.int32) for x in (act, init, bias, data)))
 
+    # -- a member's network and optimizer, from its values --
+
+    def parts(self, m: Members) -> models.Parts:
+        """Member ``m``'s activation, initializers and batch-norm constants (``m``: one
+        member's values, traced or not): the group's only activation, or the one its
+        index selects among the group's elementwise ones; likewise its initializers."""
+        fam = self.families
+        if len(fam["act"]) == 1:
+            act, pieces = activations.build(node_view(fam["act"][0], m.knobs, "act"))
+        else:
+            fns = [activations.elementwise(node_view(a, m.knobs, "act")) for a in fam["act"]]
+            act, pieces = activations.select(fns, m.act), 1
+        kernel_init = initializers.drawn_in_float32(initializers.select(
+            [initializers.kernel_init(node_view(f, m.knobs, "init")) for f in fam["init"]],
+            m.init))
+        bias_init = initializers.drawn_in_float32(initializers.select(
+            [initializers.bias_init(node_view(f, m.knobs, "bias_init"))
+             for f in fam["bias_init"]], m.bias_init))
+        return models.Parts(act, kernel_init, bias_init, pieces, m.knobs["bn_momentum"],
+                            m.knobs["bn_eps"], jnp.dtype(self.cfg.dtype))
+
+    @property
+    def out_dim(self) -> int:
+        """Outputs of the networks: one per class, or one logit or real target."""
+        return losses.out_dim(self.cfg.loss.value, self.datasets[0].n_classes)
+
+    def network(self, m: Members) -> nn.Module:
+        """Member ``m``'s network (the group's model, built from its parts)."""
+        cfg = self.cfg
+        return models.MODELS[cfg.model.name].build(cfg, self.parts(m), self.out_dim)
+
+    def transforms(self, m: Members, total_steps: int) -> optim.Transforms:
+        """Member ``m``'s clipping and optimizer, for a run of ``total_steps`` steps."""
+        c = self.jobs[0].config
+        return optim.make(node_view(c["clip"], m.knobs, "clip"),
+                          node_view(c["optim"], m.knobs, "optim"),
+                          len(self.datasets[0].x_train), total_steps)
+
     def _family_index(self, group: str, node: dict[str, Any]) -> int:
         ids = [family(f, group) for f in self.families[group]]
         return ids.index(family(node, group))
@@ -296,8 +342,9 @@ def member_bytes(job: Job, evaluation: bool = True) -> int:
     per_epoch = (cfg.epochs + 1) * (2 * layers * 64 + 8 * layers + 8)
     snapshots = (steps // cfg.record.full_grads_every * params
                  if cfg.record.full_grads_every else 0)
-    # (An evaluation block holds at most 4,096 examples: loop.EVAL_BLOCK.)
-    eval_examples = min(4096, max(len(ds.x_train), len(ds.x_test))) if evaluation else 0
+    # (An evaluation block holds at most views.EVAL_BLOCK examples.)
+    eval_examples = (min(views.EVAL_BLOCK, max(len(ds.x_train), len(ds.x_test)))
+                     if evaluation else 0)
     activations_ = (cfg.batch_size * 4 + eval_examples) * units
     return 4 * (6 * params + activations_ + recorded + per_epoch + snapshots)
 

@@ -124,6 +124,15 @@ class Layout:
         """The layers whose output goes through an activation: all but the last."""
         return self.names[:-1]
 
+    def axis_sizes(self) -> dict[str, int]:
+        """The lengths of the axes of the per-layer arrays the model's declarations give:
+        ``layer`` and ``hidden``, and those its parts add: ``block`` (residual blocks),
+        ``recurrent`` and ``time`` (recurrent layers and time steps); 0 where it has none."""
+        blocks, rec = self.blocks, self.recurrent
+        return {"layer": len(self.names), "hidden": len(self.hidden_names),
+                "block": blocks.count if blocks else 0,
+                "recurrent": len(rec.names) if rec else 0, "time": rec.steps if rec else 0}
+
     def leaves(self, tree: Any, leaf: str) -> list[Array]:
         """Parameter ``leaf`` ("kernel", "bias") of every segment, [n, ...] each; a layer
         of several Dense layers has their leaves flattened side by side, [n, K]."""

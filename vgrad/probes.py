@@ -16,6 +16,15 @@ from them rather than tracing the probes again.
   measurements on the fixed probe batch and full-set evaluations) at initialisation
   and after every epoch.
 
+Each entry also declares what it needs beyond the step's outputs and the parameters
+(``needs``, from :data:`NEEDS`: the network's captures on the probe batch, the deep
+Jacobian, the probe-batch gradient, each example's own deltas), as Cockpit's quantities
+declare their backward-pass extensions: the engine computes the union of what the chosen
+probes need (:func:`needs`) and nothing else. Whether it is opt-in (``opt_in``: left
+out of the default ``record.*_probes``), the fixed bin edges its histograms use
+(``edges``, written beside its arrays) and which models it runs on (``requires``) are
+its entry's facts too.
+
 Layers are read through the model's :class:`~vgrad.layers.Layout`, one segment at a time
 with a leading layer axis, so that a statistic costs one reduction per segment (not per
 layer) and a scanned stack of 1,000 layers is measured as cheaply as one.
@@ -29,8 +38,8 @@ has its true (finite) norm: the last steps before an explosion are what users st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -269,15 +278,46 @@ def recurrent_spectrum(view: Any, layout: Layout) -> dict[str, Array]:
     return {"rec_sv_max": sv, "rec_radius": radius}
 
 
+#: What a probe can need beyond the step's outputs and the parameters (``Probe.needs``);
+#: the engine computes each only when a chosen probe needs it.
+NEEDS = {
+    # the values the network sows on the probe batch (``capture=True``): activations and
+    # slopes, the forward signal at every delta point, residual branches and skips
+    "captures": "epoch",
+    # the singular values of the deep part's Jacobian on the first probe inputs
+    "jacobian": "epoch",
+    # the gradient of the loss on the whole probe batch (training mode)
+    "probe_grads": "epoch",
+    # each example's own deltas (one backward pass per example; ``step.make_train_step``)
+    "own_deltas": "step",
+}
+#: Needs whose programs hang when the member axis is split across several CPU devices
+#: (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program stops
+#: on every device at once, idle; one CPU device runs it): a run that asks for one of
+#: them trains on one device.
+ONE_CPU_DEVICE = frozenset({"jacobian"})
+
+
 @dataclass(frozen=True)
 class Probe:
-    """A registry entry: the reduction and the arrays it returns, with their axes; and
-    what the model must declare for it to run (``requires``): ``blocks`` (residual
-    nets), ``recurrent`` (recurrent nets) or ``feedforward`` (every other model)."""
+    """A registry entry: the reduction and the arrays it returns, with their axes; what
+    the model must declare for it to run (``requires``): ``blocks`` (residual nets),
+    ``recurrent`` (recurrent nets) or ``feedforward`` (every other model); what it needs
+    computed for it (``needs``, keys of :data:`NEEDS`); whether it is left out of the
+    default probes (``opt_in``: its cost is not small); and the fixed bin edges of its
+    histograms (``edges``: array name -> (axis name, edges), written beside its arrays)."""
 
     fn: Callable[[Any, Layout], dict[str, Array]]
     outputs: Mapping[str, tuple[str, ...]]
     requires: str = ""
+    needs: tuple[str, ...] = ()
+    opt_in: bool = False
+    edges: Mapping[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"unknown needs {sorted(unknown)}: expected some of {list(NEEDS)}")
 
     def applies(self, layout: Layout) -> bool:
         if self.requires == "blocks":
@@ -300,7 +340,8 @@ STEP_PROBES: dict[str, Probe] = {
         ("grad_mean", "grad_std", "grad_norm", "grad_absmean", "grad_maxabs"), _LAYER)),
     "bias_grad_norm": Probe(bias_grad_norm, {"bias_grad_norm": _LAYER}),
     "delta_norm": Probe(delta_norm, {"delta_norm": _LAYER}),
-    "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}),
+    "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}, needs=("own_deltas",),
+                            opt_in=True),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
     "time_delta_norm": Probe(time_delta_norm, {"time_delta_norm": ("recurrent", "time")},
@@ -308,11 +349,6 @@ STEP_PROBES: dict[str, Probe] = {
     "recurrent_grad_norms": Probe(recurrent_grad_norms, dict.fromkeys(
         ("grad_norm_ih", "grad_norm_hh"), ("recurrent",)), requires="recurrent"),
 }
-
-
-#: Probes left out of the default ``record.step_probes`` and ``record.epoch_probes``
-#: (their cost is not small).
-OPT_IN = ("delta_norm_own", "jacobian_spectrum", "forward_signal", "residual_signal")
 
 
 def _collect(registry: Mapping[str, Probe], view: Any, layout: Layout,
@@ -328,6 +364,12 @@ def applicable(registry: Mapping[str, Probe], which: Sequence[str], layout: Layo
                ) -> tuple[str, ...]:
     """The probes of ``which`` that run on a model of this ``layout``."""
     return tuple(n for n in which if registry[n].applies(layout))
+
+
+def needs(registry: Mapping[str, Probe], which: Sequence[str]) -> frozenset[str]:
+    """What the chosen probes of ``registry`` need computed for them: the union of their
+    declared ``needs``."""
+    return frozenset(need for name in which for need in registry[name].needs)
 
 
 def outputs(registry: Mapping[str, Probe], which: Sequence[str] | None
@@ -563,22 +605,47 @@ EPOCH_PROBES: dict[str, Probe] = {
     "evaluation": Probe(evaluation, dict.fromkeys(_EVALUATION, ())),
     "weight_stats": Probe(weight_stats, {"weight_mean": _LAYER, "weight_std": _LAYER}),
     "activation_stats": Probe(activation_stats, dict.fromkeys(
-        ("act_mean", "act_std", "act_dead_frac", "act_sat_frac"), ("hidden",))),
-    "probe_bias_grad_norm": Probe(probe_bias_grad_norm, {"probe_bias_grad_norm": _LAYER}),
+        ("act_mean", "act_std", "act_dead_frac", "act_sat_frac"), ("hidden",)),
+        needs=("captures",)),
+    "probe_bias_grad_norm": Probe(probe_bias_grad_norm, {"probe_bias_grad_norm": _LAYER},
+                                  needs=("probe_grads",)),
     "histograms": Probe(histograms, {"grad_hist": ("layer", "bin"),
-                                     "weight_hist": ("layer", "bin")}),
-    "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER}),
+                                     "weight_hist": ("layer", "bin")}, needs=("probe_grads",)),
+    "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER},
+                            needs=("captures",), opt_in=True),
     "residual_signal": Probe(residual_signal, {"branch_var": ("block",),
-                                               "skip_var": ("block",)}, requires="blocks"),
+                                               "skip_var": ("block",)}, requires="blocks",
+                             needs=("captures",), opt_in=True),
     "jacobian_spectrum": Probe(jacobian_spectrum, {
         **dict.fromkeys(("jac_sv_max", "jac_sv_min", "jac_sv_unresolved", "jac_sv_ms"), ()),
-        "jac_sv_hist": ("sv_bin",)}, requires="feedforward"),
+        "jac_sv_hist": ("sv_bin",)}, requires="feedforward", needs=("jacobian",), opt_in=True,
+        edges={"sv_edges": ("sv_edge", SV_EDGES)}),
     "recurrent_spectrum": Probe(recurrent_spectrum, dict.fromkeys(
         ("rec_sv_max", "rec_radius"), ("recurrent",)), requires="recurrent"),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).
 LOOP_EPOCH_OUTPUTS = {"clip_frac": ()}
+#: Probes left out of the default ``record.step_probes`` and ``record.epoch_probes``
+#: (their cost is not small), from their entries.
+OPT_IN = tuple(n for r in (STEP_PROBES, EPOCH_PROBES) for n, p in r.items() if p.opt_in)
+#: The lengths of the bin axes the probes declare (the model's axes: ``Layout.axis_sizes``).
+BIN_AXES = {"bin": HIST_EDGES.size - 1, "sv_bin": SV_EDGES.size - 1}
+
+
+def edges(arrays: Iterable[str]) -> dict[str, tuple[str, np.ndarray]]:
+    """The fixed bin edges to write beside ``arrays`` (name -> (axis name, edges)): those
+    of every probe that returns one of them."""
+    present = set(arrays)
+    return {name: edge for r in (STEP_PROBES, EPOCH_PROBES) for p in r.values()
+            if present & set(p.outputs) for name, edge in p.edges.items()}
+
+
+def layer_histograms() -> tuple[str, ...]:
+    """The arrays that are per-layer histograms of log10|value| in ``HIST_EDGES``
+    (declared with axes (layer, bin))."""
+    return tuple(k for r in (STEP_PROBES, EPOCH_PROBES) for p in r.values()
+                 for k, axes in p.outputs.items() if axes == ("layer", "bin"))
 
 
 def epoch_outputs(which: Sequence[str] | None) -> dict[str, tuple[str, ...]]:

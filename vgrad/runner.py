@@ -34,9 +34,10 @@ import jax
 import numpy as np
 from omegaconf import OmegaConf
 
-from vgrad import config, data, loop, store
+from vgrad import config, data, loop, store, views
 from vgrad.errors import ConfigError
 from vgrad.group import Group, Job, group_jobs, resolved
+from vgrad.records import Records, Resume
 
 log = logging.getLogger("vgrad")
 
@@ -256,7 +257,7 @@ def ended_before(run_dir: Path, cfg: Any) -> str | None:
     return status
 
 
-def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
+def resume_point(run_dir: Path, cfg: Any) -> Resume | None:
     """Where a run of this config that did not end (killed or interrupted) stopped, if
     its folder holds a loadable checkpoint that agrees with its summary."""
     try:
@@ -287,7 +288,7 @@ def resume_point(run_dir: Path, cfg: Any) -> loop.Resume | None:
         kept = grads["step"] < steps_done
         snapshot_step = grads["step"][kept]
         snapshots = {k: v[:, kept] for k, v in grads.items() if k != "step"}
-    return loop.Resume(done, leaves, step[keep], step_stats, epoch_stats, snapshot_step,
+    return Resume(done, leaves, step[keep], step_stats, epoch_stats, snapshot_step,
                        snapshots)
 
 
@@ -356,13 +357,13 @@ def check_memory(job: Job) -> None:
 
     cfg = job.cfg
     itemsize = 8 if cfg.dtype == "float64" else 4
-    # Evaluation blocks shrink until all members' activations fit loop.EVAL_BYTES per
+    # Evaluation blocks shrink until all members' activations fit views.EVAL_BYTES per
     # device (one example per block at least).
     evaluation = member_bytes(job) - member_bytes(job, evaluation=False)
     devices = len(jax.devices())
     need = (member_bytes(job, evaluation=False) * cfg.seeds
-            + max(min(evaluation * cfg.seeds, loop.EVAL_BYTES * devices),
-                  evaluation * cfg.seeds // 4096)) * itemsize // 4
+            + max(min(evaluation * cfg.seeds, views.EVAL_BYTES * devices),
+                  evaluation * cfg.seeds // views.EVAL_BLOCK)) * itemsize // 4
     have, what = machine_memory()
     if need > have:
         key, value = _largest_knob(job, have)
@@ -390,7 +391,7 @@ class RunFolder:
 
             self.board = TensorBoardExport(job.run_dir, job.seeds.tolist(), config=job.config)
 
-    def write(self, rec: loop.Records, status: str) -> None:
+    def write(self, rec: Records, status: str) -> None:
         run_dir = self.job.run_dir
         store.write_npz(run_dir / store.METRICS, store.metrics_arrays(rec))
         if rec.snapshot_parts:
@@ -410,7 +411,7 @@ class RunFolder:
         if ended:
             (run_dir / store.CHECKPOINT).unlink(missing_ok=True)
 
-    def export(self, rec: loop.Records) -> None:
+    def export(self, rec: Records) -> None:
         if self.board is not None:
             t0 = time.perf_counter()
             self.board.update(rec)

@@ -27,9 +27,12 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vgrad.records import Records
 
 SUMMARY = "summary.json"
 METRICS = "metrics.npz"
@@ -361,9 +364,9 @@ def status_of(diverged_at: np.ndarray) -> str:
 # --- from loop records to the contract ----------------------------------------------------
 
 
-def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
-    """The ``metrics.npz`` arrays of a :class:`vgrad.loop.Records`."""
-    from vgrad.probes import HIST_EDGES, SV_EDGES
+def metrics_arrays(rec: Records) -> dict[str, np.ndarray]:
+    """The ``metrics.npz`` arrays of a :class:`vgrad.records.Records`."""
+    from vgrad.probes import HIST_EDGES
 
     arrays = {
         "step": rec.step.astype(np.int64),
@@ -375,12 +378,19 @@ def metrics_arrays(rec: Any) -> dict[str, np.ndarray]:
     }
     arrays.update(rec.step_stats)
     arrays.update(rec.epoch_stats)
-    if "jac_sv_hist" in rec.epoch_stats:  # the bins of the Jacobian spectrum probe
-        arrays["sv_edges"] = np.asarray(SV_EDGES, dtype=np.float32)
+    for name, (_, values) in _probe_edges(rec).items():  # (the Jacobian spectrum's bins)
+        arrays[name] = np.asarray(values, dtype=np.float32)
     return arrays
 
 
-def array_axes(rec: Any) -> dict[str, list[str]]:
+def _probe_edges(rec: Records) -> dict[str, tuple[str, np.ndarray]]:
+    """The bin edges the recorded probes declare beside their arrays."""
+    from vgrad.probes import edges
+
+    return edges([*rec.step_stats, *rec.epoch_stats])
+
+
+def array_axes(rec: Records) -> dict[str, list[str]]:
     """The axis names of every array of ``metrics.npz``, from the probes' declarations,
     so that readers need not guess from shapes: seed, step, epoch, layer (all Dense
     layers), hidden (hidden layers), block (residual blocks), bin and edge (histogram
@@ -391,8 +401,8 @@ def array_axes(rec: Any) -> dict[str, list[str]]:
     axes = {"step": ["step"], "epoch": ["epoch"], "layer_names": ["layer"],
             "hist_edges": ["edge"], "diverged_at_step": ["seed"],
             "nonfinite_grads": ["seed", "layer"]}
-    if "jac_sv_hist" in rec.epoch_stats:
-        axes["sv_edges"] = ["sv_edge"]
+    for name, (axis, _) in _probe_edges(rec).items():
+        axes[name] = [axis]
     for time, stats in (("step", rec.step_stats), ("epoch", rec.epoch_stats)):
         for name in stats:
             axes[name] = ["seed", time, *declared[name]]
@@ -402,7 +412,7 @@ def array_axes(rec: Any) -> dict[str, list[str]]:
 _EVAL_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
-def seed_summaries(rec: Any) -> list[dict[str, Any]]:
+def seed_summaries(rec: Records) -> list[dict[str, Any]]:
     """Per seed: its value, first non-finite step, and metrics at init and at the end."""
     def at(s: int, e: int) -> dict[str, float]:
         return {k: float(rec.epoch_stats[k][s, e]) for k in _EVAL_KEYS}
@@ -423,13 +433,13 @@ def seed_summaries(rec: Any) -> list[dict[str, Any]]:
     return out
 
 
-def grads_arrays(rec: Any) -> dict[str, np.ndarray]:
+def grads_arrays(rec: Records) -> dict[str, np.ndarray]:
     """The ``grads.npz`` arrays: ``step`` [N] and one [S, N, ...] array per parameter,
     keyed ``<layer>.<parameter>`` (``dense_0.kernel``, ``dense_0.bias``, ``bn_0.scale``)."""
     return {"step": rec.snapshot_step.astype(np.int64), **rec.snapshots}
 
 
-def make_summary(rec: Any, config: dict[str, Any], status: str, device: dict[str, Any]
+def make_summary(rec: Records, config: dict[str, Any], status: str, device: dict[str, Any]
                  ) -> dict[str, Any]:
     """The ``summary.json`` of a run in progress (status running) or ended."""
     steps = rec.plan.steps_per_epoch * rec.epochs_done

@@ -57,11 +57,14 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vgrad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vgrad.records import Records
 
 GLOBAL_STEP_SCALARS = ("loss", "grad_global_norm")
 STEP_SCALARS = ("grad_norm", "delta_norm", "grad_std", "update_ratio")  # per layer
@@ -149,8 +152,11 @@ def label(config: Mapping[str, Any]) -> str:
         node = config.get(key)
         return str(node.get("name", "")) if isinstance(node, Mapping) else str(node or "")
 
+    from vgrad.models import MODELS
+
     parts = []
-    if name("model") not in ("", "mlp"):
+    model = MODELS.get(name("model"))
+    if name("model") and (model is None or model.named):
         parts.append(name("model"))
     parts += [name("act"), name("init"), f"d{config.get('depth')}"]
     widths = config.get("widths")
@@ -261,16 +267,17 @@ class TensorBoardExport:
             self.writers.append(events)
         return True
 
-    def update(self, rec: Any) -> None:
+    def update(self, rec: Records) -> None:
         """Export the chunks of ``rec`` not exported yet (once the config is known)."""
         self._last = rec
         if self.ended or not self._open():
             return
         from tensorboardX.proto.summary_pb2 import Summary
 
-        from vgrad.probes import HIST_EDGES
+        from vgrad.probes import HIST_EDGES, layer_histograms
 
         edges = np.asarray(HIST_EDGES, np.float64)
+        histogram_keys = layer_histograms()  # (grad_hist, weight_hist)
         names = list(rec.layer_names)
         plan = rec.plan
         every = plan.record_every
@@ -309,8 +316,7 @@ class TensorBoardExport:
                               for key, tag in EPOCH_SCALARS.items()
                               if scalars and key in stats
                               and math.isfinite(float(stats[key][s, i]))]
-                    for key in (k for k in ("grad_hist", "weight_hist")
-                                if hists and k in stats):
+                    for key in (k for k in histogram_keys if hists and k in stats):
                         for layer, name in enumerate(names):
                             value = _histogram(f"{key}/{name}", stats[key][s, i, layer], edges)
                             if value is not None:

@@ -94,19 +94,17 @@ def describe_net(cfg: DictConfig, ds: Any, act: bool = True) -> str:
     widths, input side first ("sigmoid 2-5-5-5-5-1"; a recurrent net: "tanh rnn
     2-64x1-1 over 100 steps")."""
     from vgrad import data, losses, models
-    from vgrad.models import rnn
 
-    recurrent = cfg.model.name in rnn.CELLS
-    act = act and not (recurrent and rnn.CELLS[cfg.model.name] > 1)  # gated cells: no act
+    model = models.MODELS[cfg.model.name]
+    act = act and model.uses_act  # (gated cells: no act)
     name = " ".join(([cfg.act.name] if act else [])
-                    + ([cfg.model.name] if cfg.model.name != "mlp" else []))
+                    + ([cfg.model.name] if model.named else []))
     out = losses.out_dim(cfg.loss.value, ds.n_classes)
-    if recurrent:  # (the registry's widths count the gates: name the layers)
+    if model.recurrent:  # (the registry's widths count the gates: name the layers)
         length, features = data.sequence_shape(cfg.data)
         return (f"{name} {features}-{cfg.width}x{cfg.depth}-{out} over {length} "
                 "steps").strip()
-    widths = [int(np.prod(ds.x_train.shape[1:])), *models.MODELS[cfg.model.name].widths(cfg),
-              out]
+    widths = [int(np.prod(ds.x_train.shape[1:])), *model.widths(cfg), out]
     if len(widths) > 8:  # a deep net: runs of one width counted
         parts: list[str] = []
         i = 0

@@ -1,0 +1,151 @@
+"""What the epoch probes see: the epoch view, and evaluation in blocks within a budget.
+
+At every epoch boundary the program measures each member's state on the full training
+and test sets and on the fixed probe batch (:func:`epoch_view`), computing only what the
+chosen probes need (``vgrad.probes.NEEDS``). Full sets are evaluated ``block`` examples
+at a time (:func:`mean_over_set`), the block chosen so that every member's activations
+on one device fit ``EVAL_BYTES`` (:func:`eval_block`); the sets come padded to whole
+blocks of ``EVAL_BLOCK`` examples (:class:`DeviceData`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgrad import jacobian, probes
+from vgrad.layers import Layout
+from vgrad.step import TrainState, make_eval_fn, make_loss_fn
+
+Array = jax.Array
+
+#: Examples per block when evaluating on a full set (bounds activation memory).
+EVAL_BLOCK = 4096
+#: Bytes the activations of one evaluation block may take on a device, all members
+#: together; blocks shrink below EVAL_BLOCK (by powers of two) to stay under it. A
+#: recurrent net holds every time step of every example of a block: at T = 100 and 32
+#: units, 1,000 seeds evaluating 1,000 sequences at once asked an H200 for 36 GiB.
+EVAL_BYTES = 2 * 2**30
+
+
+class DeviceData(NamedTuple):
+    """Inputs as jit arguments (never baked into the program as constants).
+
+    Full sets are zero-padded to whole evaluation blocks; the padding is never trained
+    on (batches index the first n_train rows) and is masked out of evaluations. A group
+    whose jobs use several datasets of one shape (other noise, other scaling) holds them
+    stacked on a leading axis, and each member reads its own by index.
+    """
+
+    x_train: Array
+    y_train: Array
+    x_test: Array
+    y_test: Array
+    x_probe: Array
+    y_probe: Array
+
+
+def pad_to_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """``x`` zero-padded to whole blocks of ``block`` rows (a set shorter than one block
+    stays as it is)."""
+    n_pad = -len(x) % block if len(x) > block else 0
+    return np.concatenate([x, np.zeros((n_pad,) + x.shape[1:], x.dtype)]) if n_pad else x
+
+
+def eval_block(floats_per_example: int, members_per_device: int, itemsize: int) -> int:
+    """Examples per evaluation block: the largest power of two up to ``EVAL_BLOCK``
+    whose activations, for every member on a device, fit in ``EVAL_BYTES``."""
+    block = EVAL_BLOCK
+    while block > 1 and block * floats_per_example * members_per_device * itemsize > EVAL_BYTES:
+        block //= 2
+    return block
+
+
+def mean_over_set(eval_batch: Callable, params: Any, batch_stats: Any, x: Array, y: Array,
+                  n: int, block: int = EVAL_BLOCK) -> tuple[Array, Array]:
+    """Mean loss and accuracy over the first n rows of a set, ``block`` rows at a time
+    (``block`` divides ``EVAL_BLOCK``, to which sets longer than it are padded)."""
+    if n == 0:
+        return jnp.asarray(jnp.nan, x.dtype), jnp.asarray(jnp.nan, x.dtype)
+    if n <= block:
+        loss, correct = eval_batch(params, batch_stats, x[:n], y[:n])
+        return loss.mean(), correct.mean()
+    x, y = x[:-(-n // block) * block], y[:-(-n // block) * block]
+    if x.shape[0] % block:  # a set shorter than EVAL_BLOCK, unpadded
+        pad = block - x.shape[0] % block
+        x = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+        y = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)])
+    blocks = x.shape[0] // block
+    loss, correct = jax.lax.map(
+        lambda xy: eval_batch(params, batch_stats, *xy),
+        (x.reshape(blocks, block, *x.shape[1:]), y.reshape(blocks, block, *y.shape[1:])))
+    mask = jnp.arange(x.shape[0]).reshape(blocks, block) < n
+    return jnp.where(mask, loss, 0).sum() / n, jnp.where(mask, correct, 0).sum() / n
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What shapes a group's epoch views (static): the model's layout, the loss, what
+    the chosen epoch probes need (``vgrad.probes.needs``), the sizes of the training and
+    test sets, the evaluation block, and the zero perturbations of the network's delta
+    points for a batch (``vgrad.step.perturbation_zeros``)."""
+
+    layout: Layout
+    loss: str
+    needs: frozenset[str]
+    n_train: int
+    n_test: int
+    block: int
+    zero_perturbations: Callable[[Array], Any]
+
+
+def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
+               probe_key: Callable[[], Array], sat_threshold: Array | float
+               ) -> probes.EpochView:
+    """One member's epoch view: its evaluation on the full sets and, as the probes need
+    them, the captures and the deep Jacobian on the probe batch and the probe batch's
+    gradient (``probe_key()`` draws that gradient's random key; ``data``: the member's
+    own dataset)."""
+    layout = spec.layout
+    eval_batch = make_eval_fn(net, spec.loss)
+    params, batch_stats = state.params, state.batch_stats
+    train = mean_over_set(eval_batch, params, batch_stats,
+                          data.x_train, data.y_train, spec.n_train, spec.block)
+    test = mean_over_set(eval_batch, params, batch_stats,
+                         data.x_test, data.y_test, spec.n_test, spec.block)
+    sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
+    signals = branches = skips = None
+    if "captures" in spec.needs:  # (only traced when asked for)
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                          else {})}
+        _, captured = net.apply(variables, data.x_probe, train=False, capture=True,
+                                mutable=["intermediates"])
+        inter = captured["intermediates"]
+        sown = {k: layout.captured(inter, k) for k in sown}
+        signals = layout.signals(inter)
+        if layout.blocks is not None:
+            branches, skips = layout.block_values(inter)
+    jacobian_sv = None
+    if "jacobian" in spec.needs:
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                          else {})}
+        jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
+            net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
+            spec.zero_perturbations))
+    probe_grads = None
+    if "probe_grads" in spec.needs:
+        loss_fn = make_loss_fn(net, spec.loss)
+        perturbations = spec.zero_perturbations(data.x_probe)
+        key = probe_key()
+        probe_grads = jax.grad(lambda p: loss_fn(
+            p, perturbations, batch_stats, data.x_probe, data.y_probe, key)[0])(params)
+    return probes.EpochView(
+        params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
+        slope_max=sown["slope_max"], probe_grads=probe_grads,
+        sat_threshold=sat_threshold, signals=signals,
+        branches=branches, skips=skips, jacobian_sv=jacobian_sv)

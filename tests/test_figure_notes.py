@@ -12,7 +12,7 @@ import pytest
 from conftest import TINY, cli_main, texts_of
 
 from vgrad import store
-from vgrad.analysis import figures, load_sweep
+from vgrad.analysis import figures, load_sweep, style
 
 #: The probes the sweep figures here draw, and no more (compiling is the tests' cost).
 PROBES = ["record.step_probes=[global_norms,kernel_grad_stats,delta_norm]",
@@ -178,7 +178,7 @@ def test_a_seed_at_exactly_zero_pulls_the_centre_down_on_a_log_axis():
                        [1e-3, 1e-4, 1e-5, 0.0, 0.0, 1e-8],
                        [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]])
     fig, ax = plt.subplots()
-    figures._band(ax, x, values, "C0", "three seeds", log=True)
+    style.band(ax, x, values, "C0", "three seeds", log=True)
     center = ax.get_lines()[0].get_ydata()
     np.testing.assert_allclose(center[[0, 1, 2, 5]], [1e-3, 1e-4, 1e-5, 1e-8], rtol=1e-12)
     assert np.isnan(center[3:5]).all()  # a geometric mean with a zero is zero: no point
@@ -186,12 +186,12 @@ def test_a_seed_at_exactly_zero_pulls_the_centre_down_on_a_log_axis():
              and len(c.get_offsets()) and np.all(c.get_offsets()[:, 1] == 0.02)]
     assert len(marks) == 1  # the zero marks, at the bottom of the axes
     np.testing.assert_array_equal(marks[0][:, 0], [3, 4])
-    assert "three seeds" in figures._zero_note(fig)
+    assert "three seeds" in style.zero_note(fig)
 
     five = np.vstack([values, values[[0, 2]]])  # 5 seeds, one zero: the median is drawn
     fig, ax = plt.subplots()
-    figures._band(ax, x, five, "C0", "five seeds", log=True)
+    style.band(ax, x, five, "C0", "five seeds", log=True)
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(),
                                [1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8], rtol=1e-12)
-    assert figures._zero_note(fig) == ""
+    assert style.zero_note(fig) == ""
     plt.close("all")

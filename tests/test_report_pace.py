@@ -19,7 +19,7 @@ import pytest
 from conftest import LIGHT, cli_main, compose_cfg
 
 from vgrad import activations, store, theory
-from vgrad.analysis import figures, load_sweep, report, write_report
+from vgrad.analysis import figures, load_sweep, predictions, report, write_report
 from vgrad.analysis.tables import COMMANDS, record_command, sweep_command, sweep_commands
 
 REFERENCE = Path(__file__).parent / "data" / "theory_reference.json"
@@ -157,7 +157,7 @@ def layer_steps(monkeypatch):
 
 def _clear_figure_caches() -> None:
     """Forget the profile figure's own memo of predictions, if it keeps one."""
-    memo = getattr(figures, "_prediction", None)
+    memo = getattr(predictions, "mean_field", None)
     if hasattr(memo, "cache_clear"):
         memo.cache_clear()
 

@@ -272,21 +272,12 @@ def _plot_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     if sweep.runs.empty:
         _fail(parser, f"{args.sweep}: no run the analysis can read")
     out = args.out or args.sweep / "figures"
-    hue = args.hue or args.x
-    names = [f"profile_{hue}", f"bars_{args.x}", f"curves_{hue}", f"time_{hue}"]
-    if args.y:
-        names.append(f"heatmap_{args.x}_{args.y}")
-    files = tuple(f"{n}.{ext}" for n in names for ext in ("png", "pdf"))
+    # The registry's figures for these axes (figures.SWEEP_FIGURES, as the report's).
+    made = figures.command_figures(sweep, args.x, args.y, args.hue, args.metric)
+    files = tuple(f"{n}.{ext}" for n in made for ext in ("png", "pdf"))
     try:
         # Links refused before anything is drawn; the folder made once the axes are known.
         output_folder(out, own=args.out is None, names=files, create=False)
-        made = {f"profile_{hue}": lambda: figures.profile(sweep, hue),
-                f"bars_{args.x}": lambda: figures.bars(sweep, args.x),
-                f"curves_{hue}": lambda: figures.curves(sweep, hue),
-                f"time_{hue}": lambda: figures.time_profile(sweep, hue)}  # recurrent only
-        if args.y:
-            made[f"heatmap_{args.x}_{args.y}"] = lambda: figures.heatmap(
-                sweep, args.x, args.y, args.metric)
         try:
             drawn = {name: make() for name, make in made.items()}
         except KeyError as exc:

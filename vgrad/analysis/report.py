@@ -39,7 +39,7 @@ import pandas as pd
 
 from vgrad import store
 from vgrad.analysis import figures
-from vgrad.analysis.tables import Run, Sweep, load_sweep, sweep_commands
+from vgrad.analysis.tables import Run, Sweep, axis_column, load_sweep, sweep_commands
 
 #: A sweep of at most this many runs gets every run's figures by default; a longer one,
 #: those of representative runs (``representative_runs``).
@@ -51,7 +51,7 @@ FOLD_TABLE = 20
 def summary_table(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
     """One row per run: its swept axes, status, seeds, diverged seeds (and the steps
     where they diverged) and final metrics (median and interquartile range over seeds)."""
-    columns = [figures.axis_column(runs, a) for a in axes]
+    columns = [axis_column(runs, a) for a in axes]
     rows = []
     for name, group in runs.groupby("run", sort=False):
         steps = sorted(int(s) for s in group["diverged_at_step"].dropna())
@@ -250,7 +250,7 @@ def representative_runs(runs: pd.DataFrame, axes: list[str], names: list[str]) -
     if not names:
         return []
     first = runs.drop_duplicates("run").set_index("run")
-    columns = [figures.axis_column(runs, a) for a in axes]
+    columns = [axis_column(runs, a) for a in axes]
     values = [{(c, str(first.at[n, c])) for c in columns} for n in names]
     missing = set().union(*values)
     chosen = {0}

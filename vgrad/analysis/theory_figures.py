@@ -5,54 +5,37 @@
   (sigma_w^2, depth), with the 6 xi_c curve and the order-to-chaos boundary
   (chi_1 = 1) from ``vgrad.theory``;
 - :func:`signal_theory`: measured against predicted c^l and delta_l profiles at
-  initialisation for three sigma_w^2 of a sweep (ordered, nearest the boundary, chaotic).
+  initialisation for three sigma_w^2 of a sweep (ordered, nearest the boundary, chaotic);
+- :func:`isometry`: the Jacobian's singular values against depth (dynamical isometry).
 
-Both need runs the theory describes: plain MLPs without batch norm, an elementwise
+The theory's numbers come from ``predictions`` (this module only draws them).
+
+The first two need runs the theory describes: plain MLPs without batch norm, an elementwise
 activation, ``init=mean_field`` (or another fan-in-scaled initializer) and a zero-mean
 Gaussian or zero bias; otherwise they return None and say why in ``why_not``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import warnings
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from vgrad.analysis.figures import (
-    OKABE_ITO,
-    _band,
-    _figure,
-    _metric_text,
-    _suptitle,
-    theory_inputs,
+from vgrad.analysis.naming import metric_text
+from vgrad.analysis.predictions import (
+    phase_boundary,
+    run_theory_inputs,
+    signal_prediction,
+    training_inputs,
 )
+from vgrad.analysis.style import OKABE_ITO, band, figure, suptitle
 from vgrad.analysis.tables import Run, Sweep
 
 #: sigma_w^2 points of the 6 xi_c curve (tanh: ~0.05 s each; an activation with kinks,
 #: whose correlation map keeps the 800 x 800 reference grid, ~1 s in the chaotic phase).
 CURVE_POINTS = 25
-
-
-#: The config keys ``figures.theory_inputs`` reads.
-_DESCRIBING = ("model", "bn", "act", "init", "bias_init")
-
-
-def _theory_inputs(run: Run) -> tuple | str:
-    """(activation, sigma_w^2, sigma_b^2) of a run the theory describes, or why not
-    (``figures.theory_inputs``: the rules of the profile figure's overlay); worked out
-    once per distinct (model, bn, act, init, bias_init) of a sweep."""
-    return _described(json.dumps({k: run.config.get(k) for k in _DESCRIBING},
-                                 sort_keys=True, default=str))
-
-
-@functools.lru_cache(maxsize=1024)
-def _described(key: str) -> tuple | str:
-    from omegaconf import OmegaConf
-
-    return theory_inputs(OmegaConf.create(json.loads(key)))
 
 
 def _config(run: Run):
@@ -62,30 +45,12 @@ def _config(run: Run):
     return OmegaConf.create(run.config)
 
 
-@functools.lru_cache(maxsize=32)
-def _boundary(act_json: str, sigma_b2: float, low: float, high: float, points: int
-              ) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """The 6 xi_c curve over sigma_w^2 in [low, high] and the critical sigma_w^2."""
-    from omegaconf import OmegaConf
-
-    from vgrad import theory
-
-    act = theory.activation(OmegaConf.create(json.loads(act_json)))
-    grid = np.linspace(low, high, points)
-    xi = np.array([theory.correlation_depth_scale(act, float(s), sigma_b2) for s in grid])
-    try:
-        critical = theory.critical_sigma_w2(act, sigma_b2)
-    except ValueError:  # no boundary in the bracket (e.g. a linear activation)
-        critical = None
-    return grid, 6.0 * xi, critical
-
-
 def why_not(sweep: Sweep) -> str | None:
     """Why the theory figures cannot be drawn for this sweep, or None if they can."""
     runs = [r for r in sweep.runs_list if r.status != "failed"]
     if not runs:
         return "no run ended"
-    described = [_theory_inputs(r) for r in runs]
+    described = [run_theory_inputs(r) for r in runs]
     reasons = [i for i in described if isinstance(i, str)]
     if reasons:
         return reasons[0]
@@ -106,7 +71,7 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     if why_not(sweep) is not None or "depth" not in runs:
         return None
     ended_runs = [r for r in sweep.runs_list if r.status != "failed"]
-    inputs = [_theory_inputs(r) for r in ended_runs]
+    inputs = [run_theory_inputs(r) for r in ended_runs]
     sw = {r.name: i[1] for r, i in zip(ended_runs, inputs, strict=True)}
     ended = runs[runs["status"] != "failed"].assign(sigma_w2=lambda d: d["run"].map(sw))
     if ended["sigma_w2"].nunique() < 2 or ended["depth"].nunique() < 2:
@@ -119,7 +84,7 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
         mid = (v[1:] + v[:-1]) / 2
         return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
 
-    fig, ax = _figure(1, 1, width=6.4, height=4.6)
+    fig, ax = figure(1, 1, width=6.4, height=4.6)
     a = ax[0, 0]
     mesh = a.pcolormesh(edges(xs), edges(ys), grid.to_numpy(float), cmap="viridis",
                         vmin=0.0, vmax=1.0, shading="flat")
@@ -127,8 +92,8 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     act, _, sigma_b2 = inputs[0]
     cfg = _config(ended_runs[0])
     act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
-    curve_x, curve_y, critical = _boundary(act_json, float(sigma_b2), float(xs.min()),
-                                           float(xs.max()), points or CURVE_POINTS)
+    curve_x, curve_y, critical = phase_boundary(act_json, float(sigma_b2), float(xs.min()),
+                                                float(xs.max()), points or CURVE_POINTS)
     a.plot(curve_x, np.where(np.isfinite(curve_y), curve_y, np.nan), color="white",
            linewidth=2.0, label="6 ξ_c (mean-field theory)")
     if critical is not None and xs.min() <= critical <= xs.max():
@@ -139,15 +104,15 @@ def phase_diagram(sweep: Sweep, metric: str = "final_train_acc",
     handles, labels = a.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8,
                facecolor="0.35", labelcolor="white")
-    what = _metric_text(metric)
+    what = metric_text(metric)
     seeds = int(ended.groupby("run").size().min())
     fig.colorbar(mesh, ax=a, label=what + (" (median over seeds)" if seeds > 1 else ""))
     per_cell = f"median of {seeds} seeds per cell" if seeds > 1 else "one seed per cell"
-    _suptitle(fig, f"Trainability phase diagram: {cfg.act.name}, σ_b² = {sigma_b2:g}, "
-              f"width {cfg.width}, {cfg.data.name}, {cfg.optim.name} lr {cfg.optim.lr:g}, "
-              f"{cfg.epochs} epochs",
-              f"{what}, {per_cell}; nets "
-              "train below about 6 ξ_c (Schoenholz et al. 2017)")
+    suptitle(fig, f"Trainability phase diagram: {cfg.act.name}, σ_b² = {sigma_b2:g}, "
+             f"width {cfg.width}, {cfg.data.name}, {cfg.optim.name} lr {cfg.optim.lr:g}, "
+             f"{cfg.epochs} epochs",
+             f"{what}, {per_cell}; nets "
+             "train below about 6 ξ_c (Schoenholz et al. 2017)")
     return fig
 
 
@@ -163,8 +128,6 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
     """Measured (lines, median over seeds) against predicted (open circles) correlation
     c^l and delta_l / delta_output across layers at initialisation, for three sigma_w^2
     of the sweep at one depth (default: the depth nearest the sweep's median)."""
-    from vgrad import data, theory
-
     if why_not(sweep) is not None:
         return None
     runs = [r for r in sweep.runs_list if r.status != "failed"
@@ -174,15 +137,15 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
     depths = sorted({int(r.config["depth"]) for r in runs})
     depth = depth if depth in depths else min(depths, key=lambda d: abs(d - np.median(depths)))
     at_depth = [r for r in runs if int(r.config["depth"]) == depth]
-    inputs = {r.name: _theory_inputs(r) for r in at_depth}
+    inputs = {r.name: run_theory_inputs(r) for r in at_depth}
     act, _, sigma_b2 = inputs[at_depth[0].name]
     cfg = _config(at_depth[0])
     act_json = json.dumps(dict(cfg.act), sort_keys=True, default=str)
-    _, _, critical = _boundary(act_json, float(sigma_b2), 0.5, 8.0, 2)
+    _, _, critical = phase_boundary(act_json, float(sigma_b2), 0.5, 8.0, 2)
     chosen = _three([inputs[r.name][1] for r in at_depth], critical)
-    x = data.load(cfg.data).x_train
+    x = training_inputs(cfg)
     probe = x[: int(cfg.record.probe_size)]
-    fig, ax = _figure(2, sharex=True)
+    fig, ax = figure(2, sharex=True)
     layers = np.arange(depth + 1)
     for color, sigma_w2 in zip(OKABE_ITO, chosen, strict=False):
         group = [r for r in at_depth if inputs[r.name][1] == sigma_w2]
@@ -194,10 +157,9 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
         phase = ("ordered" if critical is not None and sigma_w2 < critical - 1e-9 else
                  "chaotic" if critical is not None and sigma_w2 > critical + 1e-9 else "")
         label = f"σ_w² = {sigma_w2:g}" + (f" ({phase})" if phase else "")
-        _band(ax[0, 0], layers, c, color, label)
-        _band(ax[1, 0], layers, d, color, label, log=True)
-        _, c_pred = theory.signal_profiles(act, depth, sigma_w2, float(sigma_b2), probe)
-        d_pred = theory.mean_delta_profile(act, depth, sigma_w2, float(sigma_b2), x)
+        band(ax[0, 0], layers, c, color, label)
+        band(ax[1, 0], layers, d, color, label, log=True)
+        c_pred, d_pred = signal_prediction(act, depth, sigma_w2, float(sigma_b2), x, probe)
         for a, pred in ((ax[0, 0], c_pred), (ax[1, 0], d_pred)):
             a.plot(layers, pred, color=color, linestyle=":", marker="o", markersize=3.5,
                    markerfacecolor="white", label=f"{label}, theory")
@@ -209,13 +171,11 @@ def signal_theory(sweep: Sweep, depth: int | None = None) -> Figure | None:
                  xlabel="layer (0 = next to the input; the last is the output layer)")
     handles, labels = ax[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
-    _suptitle(fig, f"Measured (lines) vs mean-field theory (open circles): {cfg.act.name}, "
-              f"depth {depth}, σ_b² = {sigma_b2:g}, width {cfg.width}",
-              "theory: the length and correlation maps iterated for every probe input "
-              "and pair; δ from χ per layer")
+    suptitle(fig, f"Measured (lines) vs mean-field theory (open circles): {cfg.act.name}, "
+             f"depth {depth}, σ_b² = {sigma_b2:g}, width {cfg.width}",
+             "theory: the length and correlation maps iterated for every probe input "
+             "and pair; δ from χ per layer")
     return fig
-
-
 
 
 def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
@@ -240,7 +200,7 @@ def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
     lines: dict[str, list[Run]] = {}
     for r in runs:
         lines.setdefault(key(r), []).append(r)
-    fig, ax = _figure(3, sharex=False)
+    fig, ax = figure(3, sharex=False)
     centres = 10 ** ((SV_EDGES[1:] + SV_EDGES[:-1]) / 2)
     for color, (label, group) in zip(OKABE_ITO, sorted(lines.items()), strict=False):
         group = sorted(group, key=lambda r: int(r.config["depth"]))
@@ -265,7 +225,7 @@ def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
                  xlabel="singular value s", ylabel="density per decade")
     handles, labels = ax[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
-    _suptitle(fig, "Dynamical isometry: singular values of the input-output Jacobian",
-              "median over seeds; orthogonal kernels at criticality keep s near 1 "
-              "(Pennington et al. 2017)")
+    suptitle(fig, "Dynamical isometry: singular values of the input-output Jacobian",
+             "median over seeds; orthogonal kernels at criticality keep s near 1 "
+             "(Pennington et al. 2017)")
     return fig

@@ -80,3 +80,19 @@ def test_every_step_probe_returns_what_it_declares(probe):
     for key, value in returned.items():
         assert value.dtype == jnp.float32, key
         assert value.shape == tuple(sizes[a] for a in entry.outputs[key]), key
+
+
+@pytest.mark.parametrize(("optimizer", "cosine"), [("optim=sgd", -1.0), ("optim=adam", None)])
+def test_update_cosine_is_the_gradient_update_cosine_per_layer(optimizer, cosine):
+    """-1 for plain SGD at every layer; for Adam, numpy's cosine of the step's own gradient
+    and update (kernel and bias together)."""
+    layout, _, _, out = one_step(optimizer)
+    stats = jax.jit(lambda o: probes.STEP_PROBES["update_cosine"](o, layout))(out)
+    grads, updates = jax.tree.map(np.asarray, out.grads), jax.tree.map(np.asarray, out.updates)
+    for layer, name in enumerate(layout.names):
+        g = np.concatenate([grads[name][k].ravel() for k in ("kernel", "bias")])
+        u = np.concatenate([updates[name][k].ravel() for k in ("kernel", "bias")])
+        expected = g @ u / (np.linalg.norm(g) * np.linalg.norm(u)) if cosine is None else cosine
+        np.testing.assert_allclose(stats["update_cosine"][layer], expected, atol=2e-6)
+    if cosine is None:  # Adam really turns the step
+        assert np.all(np.asarray(stats["update_cosine"]) > -0.999)

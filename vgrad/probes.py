@@ -179,6 +179,27 @@ def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     return {"update_norm": update, "update_ratio": update / weight}
 
 
+def update_cosine(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """cos(g_l, Delta theta_l): the cosine between layer l's gradient (kernel and bias,
+    before clipping) and the change the optimizer applied to them.
+
+    Plain SGD steps straight down the gradient: -1 at every layer, whatever the learning
+    rate or a global-norm clip. Momentum, Adam's per-entry scaling, clipping by value and
+    weight decay turn the step away from the gradient; near 0, a layer moves in a
+    direction its own gradient does not ask for (Adam's sign-like steps on a vanishing
+    gradient move the first layers as fast as the last). NaN where either is zero.
+    """
+    grads = pack(_joined(layout.leaves(out.grads, "kernel"), layout.leaves(out.grads, "bias")))
+    steps = pack(_joined(layout.leaves(out.updates, "kernel"),
+                         layout.leaves(out.updates, "bias")))
+
+    def cosine(g: Rows, u: Rows) -> Array:  # unit rows first: no overflow
+        return jnp.sum(g.x / _norms(g.x)[:, None] * (u.x / _norms(u.x)[:, None]), axis=-1)
+
+    return {"update_cosine": jnp.concatenate([cosine(g, u)
+                                              for g, u in zip(grads, steps, strict=True)])}
+
+
 def clip_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     """Global gradient norm after clipping, and 1.0 where clipping changed the gradient.
 
@@ -343,6 +364,7 @@ STEP_PROBES: dict[str, Probe] = {
     "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}, needs=("own_deltas",),
                             opt_in=True),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
+    "update_cosine": Probe(update_cosine, {"update_cosine": _LAYER}, opt_in=True),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
     "time_delta_norm": Probe(time_delta_norm, {"time_delta_norm": ("recurrent", "time")},
                              requires="recurrent"),

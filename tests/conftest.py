@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -237,3 +238,30 @@ def sweep_locked_by(sweep_dir: Path, holder: str):
         f.write(holder)
         f.flush()
         yield
+
+
+def script(path: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python scripts/NAME.py ARGS`` in-process, for tests whose subject is what the
+    script draws or says rather than the process: the same ``vgrad.cli`` function the
+    script calls, with the script's name as its prog; stdout and stderr (and the warnings
+    Python would print there) come back as a finished process's would."""
+    import io
+    import warnings
+
+    from vgrad import cli as vgrad_cli
+
+    name = Path(path).stem
+    main = {"report": vgrad_cli.report_main, "plot_run": vgrad_cli.plot_run_main,
+            "plot_sweep": vgrad_cli.plot_sweep_main}[name]
+    out, err = io.StringIO(), io.StringIO()
+    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("default")
+        try:
+            code = main(list(args), prog=Path(path).name)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                    for w in caught)
+    return subprocess.CompletedProcess([path, *args], code, out.getvalue(),
+                                       shown + err.getvalue())

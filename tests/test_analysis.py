@@ -127,7 +127,7 @@ def test_sweep_figures(sweep_dir, tmp_path):
 
 
 def test_report_references_every_figure_and_the_runs_table(sweep_dir, tmp_path):
-    index = write_report(sweep_dir, tmp_path / "report")
+    index = write_report(sweep_dir, tmp_path / "report", jobs=1)
     page = index.read_text()
     images = sorted(p.relative_to(index.parent).as_posix()
                     for p in (index.parent / "figures").glob("*.png"))
@@ -178,7 +178,7 @@ def test_diverged_runs_are_marked_and_unfinished_runs_skipped_with_a_warning(
     assert any("diverged" in t.get_text() for t in fig.axes[0].texts)
     plt.close(fig)
     with pytest.warns(UserWarning, match="killed"):
-        index = write_report(root, tmp_path / "report")
+        index = write_report(root, tmp_path / "report", jobs=1)
     assert "killed" in index.read_text()  # the page lists what it skipped
 
 
@@ -202,7 +202,7 @@ def test_missing_statistics_leave_the_panel_out_with_a_note(sweep_dir, tmp_path)
     assert any("delta_norm was not recorded" in t.get_text()
                for ax in profile.axes for t in ax.texts)
     plt.close("all")
-    page = write_report(old, tmp_path / "report").read_text()
+    page = write_report(old, tmp_path / "report", jobs=1).read_text()
     # Each missing figure names the probe that records it; figures that do not apply to
     # the net (through time: recurrent nets only) are not "missing".
     assert ("Not recorded in this run: histograms (epoch probe histograms), saturation "

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import TINY, texts_of
+from conftest import TINY, script, texts_of
 
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
@@ -21,18 +19,14 @@ from vgrad.analysis import figures, load_run, load_sweep, write_report
 # probe, "time" a recurrent model.
 DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES if kind not in ("signal", "time")]
 
-REPO = Path(__file__).resolve().parent.parent
-
-
 
 def scripts_work(sweep: Path, out: Path, x: str) -> str:
     """Run the three scripts on a sweep; return the report page."""
-    for cmd in (["scripts/report.py", str(sweep), "--out", str(out / "report")],
+    for cmd in (["scripts/report.py", str(sweep), "--out", str(out / "report"), "--jobs", "1"],
                 ["scripts/plot_sweep.py", str(sweep), "--x", x, "--out", str(out / "sweep")],
                 ["scripts/plot_run.py", str(next(sweep.glob("*/summary.json")).parent),
                  "--out", str(out / "run")]):
-        proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        proc = script(*cmd)  # in-process: what they draw is the subject here
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
     return (out / "report" / "index.html").read_text()
@@ -61,7 +55,7 @@ def test_exploded_sweeps_get_their_figures_and_pages(exploded, tmp_path):
         if name == "all":  # the scripts, as a user runs them
             page = scripts_work(exploded / name, tmp_path / name, x)
         else:
-            page = write_report(exploded / name, tmp_path / name / "report").read_text()
+            page = write_report(exploded / name, tmp_path / name / "report", jobs=1).read_text()
         assert "diverged" in page
         # Every figure of every run and of the sweep is drawn (not blank).
         pngs = list((tmp_path / name / "report" / "figures").glob("*.png"))
@@ -94,7 +88,7 @@ def test_all_zero_gradients_are_drawn_as_a_note(cli, tmp_path):
     hist = figures.histograms(run)
     assert "below 1e-12" in texts_of(hist) or "dead" in texts_of(hist)
     plt.close("all")
-    write_report(tmp_path / "zero", tmp_path / "report")
+    write_report(tmp_path / "zero", tmp_path / "report", jobs=1)
 
 
 def test_dotted_and_quoted_folder_names_get_their_own_figures(cli, tmp_path):
@@ -109,7 +103,7 @@ def test_dotted_and_quoted_folder_names_get_their_own_figures(cli, tmp_path):
     summary = json.loads((odd / store.SUMMARY).read_text())
     summary["config"]["optim"]["lr"] = 0.1  # a third value, for the figures
     (odd / store.SUMMARY).write_text(json.dumps(summary))
-    page = write_report(sweep, tmp_path / "report").read_text()
+    page = write_report(sweep, tmp_path / "report", jobs=1).read_text()
     sources = [part.split('"')[0] for part in page.split('<img src="')[1:]]
     per_run = [s for s in sources if "/run_" in s]
     assert len(per_run) == 3 * len(DEFAULT_FIGURES)
@@ -133,9 +127,9 @@ def test_a_corrupt_run_is_skipped_with_a_warning_naming_the_file(cli, tmp_path):
     assert str(tmp_path / "1" / store.SUMMARY) in messages
     assert list(sweep.runs["run"].unique()) == ["2"]
     for cmd in (["scripts/plot_run.py", str(tmp_path / "0")],
-                ["scripts/report.py", str(tmp_path), "--out", str(tmp_path / "report")]):
-        proc = subprocess.run([sys.executable, *cmd], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+                ["scripts/report.py", str(tmp_path), "--out", str(tmp_path / "report"),
+                 "--jobs", "1"]):
+        proc = script(*cmd)
         assert "Traceback" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if "error" in line]
         assert proc.returncode == (2 if "plot_run" in cmd[0] else 0), proc.stderr

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import LIGHT, TINY, one_error_line, run_dirs, sweep_locked_by
+from conftest import LIGHT, TINY, one_error_line, run_dirs, script, sweep_locked_by
 
 from vgrad import store
 from vgrad.analysis import load_sweep
@@ -284,9 +284,8 @@ def test_a_damaged_run_is_skipped_by_readers_and_retrained(damage, trained, tmp_
     assert str(bad) in message and name in message
     sw.steps(), sw.epochs()  # the readable run reads
 
-    proc = subprocess.run([sys.executable, "scripts/plot_sweep.py", str(sweep), "--x",
-                           "act", "--out", str(tmp_path / "fig")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = script("scripts/plot_sweep.py", str(sweep), "--x", "act", "--out",
+                  str(tmp_path / "fig"))
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "error: layer_names" not in proc.stderr
 

@@ -193,7 +193,7 @@ def test_a_recurrent_sweep_gets_its_time_tables_and_time_profile(cli, tmp_path):
     assert epochs.loc[epochs["layer"] == "out", "rec_radius"].isna().all()
     fig = figures.time_profile(sweep, "act.name")
     assert all(len(ax.lines) == 2 for ax in fig.axes)  # one line per activation
-    page = write_report(tmp_path / "sweep", tmp_path / "report").read_text()
+    page = write_report(tmp_path / "sweep", tmp_path / "report", jobs=1).read_text()
     assert "Gradient through time by act" in page
     assert (tmp_path / "report" / "figures" / "run_000_time.png").is_file()
 

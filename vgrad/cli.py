@@ -142,6 +142,23 @@ def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _writing(parser: argparse.ArgumentParser, out: Path, draw: Callable[[], None]) -> int:
+    """Run ``draw``, which writes figures into ``out``; the exit status. A symbolic link
+    where a figure would be written is bad input (one line, status 2); a folder that
+    cannot be written is named (one line, status 1)."""
+    from vgrad import store
+    from vgrad.analysis.report import cannot_write
+
+    try:
+        draw()
+    except store.LinkRefused as exc:
+        _fail(parser, str(exc))
+    except OSError as exc:
+        print(cannot_write(parser.prog, exc, out), file=sys.stderr)
+        return 1
+    return 0
+
+
 def _parser(text: str, prog: str | None) -> argparse.ArgumentParser:
     """A parser whose description is the first paragraph of ``text`` and whose epilog is
     the rest; its prog (the name its lines start with) defaults to the command's name,
@@ -204,9 +221,8 @@ def plot_run_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
 
 def _plot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from vgrad import store
     from vgrad.analysis import figures, load_run
-    from vgrad.analysis.report import cannot_write, output_folder
+    from vgrad.analysis.report import output_folder
 
     if not (args.run / "summary.json").is_file():
         _fail(parser, f"{args.run}: not a run folder (no summary.json)")
@@ -220,7 +236,8 @@ def _plot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"{args.run}: interrupted after {run.summary.get('epochs_done')} epoch(s); "
               "plotting what it trained")
     out = args.out or args.run / "figures"
-    try:  # links and an unwritable folder refused before anything is drawn
+
+    def draw() -> None:  # links and an unwritable folder refused before anything is drawn
         output_folder(out, own=args.out is None,
                       names=tuple(f"{kind}.{ext}" for kind in figures.RUN_FIGURES
                                   for ext in ("png", "pdf")))
@@ -233,12 +250,8 @@ def _plot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 continue
             for path in figures.save(fig, out / kind):
                 print(path)
-    except store.LinkRefused as exc:
-        _fail(parser, str(exc))
-    except OSError as exc:
-        print(cannot_write(parser.prog, exc, out), file=sys.stderr)
-        return 1
-    return 0
+
+    return _writing(parser, out, draw)
 
 
 # ---------------------------------------------------------------- vgrad-plot-sweep
@@ -262,9 +275,8 @@ def plot_sweep_main(argv: list[str] | None = None, prog: str | None = None) -> i
 
 
 def _plot_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from vgrad import store
     from vgrad.analysis import figures, load_sweep
-    from vgrad.analysis.report import cannot_write, output_folder
+    from vgrad.analysis.report import output_folder
 
     if not args.sweep.is_dir():
         _fail(parser, f"{args.sweep}: no such folder")
@@ -275,7 +287,8 @@ def _plot_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     # The registry's figures for these axes (figures.SWEEP_FIGURES, as the report's).
     made = figures.command_figures(sweep, args.x, args.y, args.hue, args.metric)
     files = tuple(f"{n}.{ext}" for n in made for ext in ("png", "pdf"))
-    try:
+
+    def draw() -> None:
         # Links refused before anything is drawn; the folder made once the axes are known.
         output_folder(out, own=args.out is None, names=files, create=False)
         try:
@@ -287,13 +300,8 @@ def _plot_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
             if fig is not None:
                 for path in figures.save(fig, out / name):
                     print(path)
-    except store.LinkRefused as exc:
-        _fail(parser, str(exc))
-    except OSError as exc:
-        print(cannot_write(parser.prog, exc, out), file=sys.stderr)
-        return 1
-    return 0
 
+    return _writing(parser, out, draw)
 
 
 #: ``python -m vgrad.cli COMMAND``: the console commands, where they are not on PATH.

@@ -94,6 +94,21 @@ def refuse_links(folder: Path, names: tuple[str, ...]) -> None:
             refuse_link(path)
 
 
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A run's config as dotted keys: ``{"act": {"name": "relu"}}`` -> ``{"act.name":
+    "relu"}``; lists as JSON text (the runs table's columns, TensorBoard's hparams)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_config(value, f"{name}."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(list(value))
+        else:
+            out[name] = value
+    return out
+
+
 def atomic_write(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` whole or not at all: a temporary file in the same
     folder, then ``os.replace``, which replaces a link rather than following it (and a

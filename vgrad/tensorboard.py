@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vgrad import store
 from vgrad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -117,24 +118,10 @@ def stride(n: int, cap: int) -> int:
     return max(1, math.ceil((n - 1) / max(cap - 2, 1)))
 
 
-def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"act": {"name": "relu"}}`` -> ``{"act.name": "relu"}``; lists as JSON text."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_config(value, f"{name}."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = json.dumps(list(value))
-        else:
-            out[name] = value
-    return out
-
-
 def hparams(config: Mapping[str, Any], seed: int) -> dict[str, bool | int | float | str]:
     """The hyperparameters of one seed of a run: its config flattened (None values and
     :data:`NOT_HPARAMS` left out), ``seed`` set to that seed."""
-    flat = {k: v for k, v in flat_config(config).items()
+    flat = {k: v for k, v in store.flat_config(config).items()
             if k.split(".")[0] not in NOT_HPARAMS and v is not None}
     flat["seed"] = int(seed)
     return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}

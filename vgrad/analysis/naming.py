@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from vgrad.analysis.tables import Run, flatten
+from vgrad import store
+from vgrad.analysis.tables import Run
 
 #: How titles and legends name a config key: (math text for figures, plain text for
 #: pages). Keys not listed are named by themselves (``act``, ``depth``, ``data.test_size``).
@@ -86,7 +87,7 @@ QUIET = {"model": "mlp", "bias_init": "zeros", "clip": "none", "bn": "none", "wi
 
 def settings(config: dict) -> list[tuple[str, object]]:
     """A run's key settings as (config key, value), in the order of ``SETTINGS``."""
-    flat = flatten(config)
+    flat = store.flat_config(config)
     out: list[tuple[str, object]] = []
     for entry in SETTINGS:
         if entry.endswith(".*"):
@@ -109,7 +110,7 @@ def _excluded(key: str, axes: Sequence[str]) -> bool:
 
 def axis_value(run: Run, axis: str) -> object:
     """A run's value of a sweep axis (its config: ``act`` is ``act.name``)."""
-    flat = flatten(run.config)
+    flat = store.flat_config(run.config)
     for candidate in (axis, f"{axis}.name"):
         if candidate in flat:
             return flat[candidate]

@@ -43,18 +43,6 @@ _EVAL = ("train_loss", "train_acc", "test_loss", "test_acc")
 ENDED = ("completed", "diverged", "partial", "failed", "interrupted")
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"act": {"name": "relu"}}`` -> ``{"act.name": "relu"}``; lists become strings."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, list) else value
-    return out
-
-
 def find_runs(path: Path) -> list[Path]:
     """Every folder under ``path`` (itself included) that holds a ``summary.json``, in
     natural order (job 2 before job 10; numbered folders before named ones, so that
@@ -91,7 +79,8 @@ class Run:
 
     def rows(self) -> list[dict[str, Any]]:
         """This run's rows of the runs table (one per seed)."""
-        base = {k: v for k, v in flatten(self.config).items() if k not in ("seed", "seeds")}
+        base = {k: v for k, v in store.flat_config(self.config).items()
+                if k not in ("seed", "seeds")}
         timing = self.summary.get("timing", {})
         per_seed = self.summary.get("per_seed") or [
             {"seed": s, "diverged_at_step": None, "initial": {}, "final": {}}

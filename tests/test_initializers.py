@@ -25,6 +25,7 @@ MOMENTS = {
     "lecun_uniform": (0.0, 1 / FAN_IN),
     "lecun_normal": (0.0, 1 / FAN_IN),
     "orthogonal": (0.0, 1 / FAN_OUT),  # orthonormal rows of a 256 x 512 matrix
+    "delta_orthogonal": (0.0, 1 / FAN_OUT),  # a Dense kernel: orthogonal
     "variance_scaling": (0.0, 1 / FAN_IN),
     "nielsen": (0.0, 1 / FAN_IN),
     "mean_field": (0.0, 1 / FAN_IN),
@@ -53,6 +54,26 @@ def test_orthogonal_kernels(gain):
     np.testing.assert_allclose(w.T @ w, gain ** 2 * np.eye(FAN_IN), atol=1e-4 * gain ** 2)
     wide = draw("init", "orthogonal", (FAN_IN, FAN_OUT), f"init.gain={gain}")
     np.testing.assert_allclose(wide @ wide.T, gain ** 2 * np.eye(FAN_IN), atol=1e-4 * gain ** 2)
+
+
+@pytest.mark.parametrize("gain", [1.0, 1.5])
+def test_delta_orthogonal_conv_kernels_are_orthogonal_at_the_centre_and_zero_elsewhere(gain):
+    k, c_in, c_out = 3, 16, 32
+    w = draw("init", "delta_orthogonal", (k, k, c_in, c_out), f"init.gain={gain}")
+    centre = w[k // 2, k // 2]
+    np.testing.assert_allclose(centre @ centre.T, gain ** 2 * np.eye(c_in), atol=1e-5)
+    off = w.copy()
+    off[k // 2, k // 2] = 0
+    assert not off.any()
+
+
+@pytest.mark.parametrize("name,var", [("he_normal", 2.0), ("lecun_normal", 1.0),
+                                      ("glorot_uniform", 1.0)])
+def test_conv_kernels_read_the_fan_in_as_receptive_field_times_input_channels(name, var):
+    k, c_in, c_out = 3, 32, 64  # fan_in = 288, fan_out = 576; Glorot: 1 / fan_avg
+    w = draw("init", name, (k, k, c_in, c_out))
+    fan = k * k * c_in if name != "glorot_uniform" else (k * k * (c_in + c_out)) / 2
+    np.testing.assert_allclose(w.var(), var / fan, rtol=0.03)
 
 
 def test_variance_scaling_sweeps_sigma_w_squared():

@@ -320,6 +320,13 @@ def _adding_sequence(cfg: Any) -> tuple[int, int]:
     return int(cfg.length), 2  # (value, marker) at each of T steps
 
 
+def image_shape(cfg: Any) -> tuple[int, int, int] | None:
+    """(height, width, channels) of a dataset's images, from its config alone (None: not
+    images; convolutional models refuse it)."""
+    source = DATASETS.get(cfg.name)
+    return None if source is None else source.image
+
+
 def step_features(cfg: Any) -> int | None:
     shape = sequence_shape(cfg)
     return None if shape is None else shape[1]
@@ -346,15 +353,19 @@ class Source:
     sequence: Callable[[Any], tuple[int, int]] | None = None
     #: Its labels are real-valued targets (``loss=regression``), not classes.
     regression: bool = False
+    #: (height, width, channels) of its images (flat rows of H * W * C features); None:
+    #: not images.
+    image: tuple[int, int, int] | None = None
 
 
 DATASETS: dict[str, Source] = {
     "circles": Source(CirclesData, circles, generated=True,
                       floats=lambda c: 3 * c.n_samples),
     "moons": Source(MoonsData, moons, generated=True, floats=lambda c: 3 * c.n_samples),
-    "digits": Source(DigitsData, digits, generated=True, sequence=_image_sequence(8)),
-    "fashion_mnist": Source(IdxData, idx, sequence=_image_sequence(28)),
-    "mnist": Source(IdxData, idx, sequence=_image_sequence(28)),
+    "digits": Source(DigitsData, digits, generated=True, sequence=_image_sequence(8),
+                     image=(8, 8, 1)),
+    "fashion_mnist": Source(IdxData, idx, sequence=_image_sequence(28), image=(28, 28, 1)),
+    "mnist": Source(IdxData, idx, sequence=_image_sequence(28), image=(28, 28, 1)),
     "adding": Source(AddingData, adding,
                      floats=lambda c: (2 * c.length + 1) * (c.n_train + c.n_test),
                      sequence=_adding_sequence, regression=True),

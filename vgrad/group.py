@@ -332,10 +332,14 @@ def member_bytes(job: Job, evaluation: bool = True) -> int:
     net), and the records of the whole run kept on the host."""
     cfg, ds = job.cfg, job.data
     pieces = activations.pieces(cfg.act)
-    sizes = [ds.n_features, *models.MODELS[cfg.model.name].widths(cfg)]
-    params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    params += (sizes[-1] + 1) * max(ds.n_classes, 1)
-    units = models.activation_units(cfg)  # (a recurrent net's at every time step)
+    model = models.MODELS[cfg.model.name]
+    sizes = [ds.n_features, *model.widths(cfg, ds.n_features)]
+    if model.n_params is None:  # (Dense layers)
+        params = sum((a + 1) * b * pieces for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        params += (sizes[-1] + 1) * max(ds.n_classes, 1)
+    else:
+        params = model.n_params(cfg, ds.n_features)
+    units = models.activation_units(cfg, ds.n_features)  # (at every time step of an RNN)
     steps = (len(ds.x_train) // cfg.batch_size) * cfg.epochs
     layers = len(sizes)
     recorded = -(-steps // cfg.record.every) * (9 * layers + 4)

@@ -156,6 +156,7 @@ KERNEL_INITIALIZERS: dict[str, Init] = {
     "lecun_uniform": Init(PlainInit, lambda c: jax.nn.initializers.lecun_uniform()),
     "lecun_normal": Init(PlainInit, lambda c: jax.nn.initializers.lecun_normal()),
     "orthogonal": Init(OrthogonalInit, lambda c: jax.nn.initializers.orthogonal(c.gain)),
+    "delta_orthogonal": Init(OrthogonalInit, lambda c: delta_orthogonal(c.gain)),
     "variance_scaling": Init(
         VarianceScalingInit,
         lambda c: jax.nn.initializers.variance_scaling(c.scale, c.mode, c.distribution),
@@ -167,6 +168,23 @@ KERNEL_INITIALIZERS: dict[str, Init] = {
         PlainInit, lambda c: jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
     ),
 }
+
+def delta_orthogonal(gain: Any) -> Initializer:
+    """Delta-orthogonal (Xiao et al. 2018, "Dynamical isometry and a mean field theory of
+    CNNs: how to train 10,000-layer vanilla convolutional neural networks"): a
+    convolution kernel [k..., c_in, c_out] that is a random orthogonal matrix (times
+    ``gain``) at the spatial centre and zero elsewhere, so that with circular padding the
+    convolution is an orthogonal map of the whole feature map (``jax``'s
+    ``delta_orthogonal``); a Dense kernel [fan_in, fan_out] (a CNN's readout) is drawn
+    orthogonal as by ``init=orthogonal``. Needs c_in <= c_out."""
+    conv = jax.nn.initializers.delta_orthogonal(gain)
+    dense = jax.nn.initializers.orthogonal(gain)
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return conv(key, shape, dtype) if len(shape) in (3, 4, 5) else dense(key, shape, dtype)
+
+    return init
+
 
 BIAS_INITIALIZERS: dict[str, Init] = {
     "zeros": Init(PlainInit, lambda c: jax.nn.initializers.zeros),

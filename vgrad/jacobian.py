@@ -16,6 +16,7 @@ norm coupling: inference mode). Costs width forward passes per input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,8 @@ def _set(tree: Any, path: tuple[str, ...], value: Array) -> Any:
 
 
 def _layer_signal(layout: Layout, intermediates: Any, layer: int) -> Array:
-    """The signal sown at layer ``layer``'s delta point, [batch, units]."""
+    """The signal sown at layer ``layer``'s delta point, [batch, ...] (a feature map's
+    [batch, height, width, channels])."""
     first = 0
     for segment, values in zip(layout.segments, layout.signals(intermediates), strict=True):
         if layer < first + len(segment):
@@ -47,7 +49,8 @@ def _layer_signal(layout: Layout, intermediates: Any, layer: int) -> Array:
 
 def deep_jacobian(net: nn.Module, variables: Any, layout: Layout, x: Array,
                   zeros: Callable[[Array], Any]) -> Array:
-    """J(x_n) = d h_last / d h_0 for every row x_n of ``x``, [n, units_last, units_0]."""
+    """J(x_n) = d h_last / d h_0 for every row x_n of ``x``, [n, units_last, units_0]
+    (a feature map's units are its positions times its channels)."""
     head = layout.segments[0]
     assert not head.stacked, "the first layer must be a single segment"
     last = len(layout.names) - 2  # the last hidden layer (the output layer is L - 1)
@@ -58,8 +61,13 @@ def deep_jacobian(net: nn.Module, variables: Any, layout: Layout, x: Array,
                             train=False, capture=True, mutable=["intermediates"])
         return _layer_signal(layout, sown["intermediates"], last)[0]
 
-    width = _get(zeros(x[:1]), head.delta).shape[-1]
-    return jax.vmap(lambda x1: jax.jacfwd(signal)(jnp.zeros((width,), x.dtype), x1))(x)
+    shape = _get(zeros(x[:1]), head.delta).shape[1:]
+
+    def flat(x1: Array) -> Array:
+        jac = jax.jacfwd(signal)(jnp.zeros(shape, x.dtype), x1)  # [out..., in...]
+        return jac.reshape(-1, math.prod(shape))
+
+    return jax.vmap(flat)(x)
 
 
 def singular_values(jacobians: Array) -> Array:

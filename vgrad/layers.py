@@ -53,6 +53,7 @@ class Segment:
     stacked: bool  # parameters, deltas and captures carry a leading layer axis
     params: tuple[tuple[tuple[str, ...], Path], ...] = ()
     signal: Path | None = None  # where the forward signal is sown, if not at ``delta``
+    kernel: str = "kernel"  # the kernel's leaf name (an Embed's is "embedding")
 
     def __len__(self) -> int:
         return len(self.names)
@@ -100,6 +101,14 @@ def _get(tree: Any, path: Sequence[str]) -> Any:
     return tree
 
 
+def _leaf(node: Any, name: str, stacked: int) -> Array:
+    """``node[name]``, or no entries where it is absent: [0], or [n, 0] for ``stacked``
+    layers (n > 0)."""
+    if name in node:
+        return node[name]
+    return jnp.zeros((stacked, 0) if stacked else (0,), jax.tree.leaves(node)[0].dtype)
+
+
 def _lead(x: Array, stacked: bool) -> Array:
     return x if stacked else x[None]
 
@@ -114,6 +123,8 @@ class Layout:
     captures: tuple[Capture, ...]
     blocks: Blocks | None = None
     recurrent: Recurrent | None = None
+    #: What the model's layout leaves unmeasured, and why (said in the run's log).
+    notes: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -135,10 +146,14 @@ class Layout:
 
     def leaves(self, tree: Any, leaf: str) -> list[Array]:
         """Parameter ``leaf`` ("kernel", "bias") of every segment, [n, ...] each; a layer
-        of several Dense layers has their leaves flattened side by side, [n, K]."""
+        of several Dense layers has their leaves flattened side by side, [n, K]. A layer
+        without that leaf (a Dense with ``use_bias=False``, an Embed's bias) gives [n, 0]:
+        no entries, norm 0."""
         out = []
         for s in self.segments:
-            parts = [_lead(_get(tree, p)[leaf], s.stacked) for p in s.dense]
+            name = s.kernel if leaf == "kernel" else leaf
+            parts = [_lead(_leaf(_get(tree, p), name, len(s) if s.stacked else 0), s.stacked)
+                     for p in s.dense]
             out.append(parts[0] if len(parts) == 1 else jnp.concatenate(
                 [x.reshape(x.shape[0], -1) for x in parts], axis=1))
         return out

@@ -17,6 +17,7 @@ every member has diverged.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -38,6 +39,8 @@ from vgrad.group import Group, Job, Members
 from vgrad.records import Records, nan_after, saved_params
 from vgrad.step import TrainState
 from vgrad.views import DeviceData
+
+log = logging.getLogger("vgrad")
 
 Array = jax.Array
 
@@ -86,6 +89,8 @@ def _run(group: Group, engine: str, group_id: int) -> Iterator[list[Records]]:
     # group records only what it compiled itself (a new chunk length, say).
     compiled_before = compiled.compile_s if reused else 0.0
     prog, plan = compiled.program, compiled.program.plan
+    for note in prog.layout.notes:  # (what a module instrumented automatically lacks)
+        log.info("group %d: %s", group_id, note)
     first_epoch = group.jobs[0].epochs_done
     info = {"id": group_id, "jobs": len(group.jobs), "members": group.n_members,
             "compile_s": compiled.compile_s - compiled_before, "reused_program": reused}

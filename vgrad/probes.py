@@ -323,6 +323,8 @@ ONE_CPU_DEVICE = frozenset({"jacobian"})
 class Probe:
     """A registry entry: the reduction and the arrays it returns, with their axes; what
     the model must declare for it to run (``requires``): ``blocks`` (residual nets),
+    ``activations`` (the activation after every layer but the last: every built-in
+    model; a module instrumented automatically when it applies the run's ``act`` so),
     ``recurrent`` (recurrent nets) or ``feedforward`` (every other model); what it needs
     computed for it (``needs``, keys of :data:`NEEDS`); whether it is left out of the
     default probes (``opt_in``: its cost is not small); and the fixed bin edges of its
@@ -347,6 +349,8 @@ class Probe:
             return layout.recurrent is not None
         if self.requires == "feedforward":
             return layout.recurrent is None
+        if self.requires == "activations":
+            return bool(layout.captures)
         return True
 
     def __call__(self, view: Any, layout: Layout) -> dict[str, Array]:
@@ -628,7 +632,7 @@ EPOCH_PROBES: dict[str, Probe] = {
     "weight_stats": Probe(weight_stats, {"weight_mean": _LAYER, "weight_std": _LAYER}),
     "activation_stats": Probe(activation_stats, dict.fromkeys(
         ("act_mean", "act_std", "act_dead_frac", "act_sat_frac"), ("hidden",)),
-        needs=("captures",)),
+        requires="activations", needs=("captures",)),
     "probe_bias_grad_norm": Probe(probe_bias_grad_norm, {"probe_bias_grad_norm": _LAYER},
                                   needs=("probe_grads",)),
     "histograms": Probe(histograms, {"grad_hist": ("layer", "bin"),

@@ -122,7 +122,7 @@ class Program:
         ds = group.datasets[0]
         self.n_features = ds.n_features
         self.dtype = jnp.dtype(cfg.dtype)
-        self.layout = models.layout(cfg)
+        self.layout = models.layout(cfg, ds.n_features)
         self.names = self.layout.names
         template = jax.tree.map(lambda a: a[0], group.members())
         net = group.network(template)
@@ -143,7 +143,8 @@ class Program:
         # Activations an example holds in evaluation: its Dense outputs (at every time
         # step of a recurrent net), twice (the elementwise results beside them); for the
         # members on one device of the group's mesh.
-        block = views.eval_block(2 * models.activation_units(cfg), group.n_members // devices,
+        block = views.eval_block(2 * models.activation_units(cfg, ds.n_features),
+                                 group.n_members // devices,
                                  self.dtype.itemsize)
         self.view = views.ViewSpec(
             self.layout, self.loss, probes.needs(probes.EPOCH_PROBES, self.epoch_probes),

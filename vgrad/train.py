@@ -96,15 +96,20 @@ def describe_net(cfg: DictConfig, ds: Any, act: bool = True) -> str:
     from vgrad import data, losses, models
 
     model = models.MODELS[cfg.model.name]
-    act = act and model.uses_act  # (gated cells: no act)
-    name = " ".join(([cfg.act.name] if act else [])
-                    + ([cfg.model.name] if model.named else []))
+    act = act and model.takes_act(cfg)  # (gated cells: no act)
+    family = cfg.model.target.rsplit(".", 1)[-1] if cfg.model.name == "custom" else \
+        cfg.model.name
+    name = " ".join(([cfg.act.name] if act else []) + ([family] if model.named else []))
     out = losses.out_dim(cfg.loss.value, ds.n_classes)
     if model.recurrent:  # (the registry's widths count the gates: name the layers)
         length, features = data.sequence_shape(cfg.data)
         return (f"{name} {features}-{cfg.width}x{cfg.depth}-{out} over {length} "
                 "steps").strip()
-    widths = [int(np.prod(ds.x_train.shape[1:])), *model.widths(cfg), out]
+    features = int(np.prod(ds.x_train.shape[1:]))
+    if model.n_params is not None:  # (a linen module: its layers, not its widths)
+        layers = len(model.layout(cfg, features).names)
+        return f"{name}: {layers} layers, {features} inputs, {out} outputs".strip()
+    widths = [features, *model.widths(cfg, features), out]
     if len(widths) > 8:  # a deep net: runs of one width counted
         parts: list[str] = []
         i = 0

@@ -51,6 +51,16 @@ def slopes(act: nn.Module, z: Array, train: bool) -> tuple[Array, Array]:
     return nn.jvp(lambda mdl, u: mdl(u, train), act, (z,), (jnp.ones_like(z),), {})
 
 
+def slopes_and_max(act: nn.Module, z: Array, train: bool) -> tuple[Array, Array, Array]:
+    """f(z), f'(z) and the activation's largest slope |f'| over z in [-10, 10], per unit
+    (of the last axis of ``z``)."""
+    a, slope = slopes(act, z, train)
+    grid = jnp.broadcast_to(jnp.asarray(SLOPE_GRID, z.dtype)[:, None],
+                            (SLOPE_GRID.size, z.shape[-1]))
+    _, grid_slope = slopes(act, grid, False)
+    return a, slope, jnp.abs(grid_slope).max(axis=0)
+
+
 def activate(module: nn.Module, act: nn.Module, z: Array, train: bool, capture: bool,
              suffix: str = "") -> Array:
     """f(z); with ``capture``, ``module`` also sows f(z), f'(z) and the activation's
@@ -59,13 +69,10 @@ def activate(module: nn.Module, act: nn.Module, z: Array, train: bool, capture: 
     units from. Call it inside ``module``'s compact method."""
     if not capture:
         return act(z, train)
-    a, slope = slopes(act, z, train)
-    grid = jnp.broadcast_to(jnp.asarray(SLOPE_GRID, z.dtype)[:, None],
-                            (SLOPE_GRID.size, z.shape[-1]))
-    _, grid_slope = slopes(act, grid, False)
+    a, slope, slope_max = slopes_and_max(act, z, train)
     module.sow("intermediates", f"activation{suffix}", a)
     module.sow("intermediates", f"slope{suffix}", slope)
-    module.sow("intermediates", f"slope_max{suffix}", jnp.abs(grid_slope).max(axis=0))
+    module.sow("intermediates", f"slope_max{suffix}", slope_max)
     return a
 
 

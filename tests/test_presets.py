@@ -32,6 +32,7 @@ SHRINK = {
     "isometry": {"depth": "depth=16,32"},
     "nielsen": {"depth": "depth=1,4"},  # each depth is a program
     "rnn_time": {"model": "model=rnn,gru", "data.length": "data.length=6"},
+    "cnn_depth": {"depth": "depth=2,3"},
 }
 
 
@@ -65,8 +66,8 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["exploding", "isometry", "mnist_losses", "nielsen", "phase_diagram",
-                       "relu_fix", "residual_fix", "rnn_time", "visualize"]
+    assert PRESETS == ["cnn_depth", "exploding", "isometry", "mnist_losses", "nielsen",
+                       "phase_diagram", "relu_fix", "residual_fix", "rnn_time", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

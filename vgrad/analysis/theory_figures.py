@@ -193,9 +193,10 @@ def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
     def key(r: Run) -> str:
         node = r.config.get("init", {})
         value = node.get(hue.split(".", 1)[1]) if hue.startswith("init.") else None
+        scale = (f", σ_w² = {node['sigma_w2']}" if "sigma_w2" in node else
+                 f", gain {node['gain']}" if "gain" in node else "")
         return f"{r.config['act']['name']}, {node.get('name')}" + (
-            f" {value}" if value is not None else "") + \
-            f", σ_w² = {node.get('sigma_w2', '?')}"
+            f" {value}" if value is not None else "") + scale
 
     lines: dict[str, list[Run]] = {}
     for r in runs:
@@ -215,7 +216,14 @@ def isometry(sweep: Sweep, hue: str = "init.distribution") -> Figure | None:
                       label=f"{label}, depth {depths[-1]}")
     for a in ax[:2, 0]:
         a.set_xscale("log", base=2)
-        a.set_yscale("log")
+        values = np.concatenate([line.get_ydata() for line in a.get_lines()])
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size and values.max() > 10 * values.min():
+            a.set_yscale("log")
+        elif values.size:  # (a log axis over a few percent labels every tick 1e0)
+            a.ticklabel_format(axis="y", style="plain", useOffset=False)
+            a.set_ylim(min(0.95 * values.min(), values.min() - 0.05),
+                       max(1.05 * values.max(), values.max() + 0.05))
         a.set_xlabel("depth (hidden layers)")
     ax[0, 0].set(title="Largest singular value of J = ∂h_last/∂h_0 at initialisation",
                  ylabel="max s")

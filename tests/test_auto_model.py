@@ -255,3 +255,30 @@ def test_activations_that_do_not_follow_every_layer_leave_their_probe_out_and_sa
     found = discover(Instrumented(TwoActs(act=act_function(make))), 5, "TwoActs")
     assert found.layout.captures == ()
     assert "3 times, not once after each of its 2 layers" in found.layout.notes[0]
+
+
+def test_embeddings_and_attention_projections_are_layers():
+    class Attention(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            tokens = jnp.clip((x[:, :8] * 4).astype(jnp.int32), 0, 15)  # [B, 8]
+            h = nn.Embed(16, 6, name="embed")(tokens)
+            h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6,
+                                                    name="attn")(h)
+            return nn.Dense(3, name="out")(h.mean(axis=1))
+
+    found = discover(Instrumented(Attention()), 10, "Attention")
+    layout = found.layout
+    assert layout.names == ["embed", "attn/query", "attn/key", "attn/value", "attn/out",
+                            "out"]
+    inst, x = Instrumented(Attention()), jax.random.uniform(jax.random.key(0), (5, 10))
+    v = inst.init({"params": jax.random.key(1)}, x)
+    kernels = layout.leaves(v["params"], "kernel")
+    assert kernels[0].shape == (1, 16, 6)  # the embedding table
+    assert kernels[1].shape == (1, 6, 2, 3)  # a projection: [features, heads, head size]
+    assert layout.leaves(v["params"], "bias")[0].shape == (1, 0)  # (an Embed has none)
+    grads = jax.grad(lambda p: inst.apply({"params": v["params"], "perturbations": p},
+                                          x).sum())(v["perturbations"])
+    assert [d.shape for d in layout.deltas(grads)] == [
+        (1, 5, 8, 6), (1, 5, 8, 2, 3), (1, 5, 8, 2, 3), (1, 5, 8, 2, 3), (1, 5, 8, 6),
+        (1, 5, 3)]

@@ -259,9 +259,10 @@ def help_text() -> str:
     lines = [
         "vgrad: measure vanishing and exploding gradients layer by layer.",
         "",
-        "Trains an MLP or a residual MLP with a jit-compiled optax step and records, per",
-        "layer and per step, the gradient statistics (norms, deltas, update ratios,",
-        "saturation, histograms) and the forward signal (length and correlation per layer).",
+        "Trains a network (MLP, residual MLP, RNN/LSTM/GRU, CNN, or your own Flax linen",
+        "module) with a jit-compiled optax step and records, per layer and per step, the",
+        "gradient statistics (norms, deltas, update ratios, saturation, histograms) and",
+        "the forward signal (length and correlation per layer).",
         "",
         "usage: python -m vgrad.train [KEY=VALUE ...]        one run (all its seeds at once)",
         "       python -m vgrad.train -m KEY=A,B,C ...        a sweep over every combination",
@@ -276,6 +277,8 @@ def help_text() -> str:
     lines += [
         "  depth, width (or widths=[...]), bn=none|pre|post, loss=bce|ce|mse|bce_onehot,",
         "  model.skip, model.norm, model.alpha, model.block_dense (model=resmlp),",
+        "  model.target=PACKAGE.MODULE.CLASS +model.args.NAME=VALUE (model=custom: your own",
+        "  linen module, instrumented automatically; see the README, \"Your own model\"),",
         "  epochs, batch_size, seed, seeds, dtype=float32|float64, record.* (what is measured)",
         "",
         "Presets, one per source experiment (+experiment=NAME):",

@@ -290,8 +290,9 @@ def _captures(acts: list[tuple[_Seen, int]], hidden: int) -> tuple[tuple[Capture
     if not acts:
         return (), "the module applies no activation through its act field"
     if found != hidden:
-        return (), (f"the module applies its activation {found} times, not once after each "
-                    f"of its {hidden} layers before the last")
+        times = "once" if found == 1 else f"{found} times"
+        return (), (f"the module applies its activation {times}, not once after each of "
+                    f"its {hidden} layers before the last")
     return tuple(Capture(s.path, "", bool(count)) for s, count in acts), None
 
 

@@ -79,6 +79,26 @@ BAD_MODULES = textwrap.dedent('''
 
     class NotAModule:
         pass
+
+    class Block(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.Dense(4)(x), None
+
+    class ScanWithoutAxes(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4)(x)
+            stack = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=2)
+            x, _ = stack()(x, None)
+            return nn.Dense(10)(x)
+
+    class Shared(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(64)
+            return nn.Dense(10)(dense(dense(x)))
 ''')
 
 
@@ -89,6 +109,9 @@ BAD_MODULES = textwrap.dedent('''
     (["model.target=bad_modules.NotAModule"], "model.target", "flax.linen.Module class"),
     (["model.target=bad_modules.NoCall"], "model.target", "__call__(self, x)"),
     (["model.target=bad_modules.NoInput"], "model.target", "__call__(self, x)"),
+    (["model.target=bad_modules.ScanWithoutAxes"], "model",
+     "variable_axes lack 'perturbations'"),
+    (["model.target=bad_modules.Shared"], "model", "Dense_0 is called twice"),
     (["model.target=my_model.SmallResNet", "+model.args.depth_of_field=3"],
      "model.args.depth_of_field", "a field of SmallResNet"),
     (["model.target=my_model.SmallResNet", "act=maxout"], "act", "one output per unit"),

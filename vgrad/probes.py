@@ -309,6 +309,8 @@ NEEDS = {
     "jacobian": "epoch",
     # the gradient of the loss on the whole probe batch (training mode)
     "probe_grads": "epoch",
+    # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``)
+    "curvature": "epoch",
     # each example's own deltas (one backward pass per example; ``step.make_train_step``)
     "own_deltas": "step",
 }
@@ -316,7 +318,7 @@ NEEDS = {
 #: (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program stops
 #: on every device at once, idle; one CPU device runs it): a run that asks for one of
 #: them trains on one device.
-ONE_CPU_DEVICE = frozenset({"jacobian"})
+ONE_CPU_DEVICE = frozenset({"jacobian", "curvature"})  # (the second: an eigensolver too)
 
 
 @dataclass(frozen=True)
@@ -446,6 +448,9 @@ class EpochView(NamedTuple):
     # singular values of the deep part's Jacobian d h_last / d h_0 for the first
     # JACOBIAN_EXAMPLES probe inputs, [examples, k] (``vgrad.jacobian``)
     jacobian_sv: Array | None = None
+    # the probe-batch loss's Hessian: extreme eigenvalues, trace, top eigenvector's mass
+    # per layer, per-layer block eigenvalues (``vgrad.curvature.curvature``)
+    curvature: dict[str, Array] | None = None
 
 
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -585,6 +590,24 @@ def jacobian_spectrum(view: EpochView, layout: Layout) -> dict[str, Array]:
             "jac_sv_ms": jnp.mean(s * s), "jac_sv_hist": counts}
 
 
+def hessian(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """The Hessian H of the loss on the probe batch (training mode), from Hessian-vector
+    products (``vgrad.curvature``: ``LANCZOS_STEPS`` = 40 Lanczos iterations with full
+    reorthogonalisation, ``TRACE_PROBES`` = 32 Rademacher vectors):
+
+    - ``hess_max``, ``hess_min``: its largest and smallest eigenvalue (the sharpness of
+      Cohen et al. 2021; negative curvature);
+    - ``hess_evec_mass``: the top eigenvector's squared mass on each layer's kernel and
+      bias (init2winit's ``max_evec_decomp``; the rest sits outside the layers);
+    - ``hess_trace``, ``hess_trace_se``: Hutchinson's trace estimate and its standard
+      error;
+    - ``hess_max_layer``: the largest eigenvalue of each layer's diagonal block.
+
+    Cost per member and epoch: (layers + 1) x 40 + 32 HVPs of the probe batch's loss.
+    Opt-in: ``record.epoch_probes=[...,hessian]``."""
+    return dict(view.curvature)
+
+
 def log10_hists(xs: list[Array], edges: np.ndarray = HIST_EDGES) -> Array:
     """Counts of log10|x| in the fixed bins ``edges``, one row per row of each array
     (arrays [n, ...]: n layers), [sum of n, B].
@@ -648,6 +671,10 @@ EPOCH_PROBES: dict[str, Probe] = {
         edges={"sv_edges": ("sv_edge", SV_EDGES)}),
     "recurrent_spectrum": Probe(recurrent_spectrum, dict.fromkeys(
         ("rec_sv_max", "rec_radius"), ("recurrent",)), requires="recurrent"),
+    "hessian": Probe(hessian, {**dict.fromkeys(("hess_max", "hess_min", "hess_trace",
+                                                "hess_trace_se"), ()),
+                               "hess_evec_mass": _LAYER, "hess_max_layer": _LAYER},
+                     needs=("curvature",), opt_in=True),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgrad import jacobian, probes
+from vgrad import curvature, jacobian, probes
 from vgrad.layers import Layout
 from vgrad.step import TrainState, make_eval_fn, make_loss_fn
 
@@ -137,15 +137,22 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
-    probe_grads = None
-    if "probe_grads" in spec.needs:
+    probe_grads = hessian = None
+    if spec.needs & {"probe_grads", "curvature"}:
         loss_fn = make_loss_fn(net, spec.loss)
         perturbations = spec.zero_perturbations(data.x_probe)
         key = probe_key()
-        probe_grads = jax.grad(lambda p: loss_fn(
-            p, perturbations, batch_stats, data.x_probe, data.y_probe, key)[0])(params)
+
+        def probe_loss(p: Any) -> Array:
+            return loss_fn(p, perturbations, batch_stats, data.x_probe, data.y_probe, key)[0]
+
+        if "probe_grads" in spec.needs:
+            probe_grads = jax.grad(probe_loss)(params)
+        if "curvature" in spec.needs:  # (its random vectors: new at every epoch)
+            hessian = curvature.curvature(probe_loss, params, layout, jax.random.fold_in(
+                jax.random.fold_in(key, 1), state.step))
     return probes.EpochView(
         params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
         slope_max=sown["slope_max"], probe_grads=probe_grads,
         sat_threshold=sat_threshold, signals=signals,
-        branches=branches, skips=skips, jacobian_sv=jacobian_sv)
+        branches=branches, skips=skips, jacobian_sv=jacobian_sv, curvature=hessian)

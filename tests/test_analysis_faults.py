@@ -10,14 +10,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import TINY, script, texts_of
+from conftest import LIGHT, TINY, script, texts_of
 
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
 
-# The run figures a default MLP run records: "signal" needs the opt-in forward_signal
-# probe, "time" a recurrent model.
-DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES if kind not in ("signal", "time")]
+# The run figures a default MLP run records: "signal" and "curvature" need the opt-in
+# forward_signal and hessian probes, "time" a recurrent model.
+DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES
+                   if kind not in ("signal", "time", "curvature")]
+#: The probes the sweep figures (profile, bars, heatmap) draw, and no more: compiling is
+#: these tests' cost.
+SWEEP_PROBES = ["record.step_probes=[global_norms,kernel_grad_stats,delta_norm]",
+                "record.epoch_probes=[evaluation]"]
 
 
 def scripts_work(sweep: Path, out: Path, x: str) -> str:
@@ -116,7 +121,8 @@ def test_dotted_and_quoted_folder_names_get_their_own_figures(cli, tmp_path):
 
 
 def test_a_corrupt_run_is_skipped_with_a_warning_naming_the_file(cli, tmp_path):
-    code, _, err = cli("-m", "act=tanh,relu,sigmoid", *TINY, f"hydra.sweep.dir={tmp_path}")
+    code, _, err = cli("-m", "act=tanh,relu,sigmoid", *TINY, *LIGHT,
+                       f"hydra.sweep.dir={tmp_path}")
     assert code == 0, err
     (tmp_path / "0" / store.METRICS).write_bytes(b"")  # zero bytes
     (tmp_path / "1" / store.SUMMARY).write_text(json.dumps({"hello": 1}))  # not a summary
@@ -140,7 +146,7 @@ def test_a_corrupt_run_is_skipped_with_a_warning_naming_the_file(cli, tmp_path):
 
 def test_sweep_figures_name_what_they_pool(cli, tmp_path):
     code, _, err = cli("-m", "act=tanh,relu", "depth=1,2", "optim.lr=0.001,0.01", *TINY,
-                       f"hydra.sweep.dir={tmp_path}")
+                       *SWEEP_PROBES, f"hydra.sweep.dir={tmp_path}")
     assert code == 0, err
     sweep = load_sweep(tmp_path)
     profile = figures.profile(sweep, "act")  # act: colour, depth: style, lr: pooled

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI, run_dirs
+from conftest import DIVERGENT_CLI, LIGHT, run_dirs
 
 from vgrad import store
 
@@ -114,7 +114,7 @@ def test_save_every_s_sets_how_often_a_running_run_is_written(cli, tmp_path, mon
     monkeypatch.setattr(store, "write_npz", lambda path, arrays: (
         calls.append(path) if path.name == store.METRICS else None, real(path, arrays)))
     code, _, err = cli("epochs=4", "record.chunk_epochs=1", f"record.save_every_s={save_every_s}",
-                       "data.n_samples=64", "progress=false", f"hydra.run.dir={tmp_path}")
+                       "data.n_samples=64", "progress=false", *LIGHT, f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     assert len(calls) == writes  # every chunk, or the first and the last
     assert store.read_metrics(tmp_path)["epoch"].tolist() == [0, 1, 2, 3, 4]

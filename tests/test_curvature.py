@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from conftest import TINY, compose_cfg
 from jax.flatten_util import ravel_pytree
 
 from vgrad import curvature, losses, models, runner, store
+from vgrad.analysis import figures, load_run
 
 
 def _net_and_loss(*overrides: str, n: int = 64):
@@ -37,7 +39,9 @@ def _dense(loss, params) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def measured():
     layout, params, loss = _net_and_loss()
-    out = jax.jit(lambda p: curvature.curvature(loss, p, layout, jax.random.key(2)))(params)
+    out = jax.jit(lambda p: {
+        **curvature.curvature(loss, p, layout, jax.random.key(2)),
+        "hess_max_layer": curvature.block_maxima(loss, p, layout, jax.random.key(3))})(params)
     hessian, flat = _dense(loss, params)
     ids = np.asarray(ravel_pytree(curvature.layer_ids(layout, params))[0])
     return layout, {k: np.asarray(v, np.float64) for k, v in out.items()}, hessian, ids
@@ -82,7 +86,8 @@ def test_a_layer_of_fewer_parameters_than_steps_exhausts_cleanly():
 def test_the_probe_records_the_hessian_of_the_probe_batch_at_every_epoch(cli, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli(*TINY, "depth=2", "width=4", "seeds=2", "record.probe_size=64",
-                       "record.epoch_probes=[evaluation,hessian]",
+                       "optim=sgd", "optim.lr=0.1", "optim.momentum=0.5",
+                       "record.epoch_probes=[evaluation,hessian,hessian_blocks]",
                        "record.params=[initial,final]", f"hydra.run.dir={run}")
     assert code == 0, err
     m, summary = store.read_metrics(run), store.read_summary(run)
@@ -92,6 +97,11 @@ def test_the_probe_records_the_hessian_of_the_probe_batch_at_every_epoch(cli, tm
     assert summary["arrays"]["hess_max_layer"] == ["seed", "epoch", "layer"]
     # At epoch 0 the largest eigenvalue is the dense Hessian's at the saved initial
     # parameters, on the probe batch (the first 64 training examples).
+    # The curvature figure draws it beside heavy-ball's stability limit 2 (1 + beta) / eta.
+    fig = figures.curvature(load_run(run))
+    limits = [line for line in fig.axes[0].get_lines() if "stability limit" in line.get_label()]
+    assert len(limits) == 1 and limits[0].get_ydata()[0] == pytest.approx(2 * 1.5 / 0.1)
+    plt.close("all")
     cfg = compose_cfg(*TINY, "depth=2", "width=4")
     ds = runner.prepare(cfg, tmp_path / "unused").data
     saved = np.load(run / "params.npz")

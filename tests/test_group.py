@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_group, run_to_end
+from conftest import DIVERGENT_CLI, LIGHT, TINY, compose_cfg, run_dirs, run_group, run_to_end
 
 from vgrad import group, runner, store
 
@@ -64,7 +64,7 @@ def test_jobs_differing_in_knobs_and_families_compile_one_program(compile_counte
     # (the last case: two identical jobs, differing from the others only in clip.max)
     by_structure: dict[str, list] = {}
     for v in varied:
-        cfg = compose_cfg(*TINY, "depth=2", "width=3", *v.split())
+        cfg = compose_cfg(*TINY, *LIGHT, "depth=2", "width=3", *v.split())
         by_structure.setdefault(group.group_key(runner.prepare(cfg, "unused")), []).append(cfg)
     for cfgs in by_structure.values():
         records = run_group(cfgs)

@@ -32,6 +32,9 @@ def numpy_backprop(params, x, y, act, dact):
     return delta, kernel_grads
 
 
+#: The probe of the activation statistics (few probes: compiling is these tests' cost).
+ACTIVATIONS = ["record.step_probes=[global_norms]", "record.epoch_probes=[activation_stats]"]
+
 ACTS = {
     "tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
     "relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0).astype(float)),
@@ -79,10 +82,10 @@ def test_global_norm_clipping_leaves_min_of_norm_and_threshold(max_norm):
 
 
 def test_dead_relu_layers_and_live_linear_layers():
-    dead = run_to_end(compose_cfg(*TINY, "act=relu", "bias_init=constant",
+    dead = run_to_end(compose_cfg(*TINY, *ACTIVATIONS, "act=relu", "bias_init=constant",
                                   "bias_init.value=-100"))
     np.testing.assert_array_equal(dead.epoch_stats["act_dead_frac"][0, 0], 1.0)
-    linear = run_to_end(compose_cfg(*TINY, "act=linear"))
+    linear = run_to_end(compose_cfg(*TINY, *ACTIVATIONS, "act=linear"))
     np.testing.assert_array_equal(linear.epoch_stats["act_dead_frac"], 0.0)
     np.testing.assert_array_equal(linear.epoch_stats["act_sat_frac"], 0.0)
 
@@ -106,8 +109,9 @@ def test_activation_mean_and_std_are_those_of_the_probe_batch():
 
 
 def test_histograms_count_every_kernel_entry_in_shared_bins():
-    a = run_to_end(compose_cfg(*TINY, "act=tanh", "depth=3", "width=6"))
-    b = run_to_end(compose_cfg(*TINY, "act=relu", "depth=2", "width=4"))
+    histograms = ["record.step_probes=[global_norms]", "record.epoch_probes=[histograms]"]
+    a = run_to_end(compose_cfg(*TINY, *histograms, "act=tanh", "depth=3", "width=6"))
+    b = run_to_end(compose_cfg(*TINY, *histograms, "act=relu", "depth=2", "width=4"))
     for rec, fans in ((a, [(2, 6), (6, 6), (6, 6), (6, 1)]), (b, [(2, 4), (4, 4), (4, 1)])):
         for key in ("grad_hist", "weight_hist"):
             counts = rec.epoch_stats[key][0]  # [E+1, L, B]
@@ -132,8 +136,10 @@ def test_histogram_bins_place_values_by_decade():
 
 
 def test_clip_fraction_per_epoch():
-    always = run_to_end(compose_cfg(*TINY, "optim=sgd", "clip=value", "clip.max=1e-9"))
-    never = run_to_end(compose_cfg(*TINY, "optim=sgd"))
+    clipping = ["record.step_probes=[clip_stats]", "record.epoch_probes=[evaluation]"]
+    always = run_to_end(compose_cfg(*TINY, *clipping, "optim=sgd", "clip=value",
+                                    "clip.max=1e-9"))
+    never = run_to_end(compose_cfg(*TINY, *clipping, "optim=sgd"))
     np.testing.assert_array_equal(always.epoch_stats["clip_frac"][0, 1:], 1.0)
     np.testing.assert_array_equal(never.epoch_stats["clip_frac"][0, 1:], 0.0)
     assert np.isnan(always.epoch_stats["clip_frac"][0, 0])  # no step before epoch 1
@@ -141,7 +147,8 @@ def test_clip_fraction_per_epoch():
 
 
 def test_full_snapshots_are_the_steps_gradients():
-    cfg = compose_cfg(*TINY, "seeds=2", "record.full_grads_every=3", "record.chunk_epochs=1")
+    cfg = compose_cfg(*TINY, "seeds=2", "record.full_grads_every=3", "record.chunk_epochs=1",
+                      "record.step_probes=[kernel_grad_stats]", "record.epoch_probes=[]")
     scan, python = run_to_end(cfg, "scan"), run_to_end(cfg, "python")
     steps_per_epoch = 128 // 32
     np.testing.assert_array_equal(scan.snapshot_step, np.arange(0, 2 * steps_per_epoch, 3))

@@ -60,6 +60,7 @@ def test_probe_singular_values_equal_numpy_svd():
 @pytest.mark.parametrize("model", ["mlp", "resmlp"])
 def test_recorded_when_asked_for(model):
     rec = run_to_end(compose_cfg(*TINY, f"model={model}", "depth=3", "width=6",
+                                 "record.step_probes=[global_norms]",
                                  "record.epoch_probes=[evaluation,jacobian_spectrum]"))
     stats = rec.epoch_stats
     assert stats["jac_sv_hist"].shape == (1, 3, probes.SV_EDGES.size - 1)
@@ -77,6 +78,7 @@ def test_isometry_figure_draws_a_line_per_init_over_depth(tmp_path):
     out = tmp_path / "iso"
     assert cli_main("-m", "act=tanh", "init=mean_field", "init.distribution=orthogonal,normal",
                     "depth=2,4", "width=8", "epochs=1", "data.n_samples=64", "progress=false",
+                    "record.step_probes=[global_norms]",
                     "record.epoch_probes=[evaluation,jacobian_spectrum]",
                     f"hydra.sweep.dir={out}") == 0
     fig = tf.isometry(load_sweep(out))

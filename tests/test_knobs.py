@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from conftest import compose_cfg, run_to_end
 
-BASE = ["act=tanh", "depth=2", "width=4", "epochs=1", "data.n_samples=128", "progress=false"]
+#: The probes these tests read (loss and train loss; grad_norm; weight_std), and no more:
+#: compiling each knob's program is the cost, and the default probes double it.
+PROBES = ["record.step_probes=[global_norms,kernel_grad_stats]",
+          "record.epoch_probes=[evaluation,weight_stats]"]
+BASE = ["act=tanh", "depth=2", "width=4", "epochs=1", "data.n_samples=128", "progress=false",
+        *PROBES]
 
 KNOBS = [
     "act=relu",

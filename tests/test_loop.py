@@ -47,7 +47,7 @@ def test_matmul_precision_reaches_both_engines_programs(precision, marks):
     from vgrad import compiled as engine
     from vgrad import group, runner
 
-    cfg = compose_cfg(*TINY, f"matmul_precision={precision}")
+    cfg = compose_cfg(*TINY, *LIGHT, f"matmul_precision={precision}")
     g = group.make_group([runner.prepare(cfg, Path("unused"))])
     mesh = engine.member_mesh(1)
     device_data = engine.device_data(g.datasets, cfg.record.probe_size, mesh)

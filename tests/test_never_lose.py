@@ -238,13 +238,18 @@ def test_a_second_signal_ends_a_process_stuck_in_native_code(tmp_path):
 # --- 4. damaged and foreign runs -------------------------------------------------------------
 
 
+#: The sweep ``trained`` runs (and the tests rerun on its damaged copies): few probes, as
+#: what is damaged and retrained is the subject, not what is measured.
+TRAINED = ["act=tanh,relu", *TINY, *LIGHT]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A two-job sweep to copy and damage."""
     from conftest import cli_main
 
     root = tmp_path_factory.mktemp("trained") / "S"
-    code = cli_main("-m", "act=tanh,relu", *TINY, f"hydra.sweep.dir={root}")
+    code = cli_main("-m", *TRAINED, f"hydra.sweep.dir={root}")
     assert code == 0
     return root
 
@@ -290,7 +295,7 @@ def test_a_damaged_run_is_skipped_by_readers_and_retrained(damage, trained, tmp_
     assert "Traceback" not in proc.stderr and "error: layer_names" not in proc.stderr
 
     kept = (sweep / "0" / store.METRICS).read_bytes()
-    code, out, err = cli("-m", "act=tanh,relu", *TINY, f"hydra.sweep.dir={sweep}")
+    code, out, err = cli("-m", *TRAINED, f"hydra.sweep.dir={sweep}")
     assert code == 0, err
     assert "damaged run" in out + err
     assert store.metrics_damage(bad, store.read_summary(bad)) is None  # trained again
@@ -302,7 +307,7 @@ def test_a_truncated_params_file_is_retrained(trained, tmp_path, cli):
     sweep = damaged_copy(trained, tmp_path)
     params = sweep / "0" / store.PARAMS
     params.write_bytes(params.read_bytes()[:200])
-    code, out, err = cli("-m", "act=tanh,relu", *TINY, f"hydra.sweep.dir={sweep}")
+    code, out, err = cli("-m", *TRAINED, f"hydra.sweep.dir={sweep}")
     assert code == 0, err
     assert store.npz_loads(params)
     assert set(store.read_npz(params)) == set(store.read_npz(trained / "0" / store.PARAMS))
@@ -314,12 +319,12 @@ def test_a_summary_of_unknown_status_is_another_runs_folder(trained, tmp_path, c
     summary["status"] = "archived"
     store.write_json(sweep / "0" / store.SUMMARY, summary)
     before = tree(sweep / "0")
-    code, out, err = cli("-m", "act=tanh,relu", *TINY, f"hydra.sweep.dir={sweep}")
+    code, out, err = cli("-m", *TRAINED, f"hydra.sweep.dir={sweep}")
     assert code == 0, err
     assert tree(sweep / "0") == before  # never overwritten
     assert store.read_summary(sweep / "2")["config"]["act"]["name"] == "tanh"
 
-    code, _, err = cli(*TINY, "act=tanh", f"hydra.run.dir={sweep / '0'}")
+    code, _, err = cli(*TINY, *LIGHT, "act=tanh", f"hydra.run.dir={sweep / '0'}")
     assert code == 2
     one_error_line(err, "archived")
     assert tree(sweep / "0") == before

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import DIVERGENT_CLI, TINY, compose_cfg, run_dirs, run_to_end, step_once
+from conftest import DIVERGENT_CLI, LIGHT, TINY, compose_cfg, run_dirs, run_to_end, step_once
 from test_instruments import ACTS, numpy_backprop
 
 from vgrad import layers, losses, models, optim, probes, program, store
@@ -119,7 +119,7 @@ def test_clip_never_fires_without_clipping_even_at_a_divergence():
 
 
 def test_snapshots_after_a_divergence_are_nan_like_the_metrics():
-    rec = run_to_end(compose_cfg(*DIVERGENT_CLI, "record.full_grads_every=1"))
+    rec = run_to_end(compose_cfg(*DIVERGENT_CLI, *LIGHT, "record.full_grads_every=1"))
     step = int(rec.diverged_at[0])
     for key, value in rec.snapshots.items():
         after = value[0, rec.snapshot_step > step]
@@ -145,7 +145,7 @@ def test_accuracy_of_non_finite_logits_is_nan():
 
 @pytest.mark.parametrize("dtype,tolerance", [("float64", 1e-10), ("float32", 1e-4)])
 def test_float64_runs_match_a_float64_numpy_reference(cli, tmp_path, dtype, tolerance):
-    code, _, err = cli(*TINY, "act=tanh", "batch_size=16", "record.full_grads_every=1",
+    code, _, err = cli(*TINY, *LIGHT, "act=tanh", "batch_size=16", "record.full_grads_every=1",
                        f"dtype={dtype}", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     summary = store.read_summary(tmp_path)
@@ -169,7 +169,7 @@ def test_float64_runs_match_a_float64_numpy_reference(cli, tmp_path, dtype, tole
 
 def test_float64_starts_from_the_float32_weights_and_ends_elsewhere(cli, tmp_path):
     for dtype in ("float32", "float64"):
-        code, _, err = cli(*TINY, f"dtype={dtype}", f"hydra.run.dir={tmp_path / dtype}")
+        code, _, err = cli(*TINY, *LIGHT, f"dtype={dtype}", f"hydra.run.dir={tmp_path / dtype}")
         assert code == 0, err
     p32, p64 = (store.read_npz(tmp_path / d / store.PARAMS) for d in ("float32", "float64"))
     np.testing.assert_array_equal(p64["initial.dense_0.kernel"],
@@ -179,7 +179,8 @@ def test_float64_starts_from_the_float32_weights_and_ends_elsewhere(cli, tmp_pat
 
 
 def test_saved_parameters_are_the_runs_own(cli, tmp_path):
-    code, _, err = cli(*TINY, "seeds=2", "bn=pre", f"hydra.run.dir={tmp_path}")
+    code, _, err = cli(*TINY, "seeds=2", "bn=pre", "record.step_probes=[global_norms]",
+                       "record.epoch_probes=[weight_stats]", f"hydra.run.dir={tmp_path}")
     assert code == 0, err
     params = store.read_npz(tmp_path / store.PARAMS)
     metrics = store.read_metrics(tmp_path)

@@ -66,8 +66,9 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["cnn_depth", "exploding", "isometry", "mnist_losses", "nielsen",
-                       "phase_diagram", "relu_fix", "residual_fix", "rnn_time", "visualize"]
+    assert PRESETS == ["cnn_depth", "edge_of_stability", "exploding", "isometry",
+                       "mnist_losses", "nielsen", "phase_diagram", "relu_fix", "residual_fix",
+                       "rnn_time", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -41,7 +41,8 @@ def test_a_crashing_job_is_recorded_and_the_sweep_goes_on(cli, tmp_path, monkeyp
 
     monkeypatch.setattr(loop, "run", crash_on_relu)
     code, _, err = cli("-m", "act=tanh,relu,sigmoid", "epochs=1", "data.n_samples=64",
-                       "progress=false", "hydra/launcher=basic", f"hydra.sweep.dir={tmp_path}")
+                       "progress=false", *LIGHT, "hydra/launcher=basic",
+                       f"hydra.sweep.dir={tmp_path}")
     assert code == 1
     assert "simulated crash" in err
     statuses = {store.read_summary(d)["config"]["act"]["name"]: store.read_summary(d)
@@ -57,14 +58,19 @@ def metrics_of(sweep: Path) -> dict[str, dict[str, np.ndarray]]:
     return {d.name: store.read_metrics(d) for d in run_dirs(sweep)}
 
 
-def test_joblib_and_submitit_local_launchers_give_the_basic_launchers_metrics(tmp_path, run):
+def test_joblib_and_submitit_local_launchers_give_the_basic_launchers_metrics(tmp_path, run,
+                                                                             cli):
     results = {}
     for launcher in ("basic", "joblib", "submitit_local"):
         out = tmp_path / launcher
         # (Launchers do not touch the computation: a few probes show it is the same.)
-        proc = run(vgrad_cmd(*TINY_SWEEP, *LIGHT, f"hydra/launcher={launcher}",
-                             f"hydra.sweep.dir={out}"))
-        assert proc.returncode == 0, proc.stderr
+        args = [*TINY_SWEEP, *LIGHT, f"hydra/launcher={launcher}", f"hydra.sweep.dir={out}"]
+        if launcher == "basic":  # the reference, in-process: its jobs run in this process
+            code, _, err = cli(*args)
+            assert code == 0, err
+        else:  # the launchers under test, from the command line
+            proc = run(vgrad_cmd(*args))
+            assert proc.returncode == 0, proc.stderr
         assert (out / "runs.csv").is_file()
         results[launcher] = metrics_of(out)
     assert sorted(results["basic"]) == ["0", "1"]
@@ -89,17 +95,22 @@ def test_joblib_and_submitit_local_launchers_give_the_basic_launchers_metrics(tm
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="host (CPU) devices train the seeds only when JAX's backend is the CPU")
 def test_seeds_split_across_two_host_devices_give_one_devices_numbers(
-        tmp_path, run, subprocess_env):
+        tmp_path, run, subprocess_env, cli):
     arrays = {}
     for devices in (1, 2):
-        env = dict(subprocess_env, VGRAD_HOST_DEVICES=str(devices))
-        env["XLA_FLAGS"] = " ".join(  # the suite's flags, without its device count
-            f for f in env.get("XLA_FLAGS", "").split()
-            if not f.startswith("--xla_force_host_platform_device_count"))
         out = tmp_path / f"d{devices}"
-        proc = run(vgrad_cmd("seeds=4", "epochs=2", "data.n_samples=128", "progress=false",
-                             f"hydra.run.dir={out}"), env=env)
-        assert proc.returncode == 0, proc.stderr
+        args = ["seeds=4", "epochs=2", "data.n_samples=128", "progress=false",
+                f"hydra.run.dir={out}"]
+        if devices == len(jax.devices()):  # this process's (conftest: VGRAD_HOST_DEVICES=1)
+            code, _, err = cli(*args)
+            assert code == 0, err
+        else:  # another device count needs a process of its own
+            env = dict(subprocess_env, VGRAD_HOST_DEVICES=str(devices))
+            env["XLA_FLAGS"] = " ".join(  # the suite's flags, without its device count
+                f for f in env.get("XLA_FLAGS", "").split()
+                if not f.startswith("--xla_force_host_platform_device_count"))
+            proc = run(vgrad_cmd(*args), env=env)
+            assert proc.returncode == 0, proc.stderr
         assert store.read_summary(out)["device"]["seed_devices"] == devices
         arrays[devices] = store.read_metrics(out)
     for key, value in arrays[1].items():

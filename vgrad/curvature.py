@@ -121,25 +121,33 @@ def curvature(loss: Callable[[Any], Array], params: Any, layout: Layout, key: Ar
               steps: int = LANCZOS_STEPS, probes: int = TRACE_PROBES) -> dict[str, Array]:
     """The Hessian of ``loss`` at ``params``: its largest and smallest eigenvalue, the
     top eigenvector's squared mass on each layer, its trace and that estimate's standard
-    error, and each layer's block's largest eigenvalue."""
+    error (``steps`` + ``probes`` HVPs)."""
     product, flat = hvp_flat(loss, params)
-    size = flat.size
-    steps = min(steps, size)
-    k_start, k_trace, k_blocks = jax.random.split(key, 3)
-    theta, vectors = lanczos(product, jax.random.normal(k_start, (size,), flat.dtype), steps)
+    k_start, k_trace = jax.random.split(key)
+    theta, vectors = lanczos(product, jax.random.normal(k_start, flat.shape, flat.dtype),
+                             min(steps, flat.size))
     top = vectors[:, -1]
     ids, _ = ravel_pytree(layer_ids(layout, params))
     n_layers = len(layout.names)
     mass = jax.ops.segment_sum(top * top, jnp.where(ids >= 0, ids, n_layers),
                                num_segments=n_layers + 1)[:n_layers]
     trace, trace_se = hutchinson(product, flat, k_trace, probes)
-    start = jax.random.normal(k_blocks, (size,), flat.dtype)
+    return {"hess_max": theta[-1], "hess_min": theta[0], "hess_evec_mass": mass,
+            "hess_trace": trace, "hess_trace_se": trace_se}
+
+
+def block_maxima(loss: Callable[[Any], Array], params: Any, layout: Layout, key: Array,
+                 steps: int = LANCZOS_STEPS) -> Array:
+    """The largest eigenvalue of each layer's diagonal block of the Hessian of ``loss``
+    (its kernel and bias), [L] (layers x ``steps`` HVPs)."""
+    product, flat = hvp_flat(loss, params)
+    ids, _ = ravel_pytree(layer_ids(layout, params))
+    start = jax.random.normal(key, flat.shape, flat.dtype)
 
     def block_max(layer: Array) -> Array:
         mask = (ids == layer).astype(flat.dtype)
-        values, _ = lanczos(lambda v: mask * product(mask * v), mask * start, steps)
+        values, _ = lanczos(lambda v: mask * product(mask * v), mask * start,
+                            min(steps, flat.size))
         return values[-1]
 
-    return {"hess_max": theta[-1], "hess_min": theta[0], "hess_evec_mass": mass,
-            "hess_trace": trace, "hess_trace_se": trace_se,
-            "hess_max_layer": jax.lax.map(block_max, jnp.arange(n_layers))}
+    return jax.lax.map(block_max, jnp.arange(len(layout.names)))

@@ -309,8 +309,10 @@ NEEDS = {
     "jacobian": "epoch",
     # the gradient of the loss on the whole probe batch (training mode)
     "probe_grads": "epoch",
-    # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``)
+    # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``):
+    # the whole Hessian's, and each layer's diagonal block's
     "curvature": "epoch",
+    "curvature_blocks": "epoch",
     # each example's own deltas (one backward pass per example; ``step.make_train_step``)
     "own_deltas": "step",
 }
@@ -318,7 +320,8 @@ NEEDS = {
 #: (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program stops
 #: on every device at once, idle; one CPU device runs it): a run that asks for one of
 #: them trains on one device.
-ONE_CPU_DEVICE = frozenset({"jacobian", "curvature"})  # (the second: an eigensolver too)
+#: (The curvature probes run an eigensolver too.)
+ONE_CPU_DEVICE = frozenset({"jacobian", "curvature", "curvature_blocks"})
 
 
 @dataclass(frozen=True)
@@ -600,12 +603,19 @@ def hessian(view: EpochView, layout: Layout) -> dict[str, Array]:
     - ``hess_evec_mass``: the top eigenvector's squared mass on each layer's kernel and
       bias (init2winit's ``max_evec_decomp``; the rest sits outside the layers);
     - ``hess_trace``, ``hess_trace_se``: Hutchinson's trace estimate and its standard
-      error;
-    - ``hess_max_layer``: the largest eigenvalue of each layer's diagonal block.
+      error.
 
-    Cost per member and epoch: (layers + 1) x 40 + 32 HVPs of the probe batch's loss.
-    Opt-in: ``record.epoch_probes=[...,hessian]``."""
-    return dict(view.curvature)
+    Cost per member and epoch: 40 + 32 HVPs of the probe batch's loss (an HVP costs
+    about two gradients). Opt-in: ``record.epoch_probes=[...,hessian]``."""
+    return {k: v for k, v in view.curvature.items() if k != "hess_max_layer"}
+
+
+def hessian_blocks(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """``hess_max_layer``: the largest eigenvalue of each layer's diagonal block of the
+    probe batch's Hessian (its kernel and bias; 40 Lanczos steps each): which layer is
+    sharp. Cost per member and epoch: layers x 40 HVPs. Opt-in:
+    ``record.epoch_probes=[...,hessian_blocks]``."""
+    return {"hess_max_layer": view.curvature["hess_max_layer"]}
 
 
 def log10_hists(xs: list[Array], edges: np.ndarray = HIST_EDGES) -> Array:
@@ -673,8 +683,9 @@ EPOCH_PROBES: dict[str, Probe] = {
         ("rec_sv_max", "rec_radius"), ("recurrent",)), requires="recurrent"),
     "hessian": Probe(hessian, {**dict.fromkeys(("hess_max", "hess_min", "hess_trace",
                                                 "hess_trace_se"), ()),
-                               "hess_evec_mass": _LAYER, "hess_max_layer": _LAYER},
-                     needs=("curvature",), opt_in=True),
+                               "hess_evec_mass": _LAYER}, needs=("curvature",), opt_in=True),
+    "hessian_blocks": Probe(hessian_blocks, {"hess_max_layer": _LAYER},
+                            needs=("curvature_blocks",), opt_in=True),
 }
 #: What the loop adds to the epoch statistics: the fraction of the epoch's steps whose
 #: gradient clipping changed the gradient (NaN at initialisation).

@@ -138,7 +138,7 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
     probe_grads = hessian = None
-    if spec.needs & {"probe_grads", "curvature"}:
+    if spec.needs & {"probe_grads", "curvature", "curvature_blocks"}:
         loss_fn = make_loss_fn(net, spec.loss)
         perturbations = spec.zero_perturbations(data.x_probe)
         key = probe_key()
@@ -148,9 +148,14 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
 
         if "probe_grads" in spec.needs:
             probe_grads = jax.grad(probe_loss)(params)
-        if "curvature" in spec.needs:  # (its random vectors: new at every epoch)
-            hessian = curvature.curvature(probe_loss, params, layout, jax.random.fold_in(
-                jax.random.fold_in(key, 1), state.step))
+        # (the random vectors of the curvature probes: new at every epoch)
+        keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, 1), state.step))
+        hessian = {}
+        if "curvature" in spec.needs:
+            hessian.update(curvature.curvature(probe_loss, params, layout, keys[0]))
+        if "curvature_blocks" in spec.needs:
+            hessian["hess_max_layer"] = curvature.block_maxima(probe_loss, params, layout,
+                                                               keys[1])
     return probes.EpochView(
         params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
         slope_max=sown["slope_max"], probe_grads=probe_grads,

@@ -84,6 +84,7 @@ from vgrad.analysis.registry import (
 from vgrad.analysis.run_figures import (
     RECORDED_GATE,
     SPEED_LABEL,
+    curvature,
     gradients,
     histograms,
     learning_speed,
@@ -127,7 +128,7 @@ from vgrad.analysis.theory_figures import isometry, phase_diagram, signal_theory
 __all__ = [
     # figures of a run, of a sweep, with theory
     "gradients", "weights", "learning_speed", "histograms", "saturation", "signal",
-    "through_time", "profile", "time_profile", "heatmap", "bars", "curves",
+    "through_time", "curvature", "profile", "time_profile", "heatmap", "bars", "curves",
     "phase_diagram", "signal_theory", "isometry",
     # registries
     "RUN_FIGURES", "RUN_FIGURE_PROBES", "unrecorded", "SWEEP_FIGURES", "SweepFigure",

@@ -27,6 +27,7 @@ from vgrad.analysis import theory_figures
 from vgrad.analysis.naming import axis_name, metric_text, varying_axes
 from vgrad.analysis.recorded import one_recurrent_layer, recorded, recurrent, regression
 from vgrad.analysis.run_figures import (
+    curvature,
     gradients,
     histograms,
     learning_speed,
@@ -50,7 +51,7 @@ from vgrad.analysis.tables import Run, Sweep
 RUN_FIGURES: dict[str, Callable[..., Figure | None]] = {
     "gradients": gradients, "weights": weights, "learning_speed": learning_speed,
     "histograms": histograms, "saturation": saturation, "signal": signal,
-    "time": through_time}
+    "time": through_time, "curvature": curvature}
 
 #: The probe (``record.step_probes`` or ``record.epoch_probes``) that records what each
 #: run figure draws, for the note of a run that did not.
@@ -58,7 +59,8 @@ RUN_FIGURE_PROBES = {
     "gradients": "step probe kernel_grad_stats", "weights": "epoch probe weight_stats",
     "learning_speed": "step probe bias_grad_norm or epoch probe probe_bias_grad_norm",
     "histograms": "epoch probe histograms", "saturation": "epoch probe activation_stats",
-    "signal": "epoch probe forward_signal", "time": "step probe time_delta_norm"}
+    "signal": "epoch probe forward_signal", "time": "step probe time_delta_norm",
+    "curvature": "epoch probe hessian"}
 
 
 def unrecorded(run: Run, kind: str) -> str | None:

@@ -383,3 +383,49 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
     caption(fig, f"T = {T} input steps; the loss is read after the last one (T − t = 0)",
             seed_note(S), diverged_note([run]), zero_note(fig))
     return fig
+
+
+def stability_limit(run: Run) -> float | None:
+    """The step size's stability limit on the loss's sharpness for plain or heavy-ball
+    gradient descent, 2 (1 + beta) / eta (Cohen et al. 2021; beta: the momentum), or None
+    for another optimizer or a learning-rate schedule."""
+    optim = run.config.get("optim", {})
+    if optim.get("name") != "sgd" or optim.get("schedule", "constant") != "constant":
+        return None
+    return 2.0 * (1.0 + float(optim.get("momentum", 0.0))) / float(optim["lr"])
+
+
+def curvature(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
+    """The probe batch's Hessian over epochs (the ``hessian`` probe): its largest and
+    smallest eigenvalue beside gradient descent's stability limit 2/eta (the edge of
+    stability of Cohen et al. 2021), and where the top eigenvector lives (its squared
+    mass per layer); with the ``hessian_blocks`` probe, each layer's block's largest
+    eigenvalue too."""
+    m = run.metrics
+    if "hess_max" not in m:
+        return None
+    names, epoch, S = [str(n) for n in m["layer_names"]], m["epoch"], m["hess_max"].shape[0]
+    blocks = "hess_max_layer" in m
+    fig, ax = figure(3 if blocks else 2)
+    for key, label, color in (("hess_max", "largest eigenvalue λ_max", OKABE_ITO[0]),
+                              ("hess_min", "smallest eigenvalue λ_min", OKABE_ITO[1])):
+        band(ax[0, 0], epoch, m[key], color, label)
+    limit = stability_limit(run)
+    if limit is not None:
+        ax[0, 0].axhline(limit, color="0.3", linestyle="--", linewidth=1,
+                         label=f"2(1+β)/η = {limit:.3g} (gradient descent's stability limit)")
+    ax[0, 0].legend(fontsize=7, loc="best")
+    mass = ax[-1, 0]
+    _layer_lines(mass, epoch, m["hess_evec_mass"], names)
+    ax[0, 0].set(title="Sharpness: extreme eigenvalues of the Hessian (probe batch)",
+                 ylabel="eigenvalue")
+    if blocks:  # (the hessian_blocks probe)
+        _layer_lines(ax[1, 0], epoch, m["hess_max_layer"], names)
+        ax[1, 0].set(title="Largest eigenvalue of each layer's block of the Hessian",
+                     ylabel="λ_max of the block")
+    mass.set(title="Where the top eigenvector lives: its squared mass per layer",
+             ylabel="mass", ylim=(-0.02, 1.02), xlabel="epoch (0 = initialisation)")
+    layer_legend(fig, mass, layer_colors(len(names)), names)
+    _run_title(fig, "Curvature", run, varying)
+    caption(fig, seed_note(S, bands=len(names) <= MAX_BANDS), diverged_note([run]))
+    return fig

@@ -58,6 +58,8 @@ def plain_mlp(tmp_path, monkeypatch):
 def test_the_automatic_route_gives_the_hand_declared_mlps_numbers(plain_mlp):
     shared = [*TINY, "depth=3", "width=5", "act=tanh", "seeds=2", "bias_init=normal",
               "bias_init.std=0.1", "record.full_grads_every=3",
+              "record.step_probes=[global_norms,kernel_grad_stats,bias_grad_norm,"
+              "delta_norm,update_stats,clip_stats,gradient_noise]",
               "record.epoch_probes=[evaluation,weight_stats,"
               "activation_stats,probe_bias_grad_norm,histograms,forward_signal]"]
     declared = run_to_end(compose_cfg(*shared))
@@ -66,7 +68,7 @@ def test_the_automatic_route_gives_the_hand_declared_mlps_numbers(plain_mlp):
     a, d = store.metrics_arrays(auto), store.metrics_arrays(declared)
     assert a.keys() == d.keys()
     for key in ("delta_norm", "grad_norm", "act_dead_frac", "act_sat_frac", "signal_q",
-                "update_ratio", "train_loss", "grad_hist"):
+                "update_ratio", "train_loss", "grad_hist", "gsnr", "noise_scale_net"):
         assert key in a  # (every default probe recorded, and then some)
     for key in d:
         if d[key].dtype.kind == "U":  # (names)

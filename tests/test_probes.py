@@ -13,8 +13,9 @@ from vgrad import models, probes
 
 
 def one_step(*overrides: str):
-    """One step of a 2-3-3-1 net on 16 examples, with both kinds of deltas."""
-    layout, state, new_state, out, _, _ = step_once(*overrides, batch=16, own_deltas=True)
+    """One step of a 2-3-3-1 net on 16 examples, with both kinds of deltas and the taps."""
+    layout, state, new_state, out, _, _ = step_once(*overrides, batch=16, own_deltas=True,
+                                                    taps=True)
     return layout, state, new_state, out
 
 
@@ -76,7 +77,7 @@ def test_every_step_probe_returns_what_it_declares(probe):
     returned = entry(out, layout)
     assert returned.keys() == entry.outputs.keys()
     sizes = {"layer": len(layout.names), "hidden": len(layout.hidden_names),
-             "recurrent": 1, "time": 4}
+             "recurrent": 1, "time": 4, **probes.BIN_AXES}
     for key, value in returned.items():
         assert value.dtype == jnp.float32, key
         assert value.shape == tuple(sizes[a] for a in entry.outputs[key]), key

@@ -89,11 +89,12 @@ def _run(group: Group, engine: str, group_id: int) -> Iterator[list[Records]]:
     # group records only what it compiled itself (a new chunk length, say).
     compiled_before = compiled.compile_s if reused else 0.0
     prog, plan = compiled.program, compiled.program.plan
-    for note in prog.layout.notes:  # (what a module instrumented automatically lacks)
+    for note in prog.notes:  # (what a module instrumented automatically lacks, ...)
         log.info("group %d: %s", group_id, note)
     first_epoch = group.jobs[0].epochs_done
     info = {"id": group_id, "jobs": len(group.jobs), "members": group.n_members,
-            "compile_s": compiled.compile_s - compiled_before, "reused_program": reused}
+            "compile_s": compiled.compile_s - compiled_before, "reused_program": reused,
+            "notes": list(prog.notes)}
 
     t0 = time.perf_counter()
     state = compiled.start(members, data)

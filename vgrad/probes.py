@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vgrad import noise
 from vgrad.layers import Layout, Rows, pack
 from vgrad.step import StepOut
 
@@ -164,6 +165,17 @@ def delta_norm_own(out: StepOut, layout: Layout) -> dict[str, Array]:
     default (``record.step_probes`` adds it)."""
     return {"delta_norm_own": _per_layer(_batch_mean_norm,
                                          pack(layout.deltas(out.own_deltas), axis=2))}
+
+
+def gradient_noise(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """How the batch's examples disagree about each layer's gradient (``vgrad.noise``):
+    per-example gradient norms (mean, quantiles), the gradient signal-to-noise ratio,
+    the gradient noise scale B_simple with its two estimates, and the norm,
+    inner-product and orthogonality tests; per layer and for the whole net (``_net``).
+    Opt-in: ``record.step_probes=[...,gradient_noise]``. Not run under batch norm in
+    training mode (per-example gradients are not defined there) nor on models with
+    layers other than ``nn.Dense``; the run's log and ``summary.json`` say so."""
+    return noise.gradient_noise(layout, out.taps, out.grads)
 
 
 def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
@@ -315,6 +327,9 @@ NEEDS = {
     "curvature_blocks": "epoch",
     # each example's own deltas (one backward pass per example; ``step.make_train_step``)
     "own_deltas": "step",
+    # every Dense call's input and output gradient (``vgrad.noise``): per-example
+    # gradient statistics at one matrix product per layer
+    "taps": "step",
 }
 #: Needs whose programs hang when the member axis is split across several CPU devices
 #: (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program stops
@@ -372,6 +387,8 @@ STEP_PROBES: dict[str, Probe] = {
     "delta_norm": Probe(delta_norm, {"delta_norm": _LAYER}),
     "delta_norm_own": Probe(delta_norm_own, {"delta_norm_own": _LAYER}, needs=("own_deltas",),
                             opt_in=True),
+    "gradient_noise": Probe(gradient_noise, noise.outputs(), needs=("taps",), opt_in=True,
+                            edges={"quantile_levels": ("quantile", noise.QUANTILES)}),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
     "update_cosine": Probe(update_cosine, {"update_cosine": _LAYER}, opt_in=True),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),
@@ -694,7 +711,8 @@ LOOP_EPOCH_OUTPUTS = {"clip_frac": ()}
 #: (their cost is not small), from their entries.
 OPT_IN = tuple(n for r in (STEP_PROBES, EPOCH_PROBES) for n, p in r.items() if p.opt_in)
 #: The lengths of the bin axes the probes declare (the model's axes: ``Layout.axis_sizes``).
-BIN_AXES = {"bin": HIST_EDGES.size - 1, "sv_bin": SV_EDGES.size - 1}
+BIN_AXES = {"bin": HIST_EDGES.size - 1, "sv_bin": SV_EDGES.size - 1,
+            "quantile": noise.QUANTILES.size}
 
 
 def edges(arrays: Iterable[str]) -> dict[str, tuple[str, np.ndarray]]:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vgrad import models, optim, probes, views
+from vgrad import models, noise, optim, probes, views
 from vgrad.group import Group, Members
 from vgrad.plan import Plan, make_plan
 from vgrad.step import TrainState, init_state, make_train_step, perturbation_zeros
@@ -47,6 +47,26 @@ def count_params(net: Any, n_features: int) -> int:
                                                "noise": jax.random.key(0)},
                                               jnp.zeros((1, n_features))))
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
+
+
+def _no_gradient_noise(net: Any, layout: Any, batch: int, n_features: int, dtype: Any
+                       ) -> str | None:
+    """Why the per-example gradient statistics cannot be measured on ``net`` (None: they
+    can): batch norm in training mode couples the examples, and only ``nn.Dense``
+    layers are tapped (``vgrad.noise``)."""
+    x = jnp.zeros((batch, n_features), dtype)
+    shapes = jax.eval_shape(lambda: noise.Tapped(net).init(
+        {"params": jax.random.key(0), "noise": jax.random.key(0)}, x))
+    if jax.tree.leaves(shapes.get("batch_stats", {})):
+        return ("batch norm in training mode makes each example's loss depend on the "
+                "others, so per-example gradients are not defined (delta_norm_own "
+                "measures each example's own delta)")
+    missing = noise.untapped(layout, shapes.get("perturbations", {}))
+    if missing:
+        return ("per-example gradients are computed for nn.Dense layers only, and "
+                f"{', '.join(dict.fromkeys(missing))} "
+                f"{'is' if len(set(missing)) == 1 else 'are'} not")
+    return None
 
 
 # --- random streams ---------------------------------------------------------------------------
@@ -138,6 +158,14 @@ class Program:
                                              self.layout)
         self.epoch_probes = probes.applicable(probes.EPOCH_PROBES, cfg.record.epoch_probes,
                                               self.layout)
+        #: What the run leaves unmeasured, and why (the log and ``summary.json`` say it).
+        self.notes: tuple[str, ...] = self.layout.notes
+        if "gradient_noise" in self.step_probes:
+            why = _no_gradient_noise(net, self.layout, cfg.batch_size, ds.n_features,
+                                     self.dtype)
+            if why:
+                self.step_probes = tuple(p for p in self.step_probes if p != "gradient_noise")
+                self.notes += (f"gradient_noise is not recorded: {why}",)
         # What the chosen probes need computed for them, beyond the step's outputs.
         self.step_needs = probes.needs(probes.STEP_PROBES, self.step_probes)
         # Activations an example holds in evaluation: its Dense outputs (at every time
@@ -181,7 +209,8 @@ class Program:
     def _train_one(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, Any]:
         step = make_train_step(self.group.network(m), self._tx(m), self.loss, self.layout,
-                               with_own_deltas="own_deltas" in self.step_needs)
+                               with_own_deltas="own_deltas" in self.step_needs,
+                               with_taps="taps" in self.step_needs)
         return step(state, x, y, key)
 
     def _epoch_view(self, state: TrainState, m: Members, data: DeviceData

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from vgrad import losses
+from vgrad import losses, noise
 from vgrad.layers import Layout, pack
 from vgrad.optim import Transforms
 
@@ -52,6 +52,9 @@ class StepOut(NamedTuple):
     # dl_n/dz_l^(n), example n's own loss at its own pre-activation (through batch norm's
     # batch statistics too), when asked for (``own_deltas``); else None.
     own_deltas: Any = None
+    # every nn.Dense call's input and B x dL/d(output), when asked for (``taps``: the
+    # per-example gradient statistics, ``vgrad.noise``); else None
+    taps: Any = None
 
 
 def tree_all_finite(tree: Any) -> Array:
@@ -101,20 +104,25 @@ def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers:
     )
 
 
-def make_loss_fn(model: nn.Module, loss: str, mean: bool = True
+def make_loss_fn(model: nn.Module, loss: str, mean: bool = True, sown: bool = False
                  ) -> Callable[..., tuple[Array, Any]]:
-    """Batch loss as a function of (params, perturbations); aux = new batch_stats. The
-    mean over the batch, or (``mean=False``) one loss per example."""
+    """Batch loss as a function of (params, perturbations); aux = new batch_stats (with
+    ``sown``: and the values the network sowed into ``intermediates``). The mean over the
+    batch, or (``mean=False``) one loss per example."""
     per_example = losses.LOSSES[loss]
+    mutable = ["batch_stats", "intermediates"] if sown else ["batch_stats"]
 
     def loss_fn(params, perturbations, batch_stats, x, y, key):
         variables = {"params": params, "perturbations": perturbations}
         if batch_stats:
             variables["batch_stats"] = batch_stats
         logits, mutated = model.apply(variables, x, train=True, rngs={"noise": key},
-                                      mutable=["batch_stats"])
+                                      mutable=mutable)
         values = per_example(logits, y)
-        return values.mean() if mean else values, mutated.get("batch_stats", batch_stats)
+        aux = mutated.get("batch_stats", batch_stats)
+        if sown:
+            aux = (aux, mutated.get("intermediates", {}))
+        return values.mean() if mean else values, aux
 
     return loss_fn
 
@@ -147,21 +155,27 @@ def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
 
 
 def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
-                    with_own_deltas: bool = False
+                    with_own_deltas: bool = False, with_taps: bool = False
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
     """One optimisation step on a batch, with its gradient and deltas returned (and each
-    example's own deltas with ``with_own_deltas``)."""
-    grad_fn = jax.value_and_grad(make_loss_fn(model, loss), argnums=(0, 1), has_aux=True)
-    zero_perturbations = perturbation_zeros(model)
+    example's own deltas with ``with_own_deltas``; every Dense call's input and output
+    gradient with ``with_taps``: ``vgrad.noise``)."""
     own_fn = own_deltas(model, loss) if with_own_deltas else None
+    if with_taps:
+        model = noise.Tapped(model)
+    grad_fn = jax.value_and_grad(make_loss_fn(model, loss, sown=with_taps), argnums=(0, 1),
+                                 has_aux=True)
+    zero_perturbations = perturbation_zeros(model)
 
     def train_step(state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, StepOut]:
         perturbations = zero_perturbations(x)
-        (loss_value, batch_stats), (grads, dperturb) = grad_fn(
+        (loss_value, aux), (grads, dperturb) = grad_fn(
             state.params, perturbations, state.batch_stats, x, y, key)
+        batch_stats, sown = aux if with_taps else (aux, None)
         # d(mean loss)/dz = delta_n / batch for example n: undo the mean.
         deltas = jax.tree.map(lambda d: d * x.shape[0], dperturb)
+        taps = noise.Taps(sown, deltas) if with_taps else None
         own = (None if own_fn is None else
                own_fn(state.params, perturbations, state.batch_stats, x, y, key))
         clipped, clip_state = tx.clip.update(grads, state.clip_state, state.params)
@@ -181,7 +195,8 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
             nonfinite_at_divergence=jnp.where(
                 diverging, nonfinite_per_layer(grads, layout), state.nonfinite_at_divergence),
         )
-        return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params, own)
+        return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params, own,
+                            taps)
 
     return train_step
 

@@ -458,6 +458,8 @@ def make_summary(rec: Records, config: dict[str, Any], status: str, device: dict
                  ) -> dict[str, Any]:
     """The ``summary.json`` of a run in progress (status running) or ended."""
     steps = rec.plan.steps_per_epoch * rec.epochs_done
+    group = dict(rec.group)
+    notes = group.pop("notes", [])
     return {
         "status": status,
         "config": config,
@@ -469,6 +471,8 @@ def make_summary(rec: Records, config: dict[str, Any], status: str, device: dict
         "arrays": array_axes(rec),  # axis names of each array of metrics.npz
         "steps_per_epoch": rec.plan.steps_per_epoch,
         "n_params": rec.n_params,
+        # What the run leaves unmeasured, and why (a probe that cannot run on this model).
+        "notes": list(notes),
         "timing": {
             "compile_s": rec.compile_s,
             "run_s": rec.run_s,
@@ -477,7 +481,7 @@ def make_summary(rec: Records, config: dict[str, Any], status: str, device: dict
             # The group of jobs this run was trained with, as one program (vgrad.group):
             # its id in the sweep, its jobs and members (jobs x seeds); compile_s and
             # run_s above are the group's, shared by its jobs.
-            "group": dict(rec.group),
+            "group": group,
         },
         "versions": dict(versions()),
         "device": {**device, "seed_devices": rec.seed_devices},

@@ -43,7 +43,7 @@ def parts_from_config(cfg: Any) -> Parts:
     """The parts a validated config names (one member; tests and single builds)."""
     act, pieces = activations.build(cfg.act)
     return Parts(act, initializers.kernel_init(cfg.init), initializers.bias_init(cfg.bias_init),
-                 pieces, cfg.bn_momentum, cfg.bn_eps)
+                 pieces, cfg.bn_momentum, cfg.bn_eps, jnp.dtype(cfg.dtype))
 
 
 def slopes(act: nn.Module, z: Array, train: bool) -> tuple[Array, Array]:

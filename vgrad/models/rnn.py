@@ -162,7 +162,8 @@ class RecurrentLayer(nn.Module):
         xw = nn.Dense(gates * u, kernel_init=p.kernel_init, bias_init=input_bias,
                       dtype=p.dtype, param_dtype=p.dtype, name="ih")(x)
         steps = nn.scan(_Step, variable_broadcast="params", split_rngs={"params": False},
-                        variable_axes={"perturbations": 1}, in_axes=1, out_axes=1)
+                        variable_axes={"perturbations": 1, "intermediates": 1}, in_axes=1,
+                        out_axes=1)
         zeros = jnp.zeros(x.shape[:1] + (u,), p.dtype)
         _, (h, pre) = steps(self.cell, p, self.model, u, train, name="cell")((zeros, zeros), xw)
         if capture:

@@ -1,0 +1,191 @@
+"""Per-example gradient statistics (``vgrad.noise``, the ``gradient_noise`` probe) against
+per-example gradients from ``jax.vmap(jax.grad)`` reduced in float64 numpy, on an MLP
+(unrolled and scanned), a residual MLP and recurrent nets; the skip under batch norm and
+on convolutions; the probe in a trained run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import compose_cfg, run_to_end
+
+from vgrad import data, losses, models, noise, optim
+from vgrad.program import _no_gradient_noise
+from vgrad.step import init_state, make_loss_fn, make_train_step, perturbation_zeros
+
+
+def _node(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def tapped_step(cfg, x: np.ndarray, y: np.ndarray):
+    """One training step with taps: (layout, state before it, StepOut, net)."""
+    ds = data.load(cfg.data)
+    net = models.build(cfg, losses.out_dim(cfg.loss.value, ds.n_classes))
+    layout = models.layout(cfg, ds.n_features)
+    tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
+    state = init_state(net, tx, jax.random.key(0), jnp.asarray(x), len(layout.names))
+    step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout, with_taps=True))
+    _, out = step(state, jnp.asarray(x), jnp.asarray(y), jax.random.key(1))
+    return layout, state, out, net
+
+
+def per_example_grads(net, cfg, params, x, y) -> dict:
+    """Each example's gradient of its own loss, [B, ...] per parameter (vmap of grad)."""
+    loss_fn = make_loss_fn(net, cfg.loss.value)
+    zeros = perturbation_zeros(net)(jnp.asarray(x[:1]))
+
+    def one(xi, yi):
+        return jax.grad(lambda p: loss_fn(p, zeros, {}, xi[None], yi[None],
+                                          jax.random.key(1))[0])(params)
+
+    return jax.vmap(one)(jnp.asarray(x), jnp.asarray(y))
+
+
+def reference(layout, grads) -> dict[str, np.ndarray]:
+    """The probe's arrays from per-example gradients, straight from their definitions."""
+    rows = {}  # layer -> [B, P] float64
+    for seg in layout.segments:
+        for i, name in enumerate(seg.names):
+            parts = []
+            for path in seg.dense:
+                node = _node(grads, path)
+                for leaf in ("kernel", "bias"):
+                    if leaf in node:
+                        v = np.asarray(node[leaf], np.float64)
+                        v = v[:, i] if seg.stacked else v
+                        parts.append(v.reshape(v.shape[0], -1))
+            rows[name] = np.concatenate(parts, axis=1)
+    rows["_net"] = np.concatenate([rows[n] for n in layout.names], axis=1)
+
+    def stats(g: np.ndarray) -> dict[str, float]:
+        b = g.shape[0]
+        mean = g.mean(0)
+        norms = np.linalg.norm(g, axis=1)
+        g2 = mean @ mean
+        dots = g @ mean
+        trace = np.sum((g - mean) ** 2) / (b - 1)
+        var = ((g - mean) ** 2).mean(0)
+        counted = (g ** 2).mean(0) > 0
+        perp = g - np.outer(dots / g2, mean)
+        return {"pe_norm_mean": norms.mean(),
+                "pe_norm_q": np.quantile(norms, noise.QUANTILES.astype(np.float64)),
+                "gsnr": np.mean(mean[counted] ** 2 / var[counted]),
+                "noise_trace": trace, "noise_grad_sq": g2 - trace / b,
+                "noise_scale": trace / (g2 - trace / b),
+                "norm_test": np.sqrt(trace / (b * g2)),
+                "inner_test": np.sqrt(np.sum((dots - g2) ** 2) / (b - 1) / (b * g2 ** 2)),
+                "ortho_test": np.sqrt(np.sum(perp ** 2) / (b - 1) / (b * g2))}
+
+    per = {n: stats(rows[n]) for n in layout.names}
+    out = {k: np.stack([per[n][k] for n in layout.names]) for k in per[layout.names[0]]}
+    out.update({f"{k}_net": v for k, v in stats(rows["_net"]).items()})
+    return out
+
+
+def check(overrides: list[str], x: np.ndarray, y: np.ndarray, rtol: float = 1e-5) -> dict:
+    cfg = compose_cfg(*overrides)
+    x = x.astype(cfg.dtype)
+    y = y.astype(cfg.dtype) if y.dtype.kind == "f" else y
+    with jax.enable_x64(cfg.dtype == "float64"):  # (as the loop runs a float64 config)
+        layout, state, out, net = tapped_step(cfg, x, y)
+        got = {k: np.asarray(v, np.float64)
+               for k, v in noise.gradient_noise(layout, out.taps, out.grads).items()}
+        want = reference(layout, per_example_grads(net, cfg, state.params, x, y))
+    assert out.loss.dtype == cfg.dtype
+    assert set(got) == set(want) == set(noise.outputs())
+    for k in want:
+        assert got[k].shape == want[k].shape, k
+        if cfg.dtype == "float32" and k.startswith(("noise_grad_sq", "noise_scale")):
+            # ||G||^2 - tr(S)/B cancels: in float32 it holds to the rounding of tr(S)
+            # (and its ratio B_simple, near a zero of the denominator, not even that)
+            if k.startswith("noise_grad_sq"):
+                trace = want[k.replace("grad_sq", "trace")]
+                np.testing.assert_allclose(got[k], want[k], atol=1e-5 * np.max(trace))
+            continue
+        np.testing.assert_allclose(got[k], want[k], rtol=rtol, err_msg=k)
+    assert np.isfinite(got["gsnr"]).all()
+    return got
+
+
+def _digits(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    ds = data.load(compose_cfg("dtype=float64").data)
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(ds.x_train), batch, replace=False)
+    return ds.x_train[idx], ds.y_train[idx]
+
+
+def test_mlp_against_per_example_gradients():
+    x, y = _digits(16)
+    got = check(["dtype=float64", "depth=3", "width=7", "act=tanh"], x, y)
+    # Noise dominates a 16-example batch of a fresh net: many examples' worth of noise.
+    assert (got["noise_scale"] > 1).all()
+
+
+def test_scanned_mlp_and_float32():
+    """Layers 1 ... 8 run as one scan (stacked taps); float32 within 1e-4 of float64."""
+    x, y = _digits(12, seed=1)
+    check(["dtype=float64", "depth=9", "width=6", "act=tanh"], x, y)
+    check(["depth=9", "width=6", "act=tanh"], x, y,
+          rtol=1e-4)
+
+
+def test_residual_mlp_two_dense_per_block():
+    x, y = _digits(10, seed=2)
+    check(["dtype=float64", "model=resmlp", "model.block_dense=2", "depth=3", "width=6"], x, y)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_recurrent_nets_sum_over_time(cell):
+    """A recurrent kernel's per-example gradient sums over the time steps."""
+    cfg = compose_cfg("data=adding", "data.length=6", "loss=regression", "depth=2",
+                      "width=4", f"model={cell}", "dtype=float64")
+    ds = data.load(cfg.data)
+    check(["data=adding", "data.length=6", "loss=regression", "depth=2", "width=4",
+           f"model={cell}", "dtype=float64"], ds.x_train[:8], ds.y_train[:8])
+
+
+def test_batch_norm_and_convolutions_are_skipped_with_a_reason():
+    cfg = compose_cfg("bn=pre", "depth=2", "width=4")
+    net = models.build(cfg, 10)
+    why = _no_gradient_noise(net, models.layout(cfg), 8, 64, jnp.float32)
+    assert "batch norm" in why
+    cfg = compose_cfg("model=cnn", "depth=2", "width=4")
+    net = models.build(cfg, 10)
+    why = _no_gradient_noise(net, models.layout(cfg, 64), 8, 64, jnp.float32)
+    assert "nn.Dense layers only" in why and "conv_0" in why
+    cfg = compose_cfg("depth=2", "width=4")
+    assert _no_gradient_noise(models.build(cfg, 10), models.layout(cfg), 8, 64,
+                              jnp.float32) is None
+
+
+def test_probe_in_a_run_and_note_under_batch_norm(tmp_path):
+    """The probe's arrays come out of a trained run with their declared shapes; a run
+    under batch norm leaves it out and says why in summary.json."""
+    from vgrad import store
+
+    cfg = compose_cfg("depth=2", "width=4", "epochs=1", "seeds=2", "data.n_samples=200",
+                      "record.step_probes=[global_norms,delta_norm,gradient_noise]")
+    rec = run_to_end(cfg)
+    layers = len(rec.layer_names)
+    steps = len(rec.step)
+    assert rec.step_stats["gsnr"].shape == (2, steps, layers)
+    assert rec.step_stats["pe_norm_q"].shape == (2, steps, layers, noise.QUANTILES.size)
+    assert rec.step_stats["noise_scale_net"].shape == (2, steps)
+    q = rec.step_stats["pe_norm_q"]
+    assert (np.diff(q, axis=-1) >= 0).all()  # quantiles in order
+    assert np.isfinite(rec.step_stats["gsnr_net"]).all()
+
+    bn = compose_cfg("depth=2", "width=4", "epochs=1", "seeds=1", "data.n_samples=200",
+                     "bn=pre", "record.step_probes=[global_norms,gradient_noise]")
+    rec = run_to_end(bn)
+    assert "gsnr" not in rec.step_stats
+    summary = store.make_summary(rec, {}, "done", {})
+    assert any("gradient_noise is not recorded: batch norm" in n for n in summary["notes"])
+    json.dumps(summary)

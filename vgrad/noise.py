@@ -1,0 +1,260 @@
+"""Per-example gradient statistics of every Dense layer, without per-example gradients.
+
+A batch's mean gradient hides how much its examples disagree. Example n's gradient of a
+Dense layer y = a W + b is g_n = a_n^T d_n (and d_n for the bias), where a_n is the
+layer's input and d_n = dl_n/dy_n the gradient of n's own loss at the layer's output
+(Goodfellow 2015, "Efficient per-example gradient computations"). The training step
+already backpropagates d_n; with taps (:class:`Tapped`) every ``nn.Dense`` call also
+sows its input and takes d at its output, so every statistic below costs about one
+matrix product per layer, never the batch x parameters array of per-example gradients:
+
+- ``||g_n||^2 = ||a_n||^2 ||d_n||^2 (+ ||d_n||^2 for the bias)``;
+- ``g_n . G = a_n^T G_W d_n (+ d_n . G_b)`` for the batch's mean gradient G;
+- per parameter, ``sum_n g_nij^2 = (a^2)^T (d^2)``.
+
+A layer applied at several positions of one example (a recurrent layer at every time
+step, a Dense over tokens) has g_n = sum_t a_nt^T d_nt: its per-example gradient is
+formed layer by layer ([batch, in, out], one batched product) and reduced at once.
+
+From these, per layer (its Dense kernels and biases together: a residual block's two,
+a recurrent layer's input and recurrent ones) and for the whole net (every layer's),
+with B the batch size, G the batch gradient, trS = 1/(B-1) sum_n ||g_n - G||^2:
+
+- ``pe_norm_mean``, ``pe_norm_q``: the batch mean of ||g_n||, and its quantiles
+  ``QUANTILES`` (min, 10%, median, 90%, max; numpy's linear interpolation);
+- ``gsnr``: the mean over parameters of G_j^2 / s_j^2, s_j^2 = 1/B sum_n g_nj^2 - G_j^2
+  (Cockpit's MeanGSNR, Schneider et al. 2021; after Liu et al. 2020, "Understanding why
+  neural networks generalize well through GSNR of parameters"). Cockpit adds 1e-5 to
+  s_j^2, which would read 0 wherever gradients vanish (s_j^2 far below 1e-5); vgrad
+  leaves parameters whose every g_nj is 0 out of the mean and floors s_j^2 at 16 eps
+  of 1/B sum_n g_nj^2 (where the examples agree to rounding, GSNR reads ~1/(16 eps));
+- ``noise_trace`` = trS and ``noise_grad_sq`` = ||G||^2 - trS / B, the unbiased
+  estimates of tr(Sigma) and |G_true|^2 from one batch, and their ratio
+  ``noise_scale`` = B_simple, the gradient noise scale (McCandlish et al. 2018, "An
+  empirical model of large-batch training", eq. 2.8 and appendix A.1 with B_small = 1):
+  the batch size above which larger batches stop helping. The paper smooths the two
+  estimates over steps before dividing; their per-step values are kept for that;
+- ``norm_test``, ``inner_test``, ``ortho_test``: the smallest theta (nu) with which the
+  batch passes the norm test (Byrd et al. 2012, eq. 3.9), the inner-product test and
+  the orthogonality test (Bollapragada et al. 2018, eqs. 2.6, 3.3), as Cockpit computes
+  them: sqrt(trS / (B ||G||^2)), sqrt(Var(g_n . G) / (B ||G||^4)) and
+  sqrt(Var_perp / (B ||G||^2)), the variances with 1/(B-1). Below 1: the batch
+  gradient is a descent direction with high probability.
+
+Whole-net arrays end in ``_net``. Parameters outside Dense layers (a normalisation's
+scale, a learned residual multiplier) are not counted. Under batch norm in training
+mode an example's loss depends on the others' inputs, so per-example gradients are not
+defined: the probe is left out (the run's log and ``summary.json`` say so), as it is for
+a model with layers other than ``nn.Dense`` (convolutions, embeddings).
+
+Numbers stay finite while the gradients are: each layer is computed in units of its
+largest |a| x largest |d|. B = 1 gives NaN (no variance from one example).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vgrad.layers import Layout
+
+Array = jax.Array
+
+#: The names a tapped Dense sows its input under (``intermediates``) and perturbs its
+#: output under (``perturbations``).
+TAP_IN, TAP_DELTA = "tap_in", "tap_delta"
+#: Quantile levels of ``pe_norm_q``.
+QUANTILES = np.array([0.0, 0.1, 0.5, 0.9, 1.0], np.float32)
+#: Floor of a parameter's variance, in float eps of its mean square (see the docstring).
+VARIANCE_FLOOR = 16.0
+
+
+def _tap(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+    module = context.module
+    if context.method_name != "__call__" or type(module) is not nn.Dense:
+        return next_fun(*args, **kwargs)
+    module.sow("intermediates", TAP_IN, args[0] if args else kwargs["inputs"])
+    return module.perturb(TAP_DELTA, next_fun(*args, **kwargs))
+
+
+@dataclass(frozen=True, eq=False)
+class Tapped:
+    """A network (a built-in family's module, or :class:`~vgrad.models.auto.Instrumented`)
+    whose every ``nn.Dense`` call sows its input and perturbs its output: the step's
+    ``intermediates`` and perturbation gradients then hold each layer's a and d."""
+
+    net: Any
+
+    def init(self, *args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(_tap):
+            return self.net.init(*args, **kwargs)
+
+    def lazy_init(self, *args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(_tap):
+            return self.net.lazy_init(*args, **kwargs)
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any:
+        with nn.intercept_methods(_tap):
+            return self.net.apply(*args, **kwargs)
+
+
+def _node(tree: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def untapped(layout: Layout, perturbations: Any) -> list[str]:
+    """The layers with a parameter node that no tapped ``nn.Dense`` call reached (a
+    convolution, an embedding): ``perturbations`` is a tapped net's zero perturbations."""
+    return [seg.names[0] for seg in layout.segments for path in seg.dense
+            if TAP_DELTA not in (_node(perturbations, path) or {})]
+
+
+class Taps(NamedTuple):
+    """Per Dense call site: its inputs (``intermediates``) and B x dL/dy (the
+    perturbation gradients), trees under the layers' module paths."""
+
+    inputs: Any
+    deltas: Any
+
+
+class _Sums(NamedTuple):
+    """One Dense's (or one layer's) per-example sums, in units of ``scale``^2."""
+
+    sq: Array  # [B] ||g_n||^2
+    dot: Array  # [B] g_n . G
+    g2: Array  # ||G||^2
+    gsnr_sum: Array  # sum over counted parameters of G_j^2 / s_j^2 (unitless)
+    gsnr_count: Array  # parameters counted
+    scale: Array  # the unit: largest |a| x largest |d|
+
+
+def _unit(x: Array) -> Array:
+    m = jnp.max(jnp.abs(x))
+    return jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+
+
+def _gsnr_terms(mean: Array, mean_sq: Array) -> tuple[Array, Array]:
+    """sum of G_j^2 / s_j^2 over the parameters with a nonzero gradient, and their count."""
+    counted = mean_sq > 0
+    floor = VARIANCE_FLOOR * jnp.finfo(mean.dtype).eps * mean_sq
+    var = jnp.maximum(mean_sq - mean * mean, floor)
+    ratio = jnp.where(counted, mean * mean / jnp.where(counted, var, 1.0), 0.0)
+    return jnp.sum(ratio), jnp.sum(counted).astype(mean.dtype)
+
+
+def dense_sums(a: Array, d: Array, kernel: Array, bias: Array | None) -> _Sums:
+    """The per-example sums of one Dense layer: inputs ``a`` [B, (S,) in], output
+    gradients ``d`` [B, (S,) out] of the examples' own losses, its batch gradient
+    ``kernel`` [in, out] and ``bias`` [out] (None: no bias)."""
+    batch = a.shape[0]
+    unit_a = _unit(a)
+    scale = unit_a * _unit(d)
+    a, d = a / unit_a, d / _unit(d)
+    gk, gb = kernel / scale, (None if bias is None else bias / scale)
+    if a.ndim == 2:  # one position per example: the factorised forms
+        sq = jnp.sum(a * a, axis=1) * jnp.sum(d * d, axis=1)
+        dot = jnp.sum((a @ gk) * d, axis=1)
+        mean_sq = (a * a).T @ (d * d) / batch
+        bias_g = d / unit_a  # (the bias's gradient d, in units of scale)
+    else:  # several positions: each example's gradient, one layer at a time
+        a, d = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
+        g = jnp.einsum("nsi,nso->nio", a, d)
+        sq = jnp.sum(g * g, axis=(1, 2))
+        dot = jnp.einsum("nio,io->n", g, gk)
+        mean_sq = jnp.mean(g * g, axis=0)
+        bias_g = jnp.sum(d, axis=1) / unit_a
+    gsnr_sum, count = _gsnr_terms(gk, mean_sq)
+    g2 = jnp.sum(gk * gk)
+    if gb is not None:
+        sq = sq + jnp.sum(bias_g * bias_g, axis=1)
+        dot = dot + bias_g @ gb
+        b_sum, b_count = _gsnr_terms(gb, jnp.mean(bias_g * bias_g, axis=0))
+        gsnr_sum, count, g2 = gsnr_sum + b_sum, count + b_count, g2 + jnp.sum(gb * gb)
+    return _Sums(sq, dot, g2, gsnr_sum, count, scale)
+
+
+def _total(sums: _Sums) -> _Sums:
+    """The sums of stacked layers [n, ...] added up, in the largest unit among them."""
+    scale = jnp.max(sums.scale)
+    w = (sums.scale / scale) ** 2
+
+    def weighted(x: Array) -> Array:
+        return jnp.sum(x * w.reshape(w.shape + (1,) * (x.ndim - 1)), axis=0)
+
+    return _Sums(weighted(sums.sq), weighted(sums.dot), weighted(sums.g2),
+                 jnp.sum(sums.gsnr_sum, axis=0), jnp.sum(sums.gsnr_count, axis=0), scale)
+
+
+def _segment_sums(layout: Layout, taps: Taps, grads: Any) -> list[_Sums]:
+    """Each segment's sums, [n, ...] (its layers on a leading axis; a stacked segment's
+    by ``vmap``), input side first: per-layer work stays one reduction per segment."""
+    out: list[_Sums] = []
+    for seg in layout.segments:
+        per_dense = []
+        for path in seg.dense:
+            node = _node(grads, path)
+            a = _node(taps.inputs, path)[TAP_IN][0]
+            d = _node(taps.deltas, path)[TAP_DELTA]
+            args = (a, d, node["kernel"], node.get("bias"))
+            per_dense.append(jax.vmap(dense_sums)(*args) if seg.stacked
+                             else jax.tree.map(lambda x: x[None], dense_sums(*args)))
+        joined = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *per_dense)  # [n, dense, ..]
+        out.append(jax.vmap(_total)(joined))
+    return out
+
+
+def statistics(sums: _Sums) -> dict[str, Array]:
+    """The statistics of one layer's (or the whole net's) sums (module docstring)."""
+    batch = sums.sq.shape[0]
+    s = sums.scale
+    norms = jnp.sqrt(sums.sq)
+    trace = (jnp.sum(sums.sq) - batch * sums.g2) / (batch - 1)
+    g2 = sums.g2
+    var_dot = (jnp.sum(sums.dot ** 2) - batch * g2 ** 2) / (batch - 1)
+    var_perp = (jnp.sum(sums.sq) - jnp.sum(sums.dot ** 2) / g2) / (batch - 1)
+    return {
+        "pe_norm_mean": jnp.mean(norms) * s,
+        "pe_norm_q": jnp.quantile(norms, jnp.asarray(QUANTILES, norms.dtype)) * s,
+        "gsnr": sums.gsnr_sum / sums.gsnr_count,
+        "noise_trace": trace * s * s,
+        "noise_grad_sq": (g2 - trace / batch) * s * s,
+        "noise_scale": trace / (g2 - trace / batch),
+        "norm_test": jnp.sqrt(trace / (batch * g2)),
+        "inner_test": jnp.sqrt(var_dot / (batch * g2 * g2)),
+        "ortho_test": jnp.sqrt(var_perp / (batch * g2)),
+    }
+
+
+#: The arrays of the ``gradient_noise`` probe and their axes (per layer; whole net).
+PER_LAYER = ("pe_norm_mean", "gsnr", "noise_trace", "noise_grad_sq", "noise_scale",
+             "norm_test", "inner_test", "ortho_test")
+
+
+def outputs() -> dict[str, tuple[str, ...]]:
+    axes: dict[str, tuple[str, ...]] = {}
+    for name in PER_LAYER:
+        axes[name] = ("layer",)
+        axes[f"{name}_net"] = ()
+    axes["pe_norm_q"] = ("layer", "quantile")
+    axes["pe_norm_q_net"] = ("quantile",)
+    return axes
+
+
+def gradient_noise(layout: Layout, taps: Taps, grads: Any) -> dict[str, Array]:
+    """Every array of the probe: per layer [L] (or [L, quantile]) and for the whole net."""
+    segments = _segment_sums(layout, taps, grads)
+    per_segment = [jax.vmap(statistics)(s) for s in segments]
+    out = {k: jnp.concatenate([p[k] for p in per_segment]) for k in per_segment[0]}
+    layers = jax.tree.map(lambda *x: jnp.concatenate(x), *segments)
+    out.update({f"{k}_net": v for k, v in statistics(_total(layers)).items()})
+    return out

@@ -83,11 +83,32 @@ def test_a_layer_of_fewer_parameters_than_steps_exhausts_cleanly():
     np.testing.assert_allclose([theta[0], theta[-1]], np.linalg.eigvalsh(matrix), rtol=1e-5)
 
 
+def test_the_spectral_density_integrates_to_one_where_the_dense_eigenvalues_are():
+    """Stochastic Lanczos quadrature on a 141-parameter net: the bins' masses sum to 1,
+    and their distribution function follows that of the dense Hessian's eigenvalues
+    (each 1/P) to within the randomness of two start vectors."""
+    layout, params, loss = _net_and_loss()
+    out = jax.jit(lambda p: curvature.density(loss, p, jax.random.key(4)))(params)
+    mass, rho = np.asarray(out["hess_density"], np.float64), float(out["hess_density_scale"])
+    eig = np.linalg.eigvalsh(_dense(loss, params)[0])
+    assert mass.shape == (curvature.DENSITY_EDGES.size - 1,) and (mass >= 0).all()
+    np.testing.assert_allclose(mass.sum(), 1.0, atol=1e-5)
+    np.testing.assert_allclose(rho, np.abs(eig).max(), rtol=1e-2)  # (the extremes converge)
+    edges = curvature.DENSITY_EDGES[1:].astype(np.float64) * rho
+    dense_cdf = np.searchsorted(np.sort(eig), edges, side="right") / eig.size
+    assert np.max(np.abs(np.cumsum(mass) - dense_cdf)) < 0.15
+    # The mass lies within the spectrum (plus the smoothing): none beyond its ends.
+    centres = (curvature.DENSITY_EDGES[1:] + curvature.DENSITY_EDGES[:-1]) / 2 * rho
+    outside = (centres < eig[0] - 0.02 * rho) | (centres > eig[-1] + 0.02 * rho)
+    assert mass[outside].sum() < 1e-4
+
+
 def test_the_probe_records_the_hessian_of_the_probe_batch_at_every_epoch(cli, tmp_path):
     run = tmp_path / "run"
     code, _, err = cli(*TINY, "depth=2", "width=4", "seeds=2", "record.probe_size=64",
                        "optim=sgd", "optim.lr=0.1", "optim.momentum=0.5",
-                       "record.epoch_probes=[evaluation,hessian,hessian_blocks]",
+                       "record.epoch_probes=[evaluation,hessian,hessian_blocks,"
+                       "hessian_density]",
                        "record.params=[initial,final]", f"hydra.run.dir={run}")
     assert code == 0, err
     m, summary = store.read_metrics(run), store.read_summary(run)
@@ -95,6 +116,10 @@ def test_the_probe_records_the_hessian_of_the_probe_batch_at_every_epoch(cli, tm
         assert m[key].shape == (2, 3)
     assert m["hess_evec_mass"].shape == m["hess_max_layer"].shape == (2, 3, 3)
     assert summary["arrays"]["hess_max_layer"] == ["seed", "epoch", "layer"]
+    assert m["hess_density"].shape == (2, 3, curvature.DENSITY_EDGES.size - 1)
+    assert summary["arrays"]["hess_density"] == ["seed", "epoch", "density_bin"]
+    np.testing.assert_allclose(m["hess_density"].sum(axis=-1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(m["density_edges"], curvature.DENSITY_EDGES)
     # At epoch 0 the largest eigenvalue is the dense Hessian's at the saved initial
     # parameters, on the probe batch (the first 64 training examples).
     # The curvature figure draws it beside heavy-ball's stability limit 2 (1 + beta) / eta.

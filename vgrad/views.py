@@ -138,7 +138,7 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
     probe_grads = hessian = None
-    if spec.needs & {"probe_grads", "curvature", "curvature_blocks"}:
+    if spec.needs & {"probe_grads", "curvature", "curvature_blocks", "curvature_density"}:
         loss_fn = make_loss_fn(net, spec.loss)
         perturbations = spec.zero_perturbations(data.x_probe)
         key = probe_key()
@@ -156,6 +156,9 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         if "curvature_blocks" in spec.needs:
             hessian["hess_max_layer"] = curvature.block_maxima(probe_loss, params, layout,
                                                                keys[1])
+        if "curvature_density" in spec.needs:
+            hessian.update(curvature.density(probe_loss, params,
+                                             jax.random.fold_in(keys[0], 2)))
     return probes.EpochView(
         params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
         slope_max=sown["slope_max"], probe_grads=probe_grads,

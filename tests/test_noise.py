@@ -189,3 +189,64 @@ def test_probe_in_a_run_and_note_under_batch_norm(tmp_path):
     summary = store.make_summary(rec, {}, "done", {})
     assert any("gradient_noise is not recorded: batch norm" in n for n in summary["notes"])
     json.dumps(summary)
+
+
+@pytest.fixture(scope="module")
+def noise_sweep(tmp_path_factory):
+    """A real multirun with the probe and the Hessian: 2 activations x 2 depths x 2 seeds."""
+    from conftest import cli_main
+
+    out = tmp_path_factory.mktemp("noise_sweep")
+    assert cli_main("-m", "act=sigmoid,relu", "depth=1,3", "seeds=2", "epochs=2",
+                    "data.n_samples=64", "batch_size=16", "progress=false",
+                    "record.step_probes=[global_norms,delta_norm,gradient_noise]",
+                    "record.epoch_probes=[evaluation,hessian]", "record.probe_size=32",
+                    f"hydra.sweep.dir={out}") == 0
+    return out
+
+
+def test_the_run_figure_draws_the_heatmaps_and_the_whole_nets_lines(noise_sweep):
+    import matplotlib.pyplot as plt
+
+    from vgrad.analysis import figures, load_sweep
+
+    sweep = load_sweep(noise_sweep)
+    run = next(r for r in sweep.runs_list if r.config["depth"] == 3)
+    fig = figures.gradient_noise(run, ["act", "depth"])
+    panels = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    assert len(panels) == 5  # delta, GSNR, spread heatmaps; B_simple; the tests
+    assert [len(a.get_images()) for a in panels[:3]] == [1, 1, 1]
+    image = panels[1].get_images()[0].get_array()
+    assert image.shape == (4, len(run.metrics["step"]))  # layers x recorded steps
+    gsnr = np.nanmedian(run.metrics["gsnr"], axis=0).T
+    np.testing.assert_allclose(image, np.log10(gsnr), rtol=1e-6)
+    labels = [line.get_label() for line in panels[4].get_lines()]
+    assert {"norm test θ", "inner-product test θ", "orthogonality test ν"} <= set(labels)
+    assert figures.gradient_noise(load_sweep(noise_sweep).runs_list[0]) is not None
+    plt.close("all")
+
+
+def test_the_sweep_figure_puts_noise_and_sharpness_against_an_axis(noise_sweep):
+    import matplotlib.pyplot as plt
+
+    from vgrad.analysis import figures, load_sweep
+
+    sweep = load_sweep(noise_sweep)
+    fig = figures.noise_and_sharpness(sweep, "depth")
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title().split(" ")[0] for a in panels] == ["Gradient", "Gradient",
+                                                             "Sharpness"]
+    # One line per activation and time (initialisation, late), at depth 1 and 3.
+    lines = [line for line in panels[2].get_lines() if line.get_linestyle() != "None"]
+    assert len(lines) == 4
+    # The sharpness at initialisation of act=sigmoid: the median over its seeds at
+    # epoch 0 of the depth-1 run.
+    run = next(r for r in sweep.runs_list
+               if r.config["depth"] == 1 and r.config["act"]["name"] == "sigmoid")
+    first = next(line for line in lines if line.get_color() == lines[0].get_color()
+                 and line.get_linestyle() == "-")
+    np.testing.assert_allclose(first.get_ydata()[0], np.median(run.metrics["hess_max"][:, 0]),
+                               rtol=1e-6)
+    names = [name for name, _, f in figures.sweep_figures(sweep) if not plt.close(f)]
+    assert "noise_and_sharpness" in names
+    plt.close("all")

@@ -10,9 +10,10 @@ the modules below, so that ``from vgrad.analysis import figures`` gives them all
 
 Per run (``run_figures``; each takes ``varying``, the sweep's varying axes, to title the
 run by them): ``gradients``, ``weights``, ``learning_speed``, ``histograms``,
-``saturation``, ``signal``, ``through_time``. Per sweep (``sweep_figures``):
-``profile``, ``time_profile``, ``heatmap``, ``bars``, ``curves``; with theory
-(``theory_figures``): ``phase_diagram``, ``signal_theory``, ``isometry``. The registries
+``saturation``, ``signal``, ``through_time``, ``curvature``; ``gradient_noise``
+(``noise_figures``). Per sweep (``sweep_figures``): ``profile``, ``time_profile``,
+``heatmap``, ``bars``, ``curves``; with theory (``theory_figures``): ``phase_diagram``,
+``signal_theory``, ``isometry``; ``noise_and_sharpness`` (``noise_figures``). The registries
 (``registry``): ``RUN_FIGURES`` and ``SWEEP_FIGURES``, which the report and the plot
 commands read, with ``sweep_figures(sweep)`` (draw those that apply) and
 ``command_figures`` (what ``vgrad-plot-sweep`` draws). Each figure function returns a
@@ -31,6 +32,7 @@ The modules, each importing only those above it:
   ``sweep_lines``    which runs make which line, bar or cell, and what is pooled
   ``sweep_figures``  the figures of a sweep
   ``theory_figures`` the sweep figures that put theory beside the measurements
+  ``noise_figures``  gradient noise in a run, noise and sharpness across a sweep
   ``registry``       which figures there are, when each applies, what the commands draw
 
 **Names** (``naming``): a figure names runs by what varies, with math names where there
@@ -62,6 +64,7 @@ from vgrad.analysis.naming import (
     value_text,
     varying_axes,
 )
+from vgrad.analysis.noise_figures import gradient_noise, noise_and_sharpness
 from vgrad.analysis.predictions import (
     THEORY_KEYS,
     Prediction,
@@ -129,7 +132,7 @@ __all__ = [
     # figures of a run, of a sweep, with theory
     "gradients", "weights", "learning_speed", "histograms", "saturation", "signal",
     "through_time", "curvature", "profile", "time_profile", "heatmap", "bars", "curves",
-    "phase_diagram", "signal_theory", "isometry",
+    "phase_diagram", "signal_theory", "isometry", "gradient_noise", "noise_and_sharpness",
     # registries
     "RUN_FIGURES", "RUN_FIGURE_PROBES", "unrecorded", "SWEEP_FIGURES", "SweepFigure",
     "Command", "sweep_figures", "command_figures", "MAX_BARS",

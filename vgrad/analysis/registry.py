@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vgrad.analysis import theory_figures
+from vgrad.analysis import noise_figures, theory_figures
 from vgrad.analysis.naming import axis_name, metric_text, varying_axes
 from vgrad.analysis.recorded import one_recurrent_layer, recorded, recurrent, regression
 from vgrad.analysis.run_figures import (
@@ -51,7 +51,8 @@ from vgrad.analysis.tables import Run, Sweep
 RUN_FIGURES: dict[str, Callable[..., Figure | None]] = {
     "gradients": gradients, "weights": weights, "learning_speed": learning_speed,
     "histograms": histograms, "saturation": saturation, "signal": signal,
-    "time": through_time, "curvature": curvature}
+    "time": through_time, "curvature": curvature,
+    "gradient_noise": noise_figures.gradient_noise}
 
 #: The probe (``record.step_probes`` or ``record.epoch_probes``) that records what each
 #: run figure draws, for the note of a run that did not.
@@ -60,7 +61,7 @@ RUN_FIGURE_PROBES = {
     "learning_speed": "step probe bias_grad_norm or epoch probe probe_bias_grad_norm",
     "histograms": "epoch probe histograms", "saturation": "epoch probe activation_stats",
     "signal": "epoch probe forward_signal", "time": "step probe time_delta_norm",
-    "curvature": "epoch probe hessian"}
+    "curvature": "epoch probe hessian", "gradient_noise": "step probe gradient_noise"}
 
 
 def unrecorded(run: Run, kind: str) -> str | None:
@@ -189,6 +190,12 @@ SWEEP_FIGURES: dict[str, SweepFigure] = {
         lambda s, axes: (f"{metric_text(default_metric(s))} over "
                          f"{_by(axes)} × {axis_name(axes[1], False)}"),
         Command("heatmap", ("x", "y"), options=("metric",))),
+    "noise_and_sharpness": SweepFigure(
+        lambda s, axes: noise_figures.noise_and_sharpness(s, axes[0]),
+        lambda s, axes: noise_figures.applies(s),
+        lambda s, axes: (f"Gradient noise scale, GSNR and sharpness by {_by(axes)}, at "
+                         "initialisation and late in training"),
+        Command("noise", ("x",))),
     "phase_diagram": SweepFigure(
         lambda s, axes: theory_figures.phase_diagram(s), lambda s, axes: True,
         lambda s, axes: "Trainability phase diagram with the 6 ξ_c curve of mean-field theory"),

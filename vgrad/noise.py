@@ -258,3 +258,80 @@ def gradient_noise(layout: Layout, taps: Taps, grads: Any) -> dict[str, Array]:
     layers = jax.tree.map(lambda *x: jnp.concatenate(x), *segments)
     out.update({f"{k}_net": v for k, v in statistics(_total(layers)).items()})
     return out
+
+
+# --- the local step size alpha (Cockpit's Alpha) --------------------------------------------
+
+
+def projections(layout: Layout, taps: Taps, direction: Any) -> Array:
+    """g_n . D for every example n, [B]: each example's gradient of the layers' kernels
+    and biases projected on ``direction`` (a tree like the parameters), one matrix
+    product per layer."""
+    total = 0.0
+    for seg in layout.segments:
+        for path in seg.dense:
+            node = _node(direction, path)
+            a = _node(taps.inputs, path)[TAP_IN][0]
+            d = _node(taps.deltas, path)[TAP_DELTA]
+            dots = jax.vmap(_dots)(a, d, node["kernel"], node.get("bias")) if seg.stacked \
+                else _dots(a, d, node["kernel"], node.get("bias"))[None]
+            total = total + jnp.sum(dots, axis=0)
+    return total
+
+
+def _dots(a: Array, d: Array, kernel: Array, bias: Array | None) -> Array:
+    batch = a.shape[0]
+    a, d = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
+    dots = jnp.einsum("nsi,io,nso->n", a, kernel, d)
+    return dots if bias is None else dots + jnp.einsum("nso,o->n", d, bias)
+
+
+def layers_norm(layout: Layout, tree: Any) -> Array:
+    """The L2 norm of the layers' kernels and biases in ``tree`` together."""
+    leaves = [x for leaf in ("kernel", "bias") for x in layout.leaves(tree, leaf)]
+    return jnp.sqrt(sum(jnp.sum(x * x) for x in leaves))
+
+
+class Observation(NamedTuple):
+    """One end of a step, as Cockpit's Alpha observes it along the step's direction d:
+    the batch loss f and its examples' variance, the slope f' = G . d / ||d|| and its
+    examples' variance (sample variances, 1/(B - 1))."""
+
+    f: Array
+    var_f: Array
+    df: Array
+    var_df: Array
+
+
+def observe(losses: Array, dots: Array, size: Array) -> Observation:
+    """An ``Observation`` from the examples' losses [B] and g_n . d [B], ||d|| = ``size``."""
+    slopes = dots / jnp.where(size > 0, size, 1.0)
+    return Observation(jnp.mean(losses), jnp.var(losses, ddof=1), jnp.mean(slopes),
+                       jnp.var(slopes, ddof=1))
+
+
+#: Cockpit's stand-in for a zero variance in the fit.
+ALPHA_EPS = 1e-10
+
+
+def alpha(start: Observation, end: Observation, size: Array) -> Array:
+    """The local step size alpha of a step of length ``size`` (Schneider, Dangel & Hennig
+    2021, "Cockpit: a practical debugging tool for the training of deep neural networks",
+    their Alpha): a quadratic f(s) = w0 + w1 s + w2 s^2 along the step is fitted by
+    weighted least squares to the noisy losses and slopes at both ends (weights: 1 /
+    their variances), and alpha = 2 size / s_bar - 1, s_bar = -w1 / w2 the distance to
+    the far side of the fitted parabola: 0 steps to its minimum, 1 to the other side at
+    the start's height, below 0 undershoots, above 1 overshoots. As Cockpit: -1 where
+    the fit is concave (still going downhill) or the step has length 0."""
+    t = size
+    phi = jnp.stack([jnp.stack([jnp.ones_like(t), 0 * t, 0 * t]),
+                     jnp.stack([jnp.ones_like(t), t, t * t]),
+                     jnp.stack([0 * t, jnp.ones_like(t), 0 * t]),
+                     jnp.stack([0 * t, jnp.ones_like(t), 2 * t])])  # [4, 3]
+    var = jnp.stack([start.var_f, end.var_f, start.var_df, end.var_df])
+    weights = 1.0 / jnp.where(var == 0, ALPHA_EPS, var)
+    y = jnp.stack([start.f, end.f, start.df, end.df])
+    normal = phi.T @ (weights[:, None] * phi)
+    mu = jnp.linalg.solve(normal, phi.T @ (weights * y))
+    value = 2 * t * mu[2] / -mu[1] - 1  # (2 t / s_bar - 1, s_bar = -w1 / w2)
+    return jnp.where((t > 0) & (mu[2] >= 0), value, -1.0)

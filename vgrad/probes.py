@@ -179,6 +179,18 @@ def gradient_noise(out: StepOut, layout: Layout) -> dict[str, Array]:
     return noise.gradient_noise(layout, out.taps, out.grads)
 
 
+def alpha(out: StepOut, layout: Layout) -> dict[str, Array]:
+    """``alpha``: the local step size of the step before this one (Cockpit's Alpha,
+    ``vgrad.noise.alpha``): a quadratic fitted along that step's update to the losses and
+    slopes at its start (on its batch) and its end (on this step's batch), with their
+    examples' variances; 0: the step reached the fitted minimum, 1: the far side at the
+    start's height, -1: the fit is concave. NaN at step 0. The slopes are projections of
+    the per-example gradients of the layers' kernels and biases (not normalisation
+    parameters). Opt-in: ``record.step_probes=[...,alpha]``; as ``gradient_noise``, not
+    under batch norm nor on non-Dense layers."""
+    return {"alpha": out.alpha}
+
+
 def update_stats(out: StepOut, layout: Layout) -> dict[str, Array]:
     """||Delta theta_l|| and ||Delta theta_l|| / ||theta_l|| over layer l's kernel and bias.
 
@@ -333,6 +345,9 @@ NEEDS = {
     # every Dense call's input and output gradient (``vgrad.noise``): per-example
     # gradient statistics at one matrix product per layer
     "taps": "step",
+    # Cockpit's local step size: the taps, and the previous step's update and observation
+    # carried in the training state
+    "alpha": "step",
 }
 #: Needs whose programs hang when the member axis is split across several CPU devices
 #: (seen with the Jacobian spectrum's forward-mode Jacobian and SVD: the program stops
@@ -392,6 +407,7 @@ STEP_PROBES: dict[str, Probe] = {
                             opt_in=True),
     "gradient_noise": Probe(gradient_noise, noise.outputs(), needs=("taps",), opt_in=True,
                             edges={"quantile_levels": ("quantile", noise.QUANTILES)}),
+    "alpha": Probe(alpha, {"alpha": ()}, needs=("alpha",), opt_in=True),
     "update_stats": Probe(update_stats, {"update_norm": _LAYER, "update_ratio": _LAYER}),
     "update_cosine": Probe(update_cosine, {"update_cosine": _LAYER}, opt_in=True),
     "clip_stats": Probe(clip_stats, {"grad_global_norm_clipped": (), "clip_fired": ()}),

@@ -49,11 +49,15 @@ def count_params(net: Any, n_features: int) -> int:
     return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"]))
 
 
-def _no_gradient_noise(net: Any, layout: Any, batch: int, n_features: int, dtype: Any
-                       ) -> str | None:
-    """Why the per-example gradient statistics cannot be measured on ``net`` (None: they
-    can): batch norm in training mode couples the examples, and only ``nn.Dense``
-    layers are tapped (``vgrad.noise``)."""
+#: The step probes built on per-example gradients (``vgrad.noise``).
+PER_EXAMPLE = ("gradient_noise", "alpha")
+
+
+def _no_per_example_grads(net: Any, layout: Any, batch: int, n_features: int, dtype: Any
+                          ) -> str | None:
+    """Why per-example gradients cannot be measured on ``net`` (None: they can): batch
+    norm in training mode couples the examples, and only ``nn.Dense`` layers are tapped
+    (``vgrad.noise``)."""
     x = jnp.zeros((batch, n_features), dtype)
     shapes = jax.eval_shape(lambda: noise.Tapped(net).init(
         {"params": jax.random.key(0), "noise": jax.random.key(0)}, x))
@@ -160,12 +164,12 @@ class Program:
                                               self.layout)
         #: What the run leaves unmeasured, and why (the log and ``summary.json`` say it).
         self.notes: tuple[str, ...] = self.layout.notes
-        if "gradient_noise" in self.step_probes:
-            why = _no_gradient_noise(net, self.layout, cfg.batch_size, ds.n_features,
-                                     self.dtype)
-            if why:
-                self.step_probes = tuple(p for p in self.step_probes if p != "gradient_noise")
-                self.notes += (f"gradient_noise is not recorded: {why}",)
+        per_example = [p for p in PER_EXAMPLE if p in self.step_probes]
+        why = per_example and _no_per_example_grads(net, self.layout, cfg.batch_size,
+                                                    ds.n_features, self.dtype)
+        if why:
+            self.step_probes = tuple(p for p in self.step_probes if p not in PER_EXAMPLE)
+            self.notes += (f"{' and '.join(per_example)} not recorded: {why}",)
         # What the chosen probes need computed for them, beyond the step's outputs.
         self.step_needs = probes.needs(probes.STEP_PROBES, self.step_probes)
         # Activations an example holds in evaluation: its Dense outputs (at every time
@@ -204,13 +208,14 @@ class Program:
     def _start_one(self, m: Members) -> TrainState:
         x = jax.ShapeDtypeStruct((self.batch_size, self.n_features), self.dtype)
         return init_state(self.group.network(m), self._tx(m), seed_keys(m.seed).init, x,
-                          len(self.names))
+                          len(self.names), with_alpha="alpha" in self.step_needs)
 
     def _train_one(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, Any]:
         step = make_train_step(self.group.network(m), self._tx(m), self.loss, self.layout,
                                with_own_deltas="own_deltas" in self.step_needs,
-                               with_taps="taps" in self.step_needs)
+                               with_taps="taps" in self.step_needs,
+                               with_alpha="alpha" in self.step_needs)
         return step(state, x, y, key)
 
     def _epoch_view(self, state: TrainState, m: Members, data: DeviceData

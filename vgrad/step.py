@@ -37,6 +37,9 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     diverged_at: Array  # first step whose loss/gradients/params were not finite; -1 if none
     nonfinite_at_divergence: Array  # [L] non-finite gradient entries per layer at that step
+    # the local step size's start point (``with_alpha``; else None): the last update
+    # applied, its length over the layers and its observation (``vgrad.noise.alpha``)
+    alpha_start: Any = None
 
 
 class StepOut(NamedTuple):
@@ -55,6 +58,8 @@ class StepOut(NamedTuple):
     # every nn.Dense call's input and B x dL/d(output), when asked for (``taps``: the
     # per-example gradient statistics, ``vgrad.noise``); else None
     taps: Any = None
+    # Cockpit's local step size of the previous step (``with_alpha``: NaN at the first)
+    alpha: Any = None
 
 
 def tree_all_finite(tree: Any) -> Array:
@@ -82,9 +87,19 @@ def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:
     return zeros
 
 
-def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers: int
-               ) -> TrainState:
-    """Initial parameters (from ``key``) and optimizer states for one seed.
+class AlphaStart(NamedTuple):
+    """What the next step needs of this one to fit Cockpit's Alpha: the update applied,
+    its length over the layers' kernels and biases, and the start point's observation."""
+
+    update: Any
+    size: Array
+    seen: noise.Observation
+
+
+def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers: int,
+               with_alpha: bool = False) -> TrainState:
+    """Initial parameters (from ``key``) and optimizer states for one seed (and, with
+    ``with_alpha``, an empty start point for the local step size).
 
     ``lazy_init`` creates the variables without running the forward pass, so the
     program depends on the shapes only (and compiles to the same code for every
@@ -101,7 +116,14 @@ def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers:
         opt_state=tx.update.init(params),
         diverged_at=jnp.full((), -1, jnp.int32),
         nonfinite_at_divergence=jnp.zeros((n_layers,), jnp.int32),
+        alpha_start=_no_start(params) if with_alpha else None,
     )
+
+
+def _no_start(params: Any) -> AlphaStart:
+    zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
+    return AlphaStart(jax.tree.map(jnp.zeros_like, params), zero,
+                      noise.Observation(zero, zero, zero, zero))
 
 
 def make_loss_fn(model: nn.Module, loss: str, mean: bool = True, sown: bool = False
@@ -121,7 +143,7 @@ def make_loss_fn(model: nn.Module, loss: str, mean: bool = True, sown: bool = Fa
         values = per_example(logits, y)
         aux = mutated.get("batch_stats", batch_stats)
         if sown:
-            aux = (aux, mutated.get("intermediates", {}))
+            aux = (aux, mutated.get("intermediates", {}), values)
         return values.mean() if mean else values, aux
 
     return loss_fn
@@ -155,12 +177,16 @@ def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
 
 
 def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
-                    with_own_deltas: bool = False, with_taps: bool = False
+                    with_own_deltas: bool = False, with_taps: bool = False,
+                    with_alpha: bool = False
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
     """One optimisation step on a batch, with its gradient and deltas returned (and each
     example's own deltas with ``with_own_deltas``; every Dense call's input and output
-    gradient with ``with_taps``: ``vgrad.noise``)."""
+    gradient with ``with_taps``: ``vgrad.noise``; the previous step's local step size
+    with ``with_alpha``, which needs the taps and a state from ``init_state(...,
+    with_alpha=True)``)."""
     own_fn = own_deltas(model, loss) if with_own_deltas else None
+    with_taps = with_taps or with_alpha
     if with_taps:
         model = noise.Tapped(model)
     grad_fn = jax.value_and_grad(make_loss_fn(model, loss, sown=with_taps), argnums=(0, 1),
@@ -172,7 +198,7 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
         perturbations = zero_perturbations(x)
         (loss_value, aux), (grads, dperturb) = grad_fn(
             state.params, perturbations, state.batch_stats, x, y, key)
-        batch_stats, sown = aux if with_taps else (aux, None)
+        batch_stats, sown, values = aux if with_taps else (aux, None, None)
         # d(mean loss)/dz = delta_n / batch for example n: undo the mean.
         deltas = jax.tree.map(lambda d: d * x.shape[0], dperturb)
         taps = noise.Taps(sown, deltas) if with_taps else None
@@ -185,8 +211,12 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
         alive = state.diverged_at < 0
         finite = jnp.isfinite(loss_value) & tree_all_finite(grads) & tree_all_finite(params)
         keep = alive & finite
+        step_alpha, alpha_start = None, None
+        if with_alpha:
+            step_alpha, alpha_start = _alpha(layout, state, taps, values, updates)
         candidate = state.replace(params=params, batch_stats=batch_stats,
-                                  clip_state=clip_state, opt_state=opt_state)
+                                  clip_state=clip_state, opt_state=opt_state,
+                                  alpha_start=alpha_start)
         new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), candidate, state)
         diverging = alive & ~finite
         new = new.replace(
@@ -196,9 +226,22 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
                 diverging, nonfinite_per_layer(grads, layout), state.nonfinite_at_divergence),
         )
         return new, StepOut(loss_value, grads, deltas, clipped, updates, state.params, own,
-                            taps)
+                            taps, step_alpha)
 
     return train_step
+
+
+def _alpha(layout: Layout, state: TrainState, taps: noise.Taps, values: Array,
+           updates: Any) -> tuple[Array, AlphaStart]:
+    """The previous step's local step size (its end point is this step's parameters,
+    observed on this step's batch, as Cockpit does; NaN at the first step) and this
+    step's start point for the next."""
+    before = state.alpha_start
+    end = noise.observe(values, noise.projections(layout, taps, before.update), before.size)
+    value = noise.alpha(before.seen, end, before.size)
+    size = noise.layers_norm(layout, updates)
+    seen = noise.observe(values, noise.projections(layout, taps, updates), size)
+    return jnp.where(state.step > 0, value, jnp.nan), AlphaStart(updates, size, seen)
 
 
 def make_eval_fn(model: nn.Module, loss: str) -> Callable[[Any, Any, Array, Array],

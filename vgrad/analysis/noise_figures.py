@@ -5,7 +5,8 @@ sweep (the ``hessian`` epoch probe).
                   the gradient signal-to-noise ratio and the spread of the per-example
                   gradient norms (90th / 10th percentile); the whole net's noise scale
                   B_simple against the batch size; the norm, inner-product and
-                  orthogonality tests against their threshold 1
+                  orthogonality tests against their threshold 1; with the ``alpha``
+                  probe, Cockpit's local step size
   ``noise_and_sharpness`` (a sweep)  B_simple, GSNR (whole net) and the sharpness
                   lambda_max against a swept axis (depth, activation, ...), at
                   initialisation and late in training, one line per value of a second
@@ -61,10 +62,15 @@ def _layer_heatmap(fig: Figure, ax, step: np.ndarray, values: np.ndarray,
     if not np.isfinite(image).any():
         note(ax, f"{what}: no finite positive value to draw")
         return
+    # (colours span the 1st to 99th percentile: one outlying cell does not wash out the
+    # rest; the colour bar's pointed ends mark values beyond)
+    low, high = np.nanpercentile(image, [1, 99])
     drawn = ax.imshow(image.T, aspect="auto", origin="lower", cmap=cmap,
                       extent=(step[0], step[-1] + 1, -0.5, len(names) - 0.5),
-                      interpolation="nearest")
-    fig.colorbar(drawn, ax=ax, label=f"log10 {what}")
+                      interpolation="nearest", vmin=low, vmax=max(high, low + 1e-6))
+    fig.colorbar(drawn, ax=ax, label=f"log10 {what}",
+                 extend="both" if np.nanmin(image) < low or np.nanmax(image) > high
+                 else "neither")
     ticks = range(len(names)) if len(names) <= 12 else range(0, len(names),
                                                               -(-len(names) // 12))
     ax.set_yticks(list(ticks), [names[i] for i in ticks], fontsize=7)
@@ -80,8 +86,8 @@ def gradient_noise(run: Run, varying: Sequence[str] | None = None) -> Figure | N
     if "gsnr" not in m:
         return None
     names, step, S = [str(n) for n in m["layer_names"]], m["step"], m["gsnr"].shape[0]
-    deltas = "delta_norm" in m
-    fig, ax = figure(5 if deltas else 4, height=2.1)
+    deltas, local = "delta_norm" in m, "alpha" in m
+    fig, ax = figure(4 + deltas + local, height=2.1)
     row = 0
     if deltas:
         _layer_heatmap(fig, ax[0, 0], step, m["delta_norm"], names, "‖δ_l‖")
@@ -117,8 +123,16 @@ def gradient_noise(run: Run, varying: Sequence[str] | None = None) -> Figure | N
     a.axhline(1.0, color="0.3", linestyle="--", linewidth=1, label="1")
     log_scale(a, drawn, "test")
     a.legend(fontsize=7, loc="best", ncols=2)
-    a.set(title="Smallest θ (ν) the batch passes each test with (whole net)",
-          ylabel="θ", xlabel="step")
+    a.set(title="Smallest θ (ν) the batch passes each test with (whole net)", ylabel="θ")
+    if local:  # (the alpha probe)
+        a = ax[row + 4, 0]
+        band(a, step, m["alpha"], OKABE_ITO[5], "α of the step before")
+        for level, text in ((0.0, "0: to the minimum"), (1.0, "1: to the far side")):
+            a.axhline(level, color="0.5", linewidth=0.8, linestyle=":", label=text)
+        a.legend(fontsize=7, loc="best", ncols=3)
+        a.set(title="Local step size α (Cockpit): where each step lands on a fitted parabola",
+              ylabel="α")
+    ax[-1, 0].set_xlabel("step")
     _run_title(fig, "Gradient noise", run, varying)
     caption(fig, "heatmaps: median over seeds" if S > 1 else "heatmaps: one seed",
             seed_note(S), "B_simple: a gap where the batch's estimate of |G|² is negative "
@@ -133,13 +147,14 @@ def gradient_noise(run: Run, varying: Sequence[str] | None = None) -> Figure | N
 _PANELS = (("noise_scale_net", "Gradient noise scale B_simple (whole net)", "examples",
             "step"),
            ("gsnr_net", "Gradient signal-to-noise ratio (whole net)", "GSNR", "step"),
-           ("hess_max", "Sharpness λ_max of the Hessian (probe batch)", "λ_max", "epoch"))
+           ("hess_max", "Sharpness λ_max of the Hessian", "λ_max", "epoch"))
 
 
 def _per_seed(run: Run, key: str, kind: str, late: bool) -> np.ndarray:
     """One value per seed: at initialisation, or late in training (the median over the
     last ``LATE`` of the recorded steps, or the last epoch)."""
-    v = np.asarray(run.metrics[key], np.float64)  # [S, T]
+    m = run.metrics
+    v = np.asarray(m[key], np.float64)  # [S, T]
     v = np.where(np.isfinite(v), v, np.nan)
     if not late:
         return v[:, 0]
@@ -148,6 +163,9 @@ def _per_seed(run: Run, key: str, kind: str, late: bool) -> np.ndarray:
     tail = max(1, int(round(LATE * v.shape[1])))
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        if key == "noise_scale_net":  # McCandlish et al.: the ratio of smoothed estimates
+            return (np.nanmean(m["noise_trace_net"][:, -tail:], axis=1)
+                    / np.nanmean(m["noise_grad_sq_net"][:, -tail:], axis=1))
         return np.nanmedian(v[:, -tail:], axis=1)
 
 
@@ -211,8 +229,11 @@ def noise_and_sharpness(sweep: Sweep, x: str) -> Figure | None:
         if not drawn:
             note(a, f"{key}: no finite value")
             continue
-        if (_all(every, key, kind) > 0).all():  # (B_simple's estimate can be negative)
+        if (_all(every, key, kind) > 0).all():
             a.set_yscale("log")
+        else:  # (B_simple where noise swamps the mean gradient: |G|^2's estimate < 0)
+            a.set_yscale("symlog", linthresh=1.0)
+            a.axhline(0.0, color="0.5", linewidth=0.8, linestyle=":")
         if log_x:
             a.set_xscale("log", base=2)
         a.set_xticks(pos, [value_text(x, v) for v in xs])
@@ -229,8 +250,9 @@ def noise_and_sharpness(sweep: Sweep, x: str) -> Figure | None:
     suptitle(fig, f"Gradient noise and sharpness by {by}",
              constants_label(every, [a for a in (x, hue) if a]))
     caption(fig, "solid: at initialisation (first recorded step; epoch 0 for λ_max); "
-            f"dashed: late in training (median of the last {LATE:.0%} of recorded steps; "
-            "the last epoch for λ_max)",
+            f"dashed: late in training (the last {LATE:.0%} of recorded steps: the median "
+            "for GSNR, the ratio of the mean tr Σ and |G|² estimates for B_simple, as "
+            "McCandlish et al. smooth them; the last epoch for λ_max)",
             "a point: the median over the seeds of the runs it pools; whiskers: "
             "interquartile range", pooled_note(runs, [a for a in (x, hue) if a]),
             *missing, diverged_note(every))

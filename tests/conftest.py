@@ -112,9 +112,9 @@ def run_group(cfgs, engine: str = "scan") -> list[records.Records]:
 
 def step_once(*overrides: str, batch: int = 8, seed: int = 0, own_deltas: bool = False,
               taps: bool = False):
-    """One real training step of a small MLP (with each example's own deltas and every
-    Dense layer's input and output gradient too, when asked); returns its parts and the
-    batch."""
+    """One real training step of a small MLP (with each example's own deltas, and every
+    Dense layer's input and output gradient and the local step size's bookkeeping too,
+    when asked); returns its parts and the batch."""
     cfg = compose_cfg("depth=2", "width=3", *overrides)
     net = models.build(cfg, losses.out_dim(cfg.loss.value, 2))
     tx = optim.make(cfg.clip, cfg.optim, n_train=100, total_steps=10)
@@ -122,9 +122,11 @@ def step_once(*overrides: str, batch: int = 8, seed: int = 0, own_deltas: bool =
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 2)).astype(np.float32)
     y = rng.integers(0, 2, size=batch).astype(np.int32)
-    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(layout.names))
+    state = init_state(net, tx, jax.random.key(seed), jnp.asarray(x), len(layout.names),
+                       with_alpha=taps)
     step = jax.jit(make_train_step(net, tx, cfg.loss.value, layout,
-                                   with_own_deltas=own_deltas, with_taps=taps))
+                                   with_own_deltas=own_deltas, with_taps=taps,
+                                   with_alpha=taps))
     new_state, out = step(state, jnp.asarray(x), jnp.asarray(y), jax.random.key(1))
     return layout, state, new_state, out, x, y
 

@@ -15,10 +15,11 @@ from conftest import LIGHT, TINY, script, texts_of
 from vgrad import store
 from vgrad.analysis import figures, load_run, load_sweep, write_report
 
-# The run figures a default MLP run records: "signal" and "curvature" need the opt-in
-# forward_signal and hessian probes, "time" a recurrent model.
+# The run figures a default MLP run records: "signal", "curvature" and "gradient_noise"
+# need the opt-in forward_signal, hessian and gradient_noise probes, "time" a recurrent
+# model.
 DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES
-                   if kind not in ("signal", "time", "curvature")]
+                   if kind not in ("signal", "time", "curvature", "gradient_noise")]
 #: The probes the sweep figures (profile, bars, heatmap) draw, and no more: compiling is
 #: these tests' cost.
 SWEEP_PROBES = ["record.step_probes=[global_norms,kernel_grad_stats,delta_norm]",

@@ -36,6 +36,9 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     data = SEQUENCE if recurrent else IMAGES if name == "cnn" else TINY
     code, _, err = cli(f"model={name}", "depth=3", "width=4", *data,
                        f"hydra.run.dir={run}",
+                       "record.step_probes=[global_norms,kernel_grad_stats,bias_grad_norm,"
+                       "delta_norm,update_stats,clip_stats,time_delta_norm,"
+                       "recurrent_grad_norms,gradient_noise]",
                        "record.epoch_probes=[evaluation,weight_stats,activation_stats,"
                        "probe_bias_grad_norm,histograms,forward_signal,residual_signal,"
                        "recurrent_spectrum]")
@@ -45,7 +48,8 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     layers = summary["layers"]
     sizes = {"seed": 1, "step": len(metrics["step"]), "epoch": 3, "layer": len(layers),
              "hidden": len(layers) - 1, "bin": probes.HIST_EDGES.size - 1,
-             "edge": probes.HIST_EDGES.size, "block": 3, "recurrent": 3, "time": 6}
+             "edge": probes.HIST_EDGES.size, "block": 3, "recurrent": 3, "time": 6,
+             "quantile": 5}
     assert ("time_delta_norm" in metrics) == recurrent
     assert ("rec_radius" in metrics) == recurrent
     assert set(summary["arrays"]) == set(metrics)
@@ -54,10 +58,13 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     assert {"signal_q", "signal_c", "delta_norm", "grad_norm"} <= set(metrics)
     assert np.isfinite(metrics["delta_norm"]).all()
     assert summary["status"] == "completed"
+    assert ("gsnr" in metrics) == (name != "cnn")  # (per-example: Dense layers only)
+    assert bool(summary["notes"]) == (name == "cnn")
     # Every run figure draws, the signal figure with a block panel for residual nets.
     run_ = load_run(run)
     for kind, make in figures.RUN_FIGURES.items():
-        drawn = (kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
+        drawn = ((kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
+                 and (kind != "gradient_noise" or name != "cnn"))  # (Dense layers only)
         assert (make(run_) is not None) == drawn, kind
     fig = figures.signal(run_)
     assert len(fig.axes) == (3 if "branch_var" in metrics else 2)

@@ -303,3 +303,22 @@ def test_alpha_is_cockpits_fit_of_two_noisy_ends(lr):
     # A tiny step barely leaves the start (alpha near -1); a 40x larger one goes most of
     # the way to the fitted minimum (measured: -0.9994 and -0.114).
     assert (want < -0.99) == (lr < 0.1) and want < 0
+
+
+def test_a_diverged_seed_is_data_and_the_others_go_on():
+    """The divergent deep linear net (diverges at step 2) beside seeds of a smaller step
+    in one group: the per-example statistics are NaN after the divergence, finite before
+    it, and the other job's are finite throughout; alpha too."""
+    from conftest import DIVERGENT_CLI, run_group
+
+    probes = "record.step_probes=[global_norms,gradient_noise,alpha]"
+    bad, good = run_group([compose_cfg(*DIVERGENT_CLI, probes),
+                           compose_cfg(*DIVERGENT_CLI, probes, "optim.lr=0.001")])
+    step = int(bad.diverged_at[0])
+    assert step == 2 and (good.diverged_at == -1).all()
+    for key in ("gsnr_net", "noise_scale_net", "pe_norm_mean_net"):
+        assert np.isfinite(bad.step_stats[key][0, :step]).all(), key
+        assert np.isnan(bad.step_stats[key][0, step + 1:]).all(), key
+        assert np.isfinite(good.step_stats[key]).all(), key
+    assert np.isnan(good.step_stats["alpha"][0, 0])  # (no step before the first)
+    assert np.isfinite(good.step_stats["alpha"][0, 1:]).all()

@@ -31,6 +31,7 @@ SHRINK = {
     "phase_diagram": {"init.sigma_w2": "init.sigma_w2=1,4", "depth": "depth=10"},
     "isometry": {"depth": "depth=16,32"},
     "nielsen": {"depth": "depth=1,4"},  # each depth is a program
+    "gradient_noise": {"depth": "depth=2"},
     "rnn_time": {"model": "model=rnn,gru", "data.length": "data.length=6"},
     "cnn_depth": {"depth": "depth=2,3"},
 }
@@ -66,9 +67,9 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["cnn_depth", "edge_of_stability", "exploding", "isometry",
-                       "mnist_losses", "nielsen", "phase_diagram", "relu_fix", "residual_fix",
-                       "rnn_time", "visualize"]
+    assert PRESETS == ["cnn_depth", "edge_of_stability", "exploding", "gradient_noise",
+                       "isometry", "mnist_losses", "nielsen", "phase_diagram", "relu_fix",
+                       "residual_fix", "rnn_time", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -152,35 +152,35 @@ def _gsnr_terms(mean: Array, mean_sq: Array) -> tuple[Array, Array]:
     return jnp.sum(ratio), jnp.sum(counted).astype(mean.dtype)
 
 
-def dense_sums(a: Array, d: Array, kernel: Array, bias: Array | None) -> _Sums:
-    """The per-example sums of one Dense layer: inputs ``a`` [B, (S,) in], output
-    gradients ``d`` [B, (S,) out] of the examples' own losses, its batch gradient
-    ``kernel`` [in, out] and ``bias`` [out] (None: no bias)."""
+def dense_sums(a: Array, d: Array, kernel: Array, bias: Array, has_bias: Array) -> _Sums:
+    """The per-example sums of one Dense layer: inputs ``a`` [B, S, in] and output
+    gradients ``d`` [B, S, out] of the examples' own losses at S positions per example,
+    its batch gradient ``kernel`` [in, out] and ``bias`` [out] (zeros with ``has_bias``
+    0). Zero-padded inputs, outputs and kernel entries add nothing (a padded parameter
+    has no gradient, so it is not counted in the GSNR either)."""
     batch = a.shape[0]
     unit_a = _unit(a)
     scale = unit_a * _unit(d)
     a, d = a / unit_a, d / _unit(d)
-    gk, gb = kernel / scale, (None if bias is None else bias / scale)
-    if a.ndim == 2:  # one position per example: the factorised forms
+    gk, gb = kernel / scale, bias / scale
+    if a.shape[1] == 1:  # one position per example: the factorised forms
+        a, d = a[:, 0], d[:, 0]
         sq = jnp.sum(a * a, axis=1) * jnp.sum(d * d, axis=1)
         dot = jnp.sum((a @ gk) * d, axis=1)
         mean_sq = (a * a).T @ (d * d) / batch
         bias_g = d / unit_a  # (the bias's gradient d, in units of scale)
     else:  # several positions: each example's gradient, one layer at a time
-        a, d = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
         g = jnp.einsum("nsi,nso->nio", a, d)
         sq = jnp.sum(g * g, axis=(1, 2))
         dot = jnp.einsum("nio,io->n", g, gk)
         mean_sq = jnp.mean(g * g, axis=0)
         bias_g = jnp.sum(d, axis=1) / unit_a
+    bias_g = bias_g * has_bias
     gsnr_sum, count = _gsnr_terms(gk, mean_sq)
-    g2 = jnp.sum(gk * gk)
-    if gb is not None:
-        sq = sq + jnp.sum(bias_g * bias_g, axis=1)
-        dot = dot + bias_g @ gb
-        b_sum, b_count = _gsnr_terms(gb, jnp.mean(bias_g * bias_g, axis=0))
-        gsnr_sum, count, g2 = gsnr_sum + b_sum, count + b_count, g2 + jnp.sum(gb * gb)
-    return _Sums(sq, dot, g2, gsnr_sum, count, scale)
+    b_sum, b_count = _gsnr_terms(gb, jnp.mean(bias_g * bias_g, axis=0))
+    return _Sums(sq + jnp.sum(bias_g * bias_g, axis=1), dot + bias_g @ gb,
+                 jnp.sum(gk * gk) + jnp.sum(gb * gb), gsnr_sum + b_sum, count + b_count,
+                 scale)
 
 
 def _total(sums: _Sums) -> _Sums:
@@ -195,22 +195,125 @@ def _total(sums: _Sums) -> _Sums:
                  jnp.sum(sums.gsnr_sum, axis=0), jnp.sum(sums.gsnr_count, axis=0), scale)
 
 
-def _segment_sums(layout: Layout, taps: Taps, grads: Any) -> list[_Sums]:
-    """Each segment's sums, [n, ...] (its layers on a leading axis; a stacked segment's
-    by ``vmap``), input side first: per-layer work stays one reduction per segment."""
-    out: list[_Sums] = []
+class _Rows(NamedTuple):
+    """Dense calls as rows: a [n, B, S, in], d [n, B, S, out], kernel [n, in, out],
+    bias [n, out], has_bias [n], and the layer each row belongs to."""
+
+    a: Array
+    d: Array
+    kernel: Array
+    bias: Array
+    has_bias: Array
+    layer: np.ndarray
+
+
+def _rows(layout: Layout, taps: Taps, grads: Any) -> list[_Rows]:
+    """Every tapped Dense call of every layer as rows, a stacked segment's calls with
+    one row per layer."""
+    out, first = [], 0
     for seg in layout.segments:
-        per_dense = []
+        n = len(seg)
         for path in seg.dense:
             node = _node(grads, path)
             a = _node(taps.inputs, path)[TAP_IN][0]
             d = _node(taps.deltas, path)[TAP_DELTA]
-            args = (a, d, node["kernel"], node.get("bias"))
-            per_dense.append(jax.vmap(dense_sums)(*args) if seg.stacked
-                             else jax.tree.map(lambda x: x[None], dense_sums(*args)))
-        joined = jax.tree.map(lambda *x: jnp.stack(x, axis=1), *per_dense)  # [n, dense, ..]
-        out.append(jax.vmap(_total)(joined))
+            kernel = node["kernel"]
+            if not seg.stacked:
+                a, d, kernel = a[None], d[None], kernel[None]
+            bias = node.get("bias")
+            has = bias is not None
+            bias = (bias if seg.stacked else bias[None]) if has else jnp.zeros(
+                (n, kernel.shape[-1]), kernel.dtype)
+            batch = a.shape[1]
+            out.append(_Rows(a.reshape(n, batch, -1, a.shape[-1]),
+                             d.reshape(n, batch, -1, d.shape[-1]), kernel, bias,
+                             jnp.full((n,), float(has), kernel.dtype),
+                             first + np.arange(n)))
+        first += n
     return out
+
+
+def _pad(x: Array, size: int, axis: int) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _packed(rows: list[_Rows]) -> list[_Rows]:
+    """Rows of the same positions per example and similar sizes joined into one block,
+    zero-padded to its widest (while the padding at most doubles it, or it stays
+    small, as ``vgrad.layers.pack`` does): the statistics cost a few operations per
+    block instead of per layer."""
+    blocks: list[list[_Rows]] = []
+    for r in rows:
+        for block in blocks:
+            if block[0].a.shape[2] != r.a.shape[2]:
+                continue
+            group = block + [r]
+            i = max(g.kernel.shape[1] for g in group)
+            o = max(g.kernel.shape[2] for g in group)
+            real = sum(g.kernel.size for g in group)
+            padded = sum(g.kernel.shape[0] for g in group) * i * o
+            if padded <= SMALL_BLOCK or padded <= 2 * real:
+                block.append(r)
+                break
+        else:
+            blocks.append([r])
+    out = []
+    for block in blocks:
+        i = max(g.kernel.shape[1] for g in block)
+        o = max(g.kernel.shape[2] for g in block)
+        out.append(_Rows(
+            jnp.concatenate([_pad(g.a, i, 3) for g in block]),
+            jnp.concatenate([_pad(g.d, o, 3) for g in block]),
+            jnp.concatenate([_pad(_pad(g.kernel, i, 1), o, 2) for g in block]),
+            jnp.concatenate([_pad(g.bias, o, 1) for g in block]),
+            jnp.concatenate([g.has_bias for g in block]),
+            np.concatenate([g.layer for g in block])))
+    return out
+
+
+#: A block of rows stays this small (kernel entries) whatever its padding.
+SMALL_BLOCK = 1 << 12
+
+
+def layer_sums(layout: Layout, taps: Taps, grads: Any) -> _Sums:
+    """Every layer's sums, [L, ...] (its Dense calls' together, in its largest unit)."""
+    blocks = _packed(_rows(layout, taps, grads))
+    sums = [jax.vmap(dense_sums)(b.a, b.d, b.kernel, b.bias, b.has_bias) for b in blocks]
+    rows = jax.tree.map(lambda *x: jnp.concatenate(x), *sums)
+    layer = np.concatenate([b.layer for b in blocks])
+    n = len(layout.names)
+    if np.array_equal(layer, np.arange(n)):  # (one Dense per layer, in order)
+        return rows
+    scale = jax.ops.segment_max(rows.scale, layer, num_segments=n)
+    w = (rows.scale / scale[layer]) ** 2
+
+    def total(x: Array, weights: Array | None = None) -> Array:
+        x = x if weights is None else x * weights.reshape(w.shape + (1,) * (x.ndim - 1))
+        return jax.ops.segment_sum(x, layer, num_segments=n)
+
+    return _Sums(total(rows.sq, w), total(rows.dot, w), total(rows.g2, w),
+                 total(rows.gsnr_sum), total(rows.gsnr_count), scale)
+
+
+def quantiles(x: Array, levels: np.ndarray = QUANTILES) -> Array:
+    """numpy's (linear) quantiles of ``x`` [B] at ``levels``, by ranks instead of a sort:
+    rank_i = #{j: x_j < x_i} + #{j < i: x_j = x_i} (B^2 comparisons, elementwise), and
+    the k-th smallest value is the one of rank k. XLA's CPU sort calls a comparator per
+    comparison; for a batch of 32 it cost more than the rest of the probe together."""
+    batch = x.shape[0]
+    index = jnp.arange(batch)
+    less = (x[None, :] < x[:, None]) | ((x[None, :] == x[:, None])
+                                       & (index[None, :] < index[:, None]))
+    rank = jnp.sum(less, axis=1)  # [B]: a permutation of 0 ... B-1
+    position = np.asarray(levels, np.float64) * (batch - 1)
+    low = np.floor(position).astype(np.int32)
+    high = np.minimum(low + 1, batch - 1)
+    ordered = jnp.sum(jnp.where(rank[None, :] == index[:, None], x[None, :], 0), axis=1)
+    frac = jnp.asarray(position - low, x.dtype)
+    out = ordered[low] + frac * (ordered[high] - ordered[low])
+    return jnp.where(jnp.isnan(x).any(), jnp.nan, out)  # (as numpy: NaN in, NaN out)
 
 
 def statistics(sums: _Sums) -> dict[str, Array]:
@@ -224,7 +327,7 @@ def statistics(sums: _Sums) -> dict[str, Array]:
     var_perp = (jnp.sum(sums.sq) - jnp.sum(sums.dot ** 2) / g2) / (batch - 1)
     return {
         "pe_norm_mean": jnp.mean(norms) * s,
-        "pe_norm_q": jnp.quantile(norms, jnp.asarray(QUANTILES, norms.dtype)) * s,
+        "pe_norm_q": quantiles(norms) * s,
         "gsnr": sums.gsnr_sum / sums.gsnr_count,
         "noise_trace": trace * s * s,
         "noise_grad_sq": (g2 - trace / batch) * s * s,
@@ -252,10 +355,8 @@ def outputs() -> dict[str, tuple[str, ...]]:
 
 def gradient_noise(layout: Layout, taps: Taps, grads: Any) -> dict[str, Array]:
     """Every array of the probe: per layer [L] (or [L, quantile]) and for the whole net."""
-    segments = _segment_sums(layout, taps, grads)
-    per_segment = [jax.vmap(statistics)(s) for s in segments]
-    out = {k: jnp.concatenate([p[k] for p in per_segment]) for k in per_segment[0]}
-    layers = jax.tree.map(lambda *x: jnp.concatenate(x), *segments)
+    layers = layer_sums(layout, taps, grads)
+    out = jax.vmap(statistics)(layers)  # (every layer at once: few, larger operations)
     out.update({f"{k}_net": v for k, v in statistics(_total(layers)).items()})
     return out
 

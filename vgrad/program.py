@@ -218,6 +218,14 @@ class Program:
                                with_alpha="alpha" in self.step_needs)
         return step(state, x, y, key)
 
+    def _train_plain(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
+                     ) -> tuple[TrainState, Any]:
+        """The same step without its measurements (no delta points, taps or own deltas):
+        a step ``record.every`` does not record."""
+        step = make_train_step(self.group.network(m), self._tx(m), self.loss, self.layout,
+                               with_deltas=False)
+        return step(state, x, y, key)
+
     def _epoch_view(self, state: TrainState, m: Members, data: DeviceData
                     ) -> probes.EpochView:
         return views.epoch_view(self.view, self.group.network(m), state, self._data(data, m),
@@ -285,22 +293,38 @@ class Program:
         noise = jax.vmap(lambda s: jax.random.fold_in(seed_keys(s).noise, gstep))(members.seed)
         alive = state.diverged_at < 0
         x, y = self._batch(data, members, idx)
-        state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
 
-        def measure(o):
-            return jax.vmap(lambda oo: self._cast(
-                probes.step_stats(oo, self.layout, self.step_probes)))(o)
+        def fired(o):
+            return jax.vmap(lambda oo: probes.clip_stats(oo, self.layout)["clip_fired"])(
+                o).astype(self.dtype)
+
+        def measure(out):
+            return jax.vmap(lambda o: self._cast(
+                probes.step_stats(o, self.layout, self.step_probes)))(out)
+
+        def recorded(state):
+            state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
+            return state, measure(out), fired(out), out.grads
+
+        def plain(state):
+            state, out = jax.vmap(self._train_plain)(members, state, x, y, noise)
+            return state, _nan_like(self.step_template((len(x),))), fired(out), out.grads
 
         if plan.record_every == 1:
-            stats = measure(out)
-        else:
-            template = self.step_template((len(x),))
+            state, stats, clip, grads = recorded(state)
+        elif "alpha" in self.step_needs:  # (every step is a start point: all measure)
+            state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
             stats = jax.lax.cond(gstep % plan.record_every == 0, measure,
-                                 lambda o: _nan_like(template), out)
-        fired = jax.vmap(lambda o: probes.clip_stats(o, self.layout)["clip_fired"])(out)
-        fired = fired.astype(self.dtype)
-        return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, fired, 0.0),
-                          out.grads)
+                                 lambda o: _nan_like(self.step_template((len(x),))), out)
+            clip, grads = fired(out), out.grads
+        else:
+            # Only a recorded step computes its deltas and probes: record.every=K costs
+            # the probes 1/K (both branches are compiled; the predicate is the same for
+            # every member, so under vmap the cond stays a branch).
+            state, stats, clip, grads = jax.lax.cond(gstep % plan.record_every == 0,
+                                                     recorded, plain, state)
+        return StepResult(state, _nan_where(~alive, stats), jnp.where(alive, clip, 0.0),
+                          grads)
 
     def chunk(self, state: TrainState, members: Members, epoch0: Array, data: DeviceData,
               n_epochs: int) -> tuple[TrainState, dict[str, Array], dict[str, Array], Any]:

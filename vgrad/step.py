@@ -135,7 +135,9 @@ def make_loss_fn(model: nn.Module, loss: str, mean: bool = True, sown: bool = Fa
     mutable = ["batch_stats", "intermediates"] if sown else ["batch_stats"]
 
     def loss_fn(params, perturbations, batch_stats, x, y, key):
-        variables = {"params": params, "perturbations": perturbations}
+        variables = {"params": params}
+        if perturbations is not None:  # (None: the delta points add nothing)
+            variables["perturbations"] = perturbations
         if batch_stats:
             variables["batch_stats"] = batch_stats
         logits, mutated = model.apply(variables, x, train=True, rngs={"noise": key},
@@ -178,26 +180,31 @@ def nonfinite_per_layer(grads: Any, layout: Layout) -> Array:
 
 def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
                     with_own_deltas: bool = False, with_taps: bool = False,
-                    with_alpha: bool = False
+                    with_alpha: bool = False, with_deltas: bool = True
                     ) -> Callable[[TrainState, Array, Array, Array], tuple[TrainState, StepOut]]:
     """One optimisation step on a batch, with its gradient and deltas returned (and each
     example's own deltas with ``with_own_deltas``; every Dense call's input and output
     gradient with ``with_taps``: ``vgrad.noise``; the previous step's local step size
     with ``with_alpha``, which needs the taps and a state from ``init_state(...,
-    with_alpha=True)``)."""
+    with_alpha=True)``). ``with_deltas=False``: the plain step of a step that is not
+    recorded (``record.every``), the gradient of the parameters only (deltas None): the
+    same update, without the perturbations' gradients."""
+    if not with_deltas and (with_own_deltas or with_taps or with_alpha):
+        raise ValueError("a plain step (with_deltas=False) computes no deltas, taps or alpha")
     own_fn = own_deltas(model, loss) if with_own_deltas else None
     with_taps = with_taps or with_alpha
     if with_taps:
         model = noise.Tapped(model)
-    grad_fn = jax.value_and_grad(make_loss_fn(model, loss, sown=with_taps), argnums=(0, 1),
-                                 has_aux=True)
-    zero_perturbations = perturbation_zeros(model)
+    grad_fn = jax.value_and_grad(make_loss_fn(model, loss, sown=with_taps),
+                                 argnums=(0, 1) if with_deltas else 0, has_aux=True)
+    zero_perturbations = perturbation_zeros(model) if with_deltas else (lambda x: None)
 
     def train_step(state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, StepOut]:
         perturbations = zero_perturbations(x)
-        (loss_value, aux), (grads, dperturb) = grad_fn(
+        (loss_value, aux), grads = grad_fn(
             state.params, perturbations, state.batch_stats, x, y, key)
+        grads, dperturb = grads if with_deltas else (grads, None)
         batch_stats, sown, values = aux if with_taps else (aux, None, None)
         # d(mean loss)/dz = delta_n / batch for example n: undo the mean.
         deltas = jax.tree.map(lambda d: d * x.shape[0], dperturb)

@@ -129,6 +129,43 @@ def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path,
     assert not list(sweep.rglob(".*.tmp"))
 
 
+def test_a_killed_cluster_task_resumes_with_the_grouped_submitit_launcher(
+        tmp_path, subprocess_env, cli):
+    """hydra/launcher=vgrad_submitit (local executor): the sweep and its tasks killed
+    while the long program trains; the same command again continues the killed jobs
+    from their saved epochs and leaves the finished ones alone."""
+    import os
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "act=tanh,relu", "epochs=50,6000", "data.n_samples=128",
+            "record.chunk_epochs=50", "record.every=10", "record.save_every_s=1",
+            "progress=false", *LIGHT, "hydra/launcher=vgrad_submitit",
+            "hydra.launcher.cluster=local", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen([sys.executable, "-m", "vgrad.train", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=subprocess_env, start_new_session=True)
+
+    def short_ones_done() -> bool:
+        done = [d for d in run_dirs(sweep) if store.is_complete(d)]
+        return len(done) == 2 and any(epochs_written(d) >= 50 for d in run_dirs(sweep)
+                                      if not store.is_complete(d))
+
+    wait_for(short_ones_done, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its tasks, as a cluster would
+    proc.wait()
+    time.sleep(0.5)
+    finished = [d for d in run_dirs(sweep) if store.is_complete(d)]
+    assert len(finished) == 2
+    before = {d: files_of(d) for d in finished}
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert "from epoch" in out + err  # the killed jobs continue
+    for d, files in before.items():
+        assert files_of(d) == files, d
+    assert all(store.is_complete(d) for d in run_dirs(sweep))
+    assert len(run_dirs(sweep)) == 4
+
+
 def test_a_different_sweep_into_a_used_folder_keeps_every_earlier_run(cli, tmp_path):
     code, _, err = cli("-m", "act=sigmoid,tanh", *TINY, *LIGHT, f"hydra.sweep.dir={tmp_path}")
     assert code == 0, err

@@ -151,3 +151,40 @@ def test_benchmark_tiny_mode_keeps_its_books(tmp_path, run):
             assert row["ratio_vgrad_same_work_to_torch"] == pytest.approx(
                 row["torch"]["run_s"] / row["vgrad_same_work"]["run_s"])
     assert "plain JAX" in proc.stdout and "same/plain" in proc.stdout
+
+
+def test_the_grouped_submitit_launcher_runs_one_task_per_program(tmp_path, run, cli):
+    """hydra/launcher=vgrad_submitit (the local executor standing in for SLURM): one
+    submitit task per program (2 structures: depth 1 and 2; 4 jobs), each job's folder
+    as vgrad's own launcher writes it (metrics equal, .hydra/ files equal), the runs
+    table and the report command; a second run of the sweep finds every job ended."""
+    sweep = ["-m", "act=tanh,relu", "depth=1,2", "epochs=2", "data.n_samples=128",
+             "progress=false", *LIGHT]
+    ref = tmp_path / "vgrad"
+    code, _, err = cli(*sweep, f"hydra.sweep.dir={ref}")
+    assert code == 0, err
+    out = tmp_path / "submitit"
+    args = [*sweep, "hydra/launcher=vgrad_submitit", "hydra.launcher.cluster=local",
+            f"hydra.sweep.dir={out}"]
+    proc = run(vgrad_cmd(*args))
+    assert proc.returncode == 0, proc.stderr
+    assert "4 jobs in 2 program(s): submitted as 2 local task(s)" in proc.stdout
+    tasks = [d for d in (out / ".submitit").iterdir() if d.name.isdigit()]
+    assert len(tasks) == 2
+    ours, theirs = metrics_of(out), metrics_of(ref)
+    assert sorted(ours) == sorted(theirs) == ["0", "1", "2", "3"]
+    for job, arrays in theirs.items():
+        for key, value in arrays.items():
+            if np.issubdtype(value.dtype, np.number):
+                np.testing.assert_allclose(ours[job][key], value, rtol=1e-6, atol=1e-12,
+                                           err_msg=f"{job} {key}")
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (out / job / ".hydra" / name).read_text() == \
+                (ref / job / ".hydra" / name).read_text()
+        groups = json.loads((out / job / "summary.json").read_text())["timing"]["group"]
+        assert groups["jobs"] == 2
+    assert (out / "runs.csv").is_file()
+    again = run(vgrad_cmd(*args))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("already holds an ended run of this config") == 4
+    assert len([d for d in (out / ".submitit").iterdir() if d.name.isdigit()]) == 2  # none new

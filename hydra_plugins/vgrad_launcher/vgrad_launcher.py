@@ -167,9 +167,7 @@ class VgradLauncher(Launcher):
     # -- 2 and 3. validate, skip what ended, train the rest in groups --
 
     def _train(self, planned: list[_Planned], sweep_dir: Path) -> None:
-        from vgrad import group as vgroup
         from vgrad import runner
-        from vgrad.analysis import callback
         from vgrad.errors import ConfigError
 
         jobs = []
@@ -192,6 +190,14 @@ class VgradLauncher(Launcher):
             jobs.append(job)
         if not jobs:
             return
+        self._train_jobs(jobs, sweep_dir)
+
+    def _train_jobs(self, jobs: list[Any], sweep_dir: Path) -> None:
+        """Train the prepared jobs in groups, in this process."""
+        from vgrad import group as vgroup
+        from vgrad import runner
+        from vgrad.analysis import callback
+
         max_members = self._max_members(jobs)
         groups = vgroup.group_jobs(jobs, max_members, self.max_jobs)
         log.info("%d jobs to train in %d program(s)", len(jobs), len(groups))

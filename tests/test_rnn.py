@@ -4,6 +4,8 @@ spectrum, the adding problem's data and baseline, and the configuration errors."
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +212,31 @@ def test_recurrent_grad_norms_split_the_input_and_recurrent_kernels():
     np.testing.assert_allclose(float(pooled), float(np.hypot(stats["grad_norm_ih"][0],
                                                              stats["grad_norm_hh"][0])),
                                rtol=1e-5)
+
+
+def test_recurrent_scale_and_forget_bias_are_knobs_of_one_program(compile_counter):
+    """A sweep over model.recurrent_scale (3 values) and model.forget_bias (2) of an LSTM
+    trains as one program, compiled once, and each job's numbers are those it has alone."""
+    from conftest import run_group
+
+    from vgrad import group
+
+    base = [*ADDING, "model=lstm", "depth=1", "width=4", "data.length=5", "epochs=2",
+            "data.n_train=64", "data.n_test=16", "record.probe_size=16", "progress=false"]
+    cfgs = [compose_cfg(*base, f"model.recurrent_scale={s}", f"model.forget_bias={b}")
+            for s, b in [(0.5, 1.0), (1.0, 1.0), (2.0, 0.0)]]
+    assert len({json.dumps(group.structure(c), sort_keys=True) for c in cfgs}) == 1
+    together = run_group(cfgs)
+    assert compile_counter.compiles("chunk") == 1
+    for cfg, rec in zip(cfgs, together, strict=True):
+        alone = run_to_end(cfg)
+        for k, v in alone.step_stats.items():
+            np.testing.assert_allclose(rec.step_stats[k], v, rtol=2e-5, atol=1e-8, err_msg=k)
+    # the knobs act: the recurrent kernel's spectral radius at initialisation is the scale
+    radius = [rec.epoch_stats["rec_radius"][0, 0, 0] for rec in together]
+    np.testing.assert_allclose(radius, [0.5, 1.0, 2.0], rtol=1e-4)
+    # and the forget gate's input bias starts at forget_bias (bias_init: zeros)
+    for rec, b in zip(together, [1.0, 1.0, 0.0], strict=True):
+        ih = rec.params["initial.rnn_0.ih.bias"][0]  # [gates * units], gates i, f, g, o
+        np.testing.assert_allclose(ih[4:8], b)
+        np.testing.assert_allclose(ih[:4], 0.0)

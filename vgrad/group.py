@@ -9,7 +9,9 @@ axis the program is ``vmap``-ed over, the *members* (job x seed).
 This module decides, from a job's composed config:
 
 - its **knobs**: every float of the ``act``, ``init``, ``bias_init``, ``clip`` and
-  ``optim`` nodes, ``bn_momentum``, ``bn_eps`` and ``record.sat_threshold``, traced;
+  ``optim`` nodes, ``bn_momentum``, ``bn_eps`` and ``record.sat_threshold``, and the
+  model's own (``Model.knobs``: a recurrent net's ``model.recurrent_scale`` and
+  ``model.forget_bias``), traced;
 - its **families**: which activation and initializers it uses. Every kernel and bias
   initializer, and every elementwise activation (no parameters, no noise, one output per
   input: sigmoid ... swish), is a *family* chosen per member by an index, so that jobs
@@ -87,6 +89,8 @@ def knobs(cfg: Any) -> dict[str, float]:
         for p in parents:
             node = node[p]
         out[path] = float(node[leaf])
+    for key in models.MODELS[c["model"]["name"]].knobs:  # (the model's own: Model.knobs)
+        out[f"model.{key}"] = float(c["model"][key])
     for path in ZERO_IS_STRUCTURE:  # a zero stays a constant: the term is left out
         if out.get(path) == 0.0:
             del out[path]
@@ -252,8 +256,10 @@ class Group:
         bias_init = initializers.drawn_in_float32(initializers.select(
             [initializers.bias_init(node_view(f, m.knobs, "bias_init"))
              for f in fam["bias_init"]], m.bias_init))
+        model_knobs = {k.split(".", 1)[1]: v for k, v in m.knobs.items()
+                       if k.startswith("model.")}
         return models.Parts(act, kernel_init, bias_init, pieces, m.knobs["bn_momentum"],
-                            m.knobs["bn_eps"], jnp.dtype(self.cfg.dtype))
+                            m.knobs["bn_eps"], jnp.dtype(self.cfg.dtype), model_knobs or None)
 
     @property
     def out_dim(self) -> int:

@@ -44,6 +44,10 @@ class Model:
     #: Its parameter count (config, input features); None: from ``widths`` as Dense
     #: layers (the memory estimate).
     n_params: Callable[[Any, int], int] | None = None
+    #: Float fields of its config node that are inputs of the program (traced knobs,
+    #: ``vgrad.group``): a sweep over them compiles one program. ``build`` reads a
+    #: member's values from ``Parts.model_knobs``.
+    knobs: tuple[str, ...] = ()
 
     def takes_act(self, cfg: Any) -> bool:
         """Whether a config's net applies the ``act`` axis."""
@@ -79,7 +83,8 @@ MODELS: dict[str, Model] = {
                     _declared(resmlp.widths), resmlp.validate),
     **{cell: Model(rnn.RecurrentModel, rnn.build, _declared(rnn.layout),
                    _declared(rnn.widths), rnn.validate,
-                   recurrent=True, uses_act=gates == 1)  # (the Elman cell applies act)
+                   recurrent=True, uses_act=gates == 1,  # (the Elman cell applies act)
+                   knobs=("recurrent_scale", "forget_bias"))
        for cell, gates in rnn.CELLS.items()},
     "cnn": _linen(custom.CNNModel, custom.CNN_FAMILY, custom.validate_cnn),
     "custom": _linen(custom.CustomModel, custom.CUSTOM, custom.validate),

@@ -27,8 +27,8 @@ SLOPE_GRID = np.linspace(-10.0, 10.0, 2001, dtype=np.float32)
 @dataclass(frozen=True)
 class Parts:
     """A member's activation (module factory, and its outputs per unit: maxout's k),
-    kernel and bias initializers, batch-norm momentum and epsilon (traced knobs), and
-    the dtype of parameters and computation."""
+    kernel and bias initializers, batch-norm momentum and epsilon (traced knobs), the
+    dtype of parameters and computation, and the model's own knobs."""
 
     act: Callable[..., nn.Module]
     kernel_init: Callable[..., Array]
@@ -37,6 +37,9 @@ class Parts:
     bn_momentum: Any = 0.99
     bn_eps: Any = 1e-3
     dtype: Any = jnp.float32
+    #: The model's own traced knobs (``Model.knobs``: e.g. a recurrent net's
+    #: ``recurrent_scale``), by field name; None: the config's values.
+    model_knobs: Any = None
 
 
 def parts_from_config(cfg: Any) -> Parts:

@@ -44,6 +44,7 @@ gates near 0 or 1.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -205,8 +206,12 @@ def _node(cfg: Any) -> RecurrentModel:
 
 
 def build(cfg: Any, parts: Parts, out_dim: int) -> RecurrentNet:
-    """The recurrent net a validated config describes, from a member's ``parts``."""
-    return RecurrentNet(cfg.model.name, parts, _node(cfg), cfg.depth, cfg.width,
+    """The recurrent net a validated config describes, from a member's ``parts`` (its
+    ``recurrent_scale`` and ``forget_bias`` too, traced, when the parts carry them)."""
+    node = _node(cfg)
+    if parts.model_knobs:
+        node = dataclasses.replace(node, **parts.model_knobs)
+    return RecurrentNet(cfg.model.name, parts, node, cfg.depth, cfg.width,
                         data.step_features(cfg.data), out_dim)
 
 

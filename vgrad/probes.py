@@ -334,6 +334,8 @@ NEEDS = {
     "jacobian": "epoch",
     # the gradient of the loss on the whole probe batch (training mode)
     "probe_grads": "epoch",
+    # a recurrent net's state-to-state Jacobians along its trajectory on the probe batch
+    "state_jacobian": "epoch",
     # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``):
     # the whole Hessian's, and each layer's diagonal block's
     "curvature": "epoch",
@@ -354,7 +356,8 @@ NEEDS = {
 #: on every device at once, idle; one CPU device runs it): a run that asks for one of
 #: them trains on one device.
 #: (The curvature probes run an eigensolver too.)
-ONE_CPU_DEVICE = frozenset({"jacobian", "curvature", "curvature_blocks", "curvature_density"})
+ONE_CPU_DEVICE = frozenset({"jacobian", "curvature", "curvature_blocks", "curvature_density",
+                            "state_jacobian"})
 
 
 @dataclass(frozen=True)
@@ -487,6 +490,9 @@ class EpochView(NamedTuple):
     # singular values of the deep part's Jacobian d h_last / d h_0 for the first
     # JACOBIAN_EXAMPLES probe inputs, [examples, k] (``vgrad.jacobian``)
     jacobian_sv: Array | None = None
+    # recurrent nets: the largest singular value of each step's state-to-state Jacobian
+    # on the first probe examples, [recurrent, examples, T] (``rnn.state_jacobian_sv``)
+    state_jacobian_sv: Array | None = None
     # the probe-batch loss's Hessian: extreme eigenvalues, trace, top eigenvector's mass
     # per layer, per-layer block eigenvalues (``vgrad.curvature.curvature``)
     curvature: dict[str, Array] | None = None
@@ -629,6 +635,23 @@ def jacobian_spectrum(view: EpochView, layout: Layout) -> dict[str, Array]:
             "jac_sv_ms": jnp.mean(s * s), "jac_sv_hist": counts}
 
 
+def state_jacobian(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """Recurrent nets: the state-to-state Jacobian J_t = d s_t / d s_{t-1} of each layer
+    along its own trajectory on the first 16 probe examples (s = h; for LSTM (h, c)):
+
+    - ``state_jac_sv``: the mean over examples of its largest singular value at every
+      step t = 1 ... T, [recurrent, time]: where in the sequence the state's gradient
+      shrinks (< 1) or grows (> 1);
+    - ``state_jac_sv_mean``: its mean over t too, [recurrent]; the gradient over k steps
+      is bounded by the product of k of them (Pascanu, Mikolov & Bengio 2013).
+
+    The recurrent kernel's spectrum (``recurrent_spectrum``) bounds the linear part;
+    this includes the gates and the nonlinearity at the states the net visits. Opt-in:
+    ``record.epoch_probes=[...,state_jacobian]``."""
+    sv = view.state_jacobian_sv  # [R, E, T]
+    return {"state_jac_sv": jnp.mean(sv, axis=1), "state_jac_sv_mean": jnp.mean(sv, axis=(1, 2))}
+
+
 def hessian(view: EpochView, layout: Layout) -> dict[str, Array]:
     """The Hessian H of the loss on the probe batch (training mode), from Hessian-vector
     products (``vgrad.curvature``: ``LANCZOS_STEPS`` = 40 Lanczos iterations with full
@@ -728,6 +751,9 @@ EPOCH_PROBES: dict[str, Probe] = {
         edges={"sv_edges": ("sv_edge", SV_EDGES)}),
     "recurrent_spectrum": Probe(recurrent_spectrum, dict.fromkeys(
         ("rec_sv_max", "rec_radius"), ("recurrent",)), requires="recurrent"),
+    "state_jacobian": Probe(state_jacobian, {"state_jac_sv": ("recurrent", "time"),
+                                             "state_jac_sv_mean": ("recurrent",)},
+                            requires="recurrent", needs=("state_jacobian",), opt_in=True),
     "hessian": Probe(hessian, {**dict.fromkeys(("hess_max", "hess_min", "hess_trace",
                                                 "hess_trace_se"), ()),
                                "hess_evec_mass": _LAYER}, needs=("curvature",), opt_in=True),

@@ -20,6 +20,7 @@ import numpy as np
 
 from vgrad import curvature, jacobian, probes
 from vgrad.layers import Layout
+from vgrad.models import rnn
 from vgrad.step import TrainState, make_eval_fn, make_loss_fn
 
 Array = jax.Array
@@ -137,6 +138,9 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
+    state_sv = None
+    if "state_jacobian" in spec.needs:
+        state_sv = rnn.state_jacobian_sv(net, params, data.x_probe)
     probe_grads = hessian = None
     if spec.needs & {"probe_grads", "curvature", "curvature_blocks", "curvature_density"}:
         loss_fn = make_loss_fn(net, spec.loss)
@@ -163,4 +167,5 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         params, *train, *test, acts=sown["activation"], slopes=sown["slope"],
         slope_max=sown["slope_max"], probe_grads=probe_grads,
         sat_threshold=sat_threshold, signals=signals,
-        branches=branches, skips=skips, jacobian_sv=jacobian_sv, curvature=hessian)
+        branches=branches, skips=skips, jacobian_sv=jacobian_sv, curvature=hessian,
+        state_jacobian_sv=state_sv)

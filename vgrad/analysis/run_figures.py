@@ -368,13 +368,19 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
         drawn = False
         for r in range(R):
             for key, what, style in (("rec_radius", "spectral radius", "-"),
-                                     ("rec_sv_max", "largest singular value", "--")):
+                                     ("rec_sv_max", "largest singular value", "--"),
+                                     ("state_jac_sv_mean",
+                                      "state Jacobian ‖∂s_t/∂s_(t−1)‖, mean over t", ":")):
+                if key not in m:  # (the state_jacobian probe is opt-in)
+                    continue
                 label = f"rnn_{r}: {what}" if R > 1 else what
                 drawn |= band(ax[2, 0], epochs, m[key][:, :, r], colors[r], label,
                               log=True, style=style)[1]
         ax[2, 0].axhline(1.0, color="0.5", linewidth=0.8, linestyle=":")
         log_scale(ax[2, 0], drawn, "spectrum")
-        ax[2, 0].set(title="Recurrent kernel (the candidate block for LSTM and GRU)",
+        ax[2, 0].set(title=("Recurrent kernel's spectrum and the state Jacobian"
+                            if "state_jac_sv_mean" in m else
+                            "Recurrent kernel (the candidate block for LSTM and GRU)"),
                      xlabel="epoch (0 = initialisation)", ylabel="value")
         layer_ticks(ax[2, 0], len(epochs))
         if drawn:

@@ -271,3 +271,48 @@ def _plain_act(act: Any) -> bool:
     from vgrad import activations
 
     return activations.elementwise(act) is not None
+
+
+#: Probe examples whose state-to-state Jacobians are measured (each costs T Jacobians of
+#: the cell per layer and their SVDs).
+STATE_JACOBIAN_EXAMPLES = 16
+
+
+def state_jacobian_sv(net: RecurrentNet, params: Any, x: Array,
+                      examples: int = STATE_JACOBIAN_EXAMPLES) -> Array:
+    """The largest singular value of each step's state-to-state Jacobian
+    J_t = d s_t / d s_{t-1} along the net's own trajectory on the first ``examples``
+    inputs ``x``, per recurrent layer and step t = 1 ... T, [layers, examples, T]: s is
+    the state the cell carries (h for the Elman cell and GRU; (h, c) for LSTM). The
+    product of these Jacobians carries dL/dh_T back to h_t, so their norms decide
+    vanishing (< 1) against exploding (> 1) through time (Pascanu, Mikolov & Bengio
+    2013). Forward mode (``jax.jacfwd``) through the cell's own module and parameters;
+    the input projection of step t is held fixed (it does not depend on the state)."""
+    u, lstm = net.width, net.cell == "lstm"
+    step = _Step(net.cell, net.parts, net.model, u, False)
+    h = x[:examples].reshape(min(examples, x.shape[0]), -1, net.step_features)
+    out = []
+    for layer in range(net.depth):
+        p = params[f"rnn_{layer}"]
+        xw = h @ p["ih"]["kernel"] + p["ih"]["bias"]  # [B, T, gates * u]
+        cell = {"params": p["cell"]}
+
+        def advance(state: tuple[Array, Array], xw_t: Array, cell=cell):
+            return step.apply(cell, state, xw_t)[0]
+
+        def transition(state, xw_t):  # one step and its Jacobian's largest singular value
+            nxt = advance(state, xw_t)
+            if lstm:
+                flat = jnp.concatenate(state, axis=-1)
+                jac = jax.vmap(jax.jacfwd(lambda s, w: jnp.concatenate(
+                    advance((s[:u][None], s[u:][None]), w[None]), axis=-1)[0]))(flat, xw_t)
+            else:
+                jac = jax.vmap(jax.jacfwd(lambda s, w, c: advance(
+                    (s[None], c[None]), w[None])[0][0]))(state[0], xw_t, state[1])
+            return nxt, (nxt[0], jnp.linalg.svd(jac, compute_uv=False)[:, 0])
+
+        zeros = jnp.zeros((h.shape[0], u), h.dtype)
+        _, (states, sv) = jax.lax.scan(transition, (zeros, zeros), jnp.swapaxes(xw, 0, 1))
+        out.append(jnp.swapaxes(sv, 0, 1))  # [B, T]
+        h = jnp.swapaxes(states, 0, 1)  # the next layer's input sequence
+    return jnp.stack(out)

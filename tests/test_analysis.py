@@ -136,6 +136,10 @@ def test_report_references_every_figure_and_the_runs_table(sweep_dir, tmp_path):
     assert "python -m vgrad.train -m" in page and "act=tanh,relu" in page
     assert page.count("<h3>Run ") == 4
     assert "heatmap" not in page or "act × depth" in page
+    # What none of the runs recorded (opt-in probes) is said once, not under every run.
+    assert page.count("Not recorded in any run shown: ") == 1
+    assert "gradient noise (step probe gradient_noise)" in page
+    assert page.count("gradient noise (step probe gradient_noise)") == 1
 
 
 def test_scripts_run_from_the_command_line(sweep_dir, tmp_path):

@@ -384,13 +384,20 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
             parts.append(_img(png, root, caption))
         drawn = results()
     run_sections, anchors = [], {}
+    # What no run shown recorded is said once, above the runs; each run names the rest.
+    common = [n for n in (drawn[0][1] if drawn else [])
+              if all(n in notes for _, notes in drawn)]
+    where = "any run shown" if len(drawn) > 1 else "this run"
+    unrecorded = (f"<p class=note>Not recorded in {where}: "
+                  f"{html.escape(', '.join(common))}.</p>" if common else "")
     for run, (written, notes) in zip(shown, drawn, strict=True):
         anchors[run.name] = f"run-{position[run.name]}"
         label = figures.run_label(run, axes, math=False) if axes else run.name
         imgs = [_img(png, root, f"{label}: {kind.replace('_', ' ')}")
                 for kind, png in written]
-        note = (f"<p class=note>Not recorded in this run: {', '.join(notes)}.</p>"
-                if notes else "")
+        own = [n for n in notes if n not in common]
+        note = (f"<p class=note>Not recorded in this run: {html.escape(', '.join(own))}.</p>"
+                if own else "")
         named = f": {html.escape(label)}" if axes else ""
         run_sections.append(f'<section id="{anchors[run.name]}"><h3>Run '
                             f"{html.escape(run.name)} ({html.escape(run.status)}){named}</h3>"
@@ -448,6 +455,7 @@ swept axes: {html.escape(", ".join(axes) or "none")}.
 {table_html}
 <h2>Runs in detail</h2>
 <p class=note>{which}</p>
+{unrecorded}
 {"".join(run_sections)}
 {_SORT_JS}
 </body></html>

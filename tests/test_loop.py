@@ -218,3 +218,18 @@ def test_evaluation_blocks_shrink_to_the_memory_budget_without_changing_the_numb
     for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
         np.testing.assert_allclose(blocked[key], whole[key], rtol=1e-5, err_msg=key)
     assert blocked_bytes < whole_bytes / 2
+
+
+def test_the_finiteness_check_is_exact():
+    """tree_all_finite: one non-finite entry anywhere (inf, -inf, NaN) and nothing else;
+    finite values at float32's largest, zeros and empty leaves are finite."""
+    import jax.numpy as jnp
+
+    from vgrad.step import tree_all_finite
+
+    big = np.float32(3.4e38)
+    base = {"a": jnp.full((3, 4), big), "b": jnp.zeros((5,)), "c": jnp.zeros((0,))}
+    assert bool(tree_all_finite(base))
+    for bad in (np.inf, -np.inf, np.nan):
+        tree = dict(base, b=base["b"].at[2].set(bad))
+        assert not bool(tree_all_finite(tree)), bad

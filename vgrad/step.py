@@ -63,9 +63,11 @@ class StepOut(NamedTuple):
 
 
 def tree_all_finite(tree: Any) -> Array:
-    """Whether every entry of every leaf is finite (the leaves packed: few reductions)."""
-    blocks = pack([x.reshape(1, -1) for x in jax.tree.leaves(tree)])
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(b.x)) for b in blocks]))
+    """Whether every entry of every leaf is finite: x * 0 is 0 where x is finite and NaN
+    where it is not (inf * 0 included), so one sum per leaf, fused with the multiply,
+    decides (no packing of the leaves: 171 -> 159 kernels in the default step at 100
+    seeds, ``benchmarks/kernel_count.py``). Exact: a sum of zeros never overflows."""
+    return jnp.isfinite(sum(jnp.sum(x * 0) for x in jax.tree.leaves(tree)))
 
 
 def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:

@@ -58,13 +58,11 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     assert {"signal_q", "signal_c", "delta_norm", "grad_norm"} <= set(metrics)
     assert np.isfinite(metrics["delta_norm"]).all()
     assert summary["status"] == "completed"
-    assert ("gsnr" in metrics) == (name != "cnn")  # (per-example: Dense layers only)
-    assert bool(summary["notes"]) == (name == "cnn")
+    assert "gsnr" in metrics and not summary["notes"]  # (per-example: every model)
     # Every run figure draws, the signal figure with a block panel for residual nets.
     run_ = load_run(run)
     for kind, make in figures.RUN_FIGURES.items():
-        drawn = ((kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
-                 and (kind != "gradient_noise" or name != "cnn"))  # (Dense layers only)
+        drawn = (kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
         assert (make(run_) is not None) == drawn, kind
     fig = figures.signal(run_)
     assert len(fig.axes) == (3 if "branch_var" in metrics else 2)

@@ -4,7 +4,8 @@ A batch's mean gradient hides how much its examples disagree. Example n's gradie
 Dense layer y = a W + b is g_n = a_n^T d_n (and d_n for the bias), where a_n is the
 layer's input and d_n = dl_n/dy_n the gradient of n's own loss at the layer's output
 (Goodfellow 2015, "Efficient per-example gradient computations"). The training step
-already backpropagates d_n; with taps (:class:`Tapped`) every ``nn.Dense`` call also
+already backpropagates d_n; with taps (:class:`Tapped`) every ``nn.Dense`` (and
+``nn.Conv``) call also
 sows its input and takes d at its output, so every statistic below costs about one
 matrix product per layer, never the batch x parameters array of per-example gradients:
 
@@ -13,8 +14,9 @@ matrix product per layer, never the batch x parameters array of per-example grad
 - per parameter, ``sum_n g_nij^2 = (a^2)^T (d^2)``.
 
 A layer applied at several positions of one example (a recurrent layer at every time
-step, a Dense over tokens) has g_n = sum_t a_nt^T d_nt: its per-example gradient is
-formed layer by layer ([batch, in, out], one batched product) and reduced at once.
+step, a Dense over tokens, a convolution at every output position of its input's patches)
+has g_n = sum_t a_nt^T d_nt: its per-example gradient is formed layer by layer
+([batch, in, out], one batched product) and reduced at once.
 
 From these, per layer (its Dense kernels and biases together: a residual block's two,
 a recurrent layer's input and recurrent ones) and for the whole net (every layer's),
@@ -45,7 +47,7 @@ Whole-net arrays end in ``_net``. Parameters outside Dense layers (a normalisati
 scale, a learned residual multiplier) are not counted. Under batch norm in training
 mode an example's loss depends on the others' inputs, so per-example gradients are not
 defined: the probe is left out (the run's log and ``summary.json`` say so), as it is for
-a model with layers other than ``nn.Dense`` (convolutions, embeddings).
+a model with other layers (embeddings; grouped, masked or circular convolutions).
 
 Numbers stay finite while the gradients are: each layer is computed in units of its
 largest |a| x largest |d|. B = 1 gives NaN (no variance from one example).
@@ -77,16 +79,54 @@ VARIANCE_FLOOR = 16.0
 
 def _tap(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
     module = context.module
-    if context.method_name != "__call__" or type(module) is not nn.Dense:
+    if context.method_name != "__call__" or type(module) not in (nn.Dense, nn.Conv):
         return next_fun(*args, **kwargs)
-    module.sow("intermediates", TAP_IN, args[0] if args else kwargs["inputs"])
+    x = args[0] if args else kwargs["inputs"]
+    if type(module) is nn.Conv:
+        x = conv_patches(module, x)
+        if x is None:  # (a convolution this does not unfold: left untapped)
+            return next_fun(*args, **kwargs)
+    module.sow("intermediates", TAP_IN, x)
     return module.perturb(TAP_DELTA, next_fun(*args, **kwargs))
+
+
+#: Layouts of the convolutions ``conv_patches`` unfolds, by spatial rank.
+_CONV_DIMENSIONS = {1: ("NWC", "OIW", "NWC"), 2: ("NHWC", "OIHW", "NHWC")}
+
+
+def conv_patches(module: nn.Conv, x: Array) -> Array | None:
+    """The patches an ``nn.Conv`` multiplies by its kernel, [batch, positions..., c_in *
+    kernel area] (channel-major, as ``lax.conv_general_dilated_patches`` orders them):
+    with them a convolution is a Dense layer applied at every output position, and each
+    example's kernel gradient is sum_p patch_p^T d_p. None for what this does not
+    unfold (grouped or masked convolutions, circular padding, 3-D, no batch axis)."""
+    rank = len(module.kernel_size)
+    if (module.feature_group_count != 1 or module.mask is not None
+            or rank not in _CONV_DIMENSIONS or x.ndim != rank + 2):
+        return None
+    from flax.linen.linear import canonicalize_padding
+
+    padding = canonicalize_padding(module.padding, rank)
+    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        return None
+
+    def per_axis(value: Any) -> tuple[int, ...]:
+        if value is None:
+            return (1,) * rank
+        return (value,) * rank if isinstance(value, int) else tuple(value)
+
+    return jax.lax.conv_general_dilated_patches(
+        x, tuple(module.kernel_size), per_axis(module.strides), padding,
+        lhs_dilation=per_axis(module.input_dilation),
+        rhs_dilation=per_axis(module.kernel_dilation),
+        dimension_numbers=_CONV_DIMENSIONS[rank])
 
 
 @dataclass(frozen=True, eq=False)
 class Tapped:
     """A network (a built-in family's module, or :class:`~vgrad.models.auto.Instrumented`)
-    whose every ``nn.Dense`` call sows its input and perturbs its output: the step's
+    whose every ``nn.Dense`` call sows its input (an ``nn.Conv``, its patches:
+    :func:`conv_patches`) and perturbs its output: the step's
     ``intermediates`` and perturbation gradients then hold each layer's a and d."""
 
     net: Any
@@ -113,7 +153,7 @@ def _node(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 def untapped(layout: Layout, perturbations: Any) -> list[str]:
-    """The layers with a parameter node that no tapped ``nn.Dense`` call reached (a
+    """The layers with a parameter node that no tapped call reached (a
     convolution, an embedding): ``perturbations`` is a tapped net's zero perturbations."""
     return [seg.names[0] for seg in layout.segments for path in seg.dense
             if TAP_DELTA not in (_node(perturbations, path) or {})]
@@ -220,6 +260,8 @@ def _rows(layout: Layout, taps: Taps, grads: Any) -> list[_Rows]:
             kernel = node["kernel"]
             if not seg.stacked:
                 a, d, kernel = a[None], d[None], kernel[None]
+            if kernel.ndim > 3:  # a convolution's [n, *window, c_in, c_out]: as its patches
+                kernel = jnp.moveaxis(kernel, -2, 1).reshape(n, -1, kernel.shape[-1])
             bias = node.get("bias")
             has = bias is not None
             bias = (bias if seg.stacked else bias[None]) if has else jnp.zeros(
@@ -374,8 +416,12 @@ def projections(layout: Layout, taps: Taps, direction: Any) -> Array:
             node = _node(direction, path)
             a = _node(taps.inputs, path)[TAP_IN][0]
             d = _node(taps.deltas, path)[TAP_DELTA]
-            dots = jax.vmap(_dots)(a, d, node["kernel"], node.get("bias")) if seg.stacked \
-                else _dots(a, d, node["kernel"], node.get("bias"))[None]
+            kernel = node["kernel"]
+            if kernel.ndim > 2 + seg.stacked:  # (a convolution: as its patches)
+                kernel = jnp.moveaxis(kernel, -2, int(seg.stacked))
+                kernel = kernel.reshape(kernel.shape[:seg.stacked] + (-1, kernel.shape[-1]))
+            dots = jax.vmap(_dots)(a, d, kernel, node.get("bias")) if seg.stacked \
+                else _dots(a, d, kernel, node.get("bias"))[None]
             total = total + jnp.sum(dots, axis=0)
     return total
 

@@ -175,7 +175,8 @@ def gradient_noise(out: StepOut, layout: Layout) -> dict[str, Array]:
     inner-product and orthogonality tests; per layer and for the whole net (``_net``).
     Opt-in: ``record.step_probes=[...,gradient_noise]``. Not run under batch norm in
     training mode (per-example gradients are not defined there) nor on models with
-    layers other than ``nn.Dense``; the run's log and ``summary.json`` say so."""
+    layers other than ``nn.Dense`` and ``nn.Conv``; the run's log and ``summary.json``
+    say so."""
     return noise.gradient_noise(layout, out.taps, out.grads)
 
 
@@ -187,7 +188,7 @@ def alpha(out: StepOut, layout: Layout) -> dict[str, Array]:
     start's height, -1: the fit is concave. NaN at step 0. The slopes are projections of
     the per-example gradients of the layers' kernels and biases (not normalisation
     parameters). Opt-in: ``record.step_probes=[...,alpha]``; as ``gradient_noise``, not
-    under batch norm nor on non-Dense layers."""
+    under batch norm nor on other layers than Dense and Conv."""
     return {"alpha": out.alpha}
 
 

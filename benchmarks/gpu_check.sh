@@ -7,6 +7,8 @@
 #     bash benchmarks/gpu_check.sh            # at most 10 minutes
 #     bash benchmarks/gpu_check.sh --quick    # the bookkeeping only (any machine)
 #     SECTIONS="rnn tests" bash benchmarks/gpu_check.sh   # some of: sweep bench rnn tests
+#     SECTIONS="kernels noise" bash benchmarks/gpu_check.sh  # opt-in: kernels per step at
+#                      # 1,000 seeds (each a launch on a GPU) and the gradient-noise probe's cost
 #
 # Wheels for packages the machine lacks (Hydra, OmegaConf, ...) may be put in .whl/: they
 # are installed into /tmp/site first (no network needed).
@@ -62,6 +64,20 @@ echo "== recurrent benchmark: adding problem T=100, tanh RNN, ||dL/dh_t|| every 
 if [ $quick = 1 ]; then rnn_args="--tiny"; else rnn_args="--seeds 1 10 100 --repeats 1 --torch-runs 1"; fi
 timeout 150 python3 benchmarks/rnn_bench.py $rnn_args --json "$OUT/rnn_bench.json" 2>&1 \
   | tee "$OUT/rnn_bench.log" | tail -12
+fi
+
+if want kernels; then
+echo "== kernels per compiled step: hand-written JAX, same work, default, + gradient_noise"
+if [ $quick = 1 ]; then k_args="--seeds 4"; else k_args="--seeds 1000"; fi
+timeout 240 python3 benchmarks/kernel_count.py $k_args 2>&1 | tee "$OUT/kernels.log" | tail -6
+fi
+
+if want noise; then
+echo "== gradient_noise and hessian probes: cost relative to the default program"
+if [ $quick = 1 ]; then n_args="--tiny"; else
+  n_args="--seeds 1000 --epochs 10 --hess-epochs 1 --repeats 1 --wide-seeds 100"; fi
+timeout 300 python3 benchmarks/noise_bench.py $n_args --json "$OUT/noise_bench.json" 2>&1 \
+  | tee "$OUT/noise_bench.log" | tail -22
 fi
 
 if want tests; then

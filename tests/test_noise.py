@@ -153,11 +153,13 @@ def test_recurrent_nets_sum_over_time(cell):
 
 @pytest.mark.parametrize("conv", [["depth=3", "width=3"],
                                   ["depth=2", "width=3", "model.stride=2", "model.kernel_size=2",
-                                   "model.pool=avg"]])
+                                   "model.pool=avg"],
+                                  ["depth=2", "width=3", "model.padding=CIRCULAR",
+                                   "init=delta_orthogonal"]])
 def test_convolutions_through_their_patches(conv):
     """A CNN's per-example kernel gradients are sum_p patch_p^T d_p (the patches of
     lax.conv_general_dilated_patches, the kernel read channel-major): every array equals
-    the vmap(grad) reference; scanned, strided and pooled convolutions too."""
+    the vmap(grad) reference; scanned, strided, pooled and circular convolutions too."""
     ds = data.load(compose_cfg("data=digits").data)
     x, y = ds.x_train[:8], ds.y_train[:8]
     check(["dtype=float64", "model=cnn", "data=digits", "loss=ce", "act=tanh", *conv], x, y)

@@ -47,7 +47,7 @@ Whole-net arrays end in ``_net``. Parameters outside Dense layers (a normalisati
 scale, a learned residual multiplier) are not counted. Under batch norm in training
 mode an example's loss depends on the others' inputs, so per-example gradients are not
 defined: the probe is left out (the run's log and ``summary.json`` say so), as it is for
-a model with other layers (embeddings; grouped, masked or circular convolutions).
+a model with other layers (embeddings; grouped or masked convolutions).
 
 Numbers stay finite while the gradients are: each layer is computed in units of its
 largest |a| x largest |d|. B = 1 gives NaN (no variance from one example).
@@ -99,21 +99,35 @@ def conv_patches(module: nn.Conv, x: Array) -> Array | None:
     kernel area] (channel-major, as ``lax.conv_general_dilated_patches`` orders them):
     with them a convolution is a Dense layer applied at every output position, and each
     example's kernel gradient is sum_p patch_p^T d_p. None for what this does not
-    unfold (grouped or masked convolutions, circular padding, 3-D, no batch axis)."""
+    unfold (grouped or masked convolutions, 3-D, no batch axis). Circular, reflecting
+    and causal padding pad the input first, as Flax does."""
     rank = len(module.kernel_size)
     if (module.feature_group_count != 1 or module.mask is not None
             or rank not in _CONV_DIMENSIONS or x.ndim != rank + 2):
         return None
     from flax.linen.linear import canonicalize_padding
 
-    padding = canonicalize_padding(module.padding, rank)
-    if isinstance(padding, str) and padding not in ("SAME", "VALID"):
-        return None
-
     def per_axis(value: Any) -> tuple[int, ...]:
         if value is None:
             return (1,) * rank
         return (value,) * rank if isinstance(value, int) else tuple(value)
+
+    padding = canonicalize_padding(module.padding, rank)
+    if padding in ("CIRCULAR", "REFLECT", "CAUSAL"):  # (the input padded as Flax pads it)
+        dilated = [(k - 1) * d + 1 for k, d in zip(module.kernel_size,
+                                                   per_axis(module.kernel_dilation),
+                                                   strict=True)]
+        if padding == "CAUSAL":
+            widths = [(dilated[0] - 1, 0)] if rank == 1 else None
+        else:
+            widths = [((k - 1) // 2, k // 2) for k in dilated]
+        if widths is None:
+            return None
+        x = jnp.pad(x, [(0, 0), *widths, (0, 0)],
+                    mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}.get(padding, "constant"))
+        padding = "VALID"
+    elif isinstance(padding, str) and padding not in ("SAME", "VALID"):
+        return None
 
     return jax.lax.conv_general_dilated_patches(
         x, tuple(module.kernel_size), per_axis(module.strides), padding,

@@ -68,7 +68,7 @@ def _no_per_example_grads(net: Any, layout: Any, batch: int, n_features: int, dt
     missing = noise.untapped(layout, shapes.get("perturbations", {}))
     if missing:
         return ("per-example gradients are computed for nn.Dense and nn.Conv layers "
-                "(not grouped, masked or circular convolutions) only, and "
+                "(not grouped or masked convolutions) only, and "
                 f"{', '.join(dict.fromkeys(missing))} "
                 f"{'is' if len(set(missing)) == 1 else 'are'} not")
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -91,21 +92,23 @@ def test_a_signal_keeps_what_was_trained_and_the_command_continues_it(
         np.testing.assert_array_equal(resumed[k], v, err_msg=k)
 
 
-@pytest.mark.slow
-def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path, subprocess_env,
-                                                                     cli):
-    sweep = tmp_path / "sweep"
-    # Two structures (50 and 6000 epochs): two programs of two jobs, the first finishing
-    # long before the second, which is killed part-way.
-    # (Few probes and a write a second: the cost was rewriting all the records of the
-    # long jobs at each of their 120 chunks; resuming every probe's records exactly is
-    # the signal test's subject.)
-    args = ["-m", "act=tanh,relu", "epochs=50,6000", "data.n_samples=128",
-            "record.chunk_epochs=50", "record.every=10", "record.save_every_s=1",
-            "progress=false", *LIGHT, f"hydra.sweep.dir={sweep}"]
+#: Two structures (50 and 6000 epochs): two programs of two jobs, the first finishing long
+#: before the second, which is killed part-way. (Few probes and a write a second: the cost
+#: was rewriting all the records of the long jobs at each of their 120 chunks; resuming
+#: every probe's records exactly is the signal test's subject.)
+KILLED_SWEEP = ["-m", "act=tanh,relu", "epochs=50,6000", "data.n_samples=128",
+                "record.chunk_epochs=50", "record.every=10", "record.save_every_s=1",
+                "progress=false", *LIGHT]
+
+
+def kill_and_continue(cli, sweep: Path, args: list[str], env: dict, kill_group: bool) -> None:
+    """Start the sweep ``args`` in a process, kill it (with its process group: a
+    launcher's tasks too) once the short jobs ended and a long one saved 50 epochs, then
+    run the same command again in-process: the killed jobs continue from their saved
+    epochs, the finished ones stay byte for byte, every job ends, no temporary is left."""
     proc = subprocess.Popen([sys.executable, "-m", "vgrad.train", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=subprocess_env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=kill_group)
 
     def short_ones_done() -> bool:
         done = [d for d in run_dirs(sweep) if store.is_complete(d)]
@@ -113,8 +116,12 @@ def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path,
                                       if not store.is_complete(d))
 
     wait_for(short_ones_done, proc)
-    proc.kill()
+    if kill_group:  # the launcher and its tasks, as a cluster would
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.kill()
     proc.wait()
+    time.sleep(0.5 if kill_group else 0.0)
     finished = [d for d in run_dirs(sweep) if store.is_complete(d)]
     assert len(finished) == 2
     before = {d: files_of(d) for d in finished}
@@ -129,41 +136,23 @@ def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path,
     assert not list(sweep.rglob(".*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_killed_grouped_sweep_resumes_and_leaves_finished_jobs_alone(tmp_path, subprocess_env,
+                                                                     cli):
+    sweep = tmp_path / "sweep"
+    kill_and_continue(cli, sweep, [*KILLED_SWEEP, f"hydra.sweep.dir={sweep}"], subprocess_env,
+                      kill_group=False)
+
+
 def test_a_killed_cluster_task_resumes_with_the_grouped_submitit_launcher(
         tmp_path, subprocess_env, cli):
     """hydra/launcher=vgrad_submitit (local executor): the sweep and its tasks killed
     while the long program trains; the same command again continues the killed jobs
     from their saved epochs and leaves the finished ones alone."""
-    import os
-
     sweep = tmp_path / "sweep"
-    args = ["-m", "act=tanh,relu", "epochs=50,6000", "data.n_samples=128",
-            "record.chunk_epochs=50", "record.every=10", "record.save_every_s=1",
-            "progress=false", *LIGHT, "hydra/launcher=vgrad_submitit",
-            "hydra.launcher.cluster=local", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen([sys.executable, "-m", "vgrad.train", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=subprocess_env, start_new_session=True)
-
-    def short_ones_done() -> bool:
-        done = [d for d in run_dirs(sweep) if store.is_complete(d)]
-        return len(done) == 2 and any(epochs_written(d) >= 50 for d in run_dirs(sweep)
-                                      if not store.is_complete(d))
-
-    wait_for(short_ones_done, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its tasks, as a cluster would
-    proc.wait()
-    time.sleep(0.5)
-    finished = [d for d in run_dirs(sweep) if store.is_complete(d)]
-    assert len(finished) == 2
-    before = {d: files_of(d) for d in finished}
-    code, out, err = cli(*args)
-    assert code == 0, err
-    assert "from epoch" in out + err  # the killed jobs continue
-    for d, files in before.items():
-        assert files_of(d) == files, d
-    assert all(store.is_complete(d) for d in run_dirs(sweep))
-    assert len(run_dirs(sweep)) == 4
+    kill_and_continue(cli, sweep, [*KILLED_SWEEP, "hydra/launcher=vgrad_submitit",
+                                   "hydra.launcher.cluster=local", f"hydra.sweep.dir={sweep}"],
+                      subprocess_env, kill_group=True)
 
 
 def test_a_different_sweep_into_a_used_folder_keeps_every_earlier_run(cli, tmp_path):

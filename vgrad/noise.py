@@ -237,16 +237,19 @@ def dense_sums(a: Array, d: Array, kernel: Array, bias: Array, has_bias: Array) 
                  scale)
 
 
-def _total(sums: _Sums) -> _Sums:
-    """The sums of stacked layers [n, ...] added up, in the largest unit among them."""
-    scale = jnp.max(sums.scale)
-    w = (sums.scale / scale) ** 2
+def _combine(sums: _Sums, group: np.ndarray, n: int) -> _Sums:
+    """Rows of sums [R, ...] added up within each of ``n`` groups (``group``: each row's;
+    a layer's Dense calls, or every layer for the whole net), each group in the largest
+    unit among its rows, [n, ...]."""
+    scale = jax.ops.segment_max(sums.scale, group, num_segments=n)
+    w = (sums.scale / scale[group]) ** 2
 
-    def weighted(x: Array) -> Array:
-        return jnp.sum(x * w.reshape(w.shape + (1,) * (x.ndim - 1)), axis=0)
+    def total(x: Array, weights: Array | None = None) -> Array:
+        x = x if weights is None else x * weights.reshape(w.shape + (1,) * (x.ndim - 1))
+        return jax.ops.segment_sum(x, group, num_segments=n)
 
-    return _Sums(weighted(sums.sq), weighted(sums.dot), weighted(sums.g2),
-                 jnp.sum(sums.gsnr_sum, axis=0), jnp.sum(sums.gsnr_count, axis=0), scale)
+    return _Sums(total(sums.sq, w), total(sums.dot, w), total(sums.g2, w),
+                 total(sums.gsnr_sum), total(sums.gsnr_count), scale)
 
 
 class _Rows(NamedTuple):
@@ -261,14 +264,15 @@ class _Rows(NamedTuple):
     layer: np.ndarray
 
 
-def _rows(layout: Layout, taps: Taps, grads: Any) -> list[_Rows]:
-    """Every tapped Dense call of every layer as rows, a stacked segment's calls with
-    one row per layer."""
+def _rows(layout: Layout, taps: Taps, tree: Any) -> list[_Rows]:
+    """Every tapped call of every layer as rows, a stacked segment's calls with one row
+    per layer; kernel and bias from ``tree`` (like the parameters: the batch gradient,
+    or a direction to project on)."""
     out, first = [], 0
     for seg in layout.segments:
         n = len(seg)
         for path in seg.dense:
-            node = _node(grads, path)
+            node = _node(tree, path)
             a = _node(taps.inputs, path)[TAP_IN][0]
             d = _node(taps.deltas, path)[TAP_DELTA]
             kernel = node["kernel"]
@@ -342,15 +346,7 @@ def layer_sums(layout: Layout, taps: Taps, grads: Any) -> _Sums:
     n = len(layout.names)
     if np.array_equal(layer, np.arange(n)):  # (one Dense per layer, in order)
         return rows
-    scale = jax.ops.segment_max(rows.scale, layer, num_segments=n)
-    w = (rows.scale / scale[layer]) ** 2
-
-    def total(x: Array, weights: Array | None = None) -> Array:
-        x = x if weights is None else x * weights.reshape(w.shape + (1,) * (x.ndim - 1))
-        return jax.ops.segment_sum(x, layer, num_segments=n)
-
-    return _Sums(total(rows.sq, w), total(rows.dot, w), total(rows.g2, w),
-                 total(rows.gsnr_sum), total(rows.gsnr_count), scale)
+    return _combine(rows, layer, n)
 
 
 def quantiles(x: Array, levels: np.ndarray = QUANTILES) -> Array:
@@ -413,7 +409,8 @@ def gradient_noise(layout: Layout, taps: Taps, grads: Any) -> dict[str, Array]:
     """Every array of the probe: per layer [L] (or [L, quantile]) and for the whole net."""
     layers = layer_sums(layout, taps, grads)
     out = jax.vmap(statistics)(layers)  # (every layer at once: few, larger operations)
-    out.update({f"{k}_net": v for k, v in statistics(_total(layers)).items()})
+    net = jax.tree.map(lambda x: x[0], _combine(layers, np.zeros(len(layout.names), int), 1))
+    out.update({f"{k}_net": v for k, v in statistics(net).items()})
     return out
 
 
@@ -424,27 +421,9 @@ def projections(layout: Layout, taps: Taps, direction: Any) -> Array:
     """g_n . D for every example n, [B]: each example's gradient of the layers' kernels
     and biases projected on ``direction`` (a tree like the parameters), one matrix
     product per layer."""
-    total = 0.0
-    for seg in layout.segments:
-        for path in seg.dense:
-            node = _node(direction, path)
-            a = _node(taps.inputs, path)[TAP_IN][0]
-            d = _node(taps.deltas, path)[TAP_DELTA]
-            kernel = node["kernel"]
-            if kernel.ndim > 2 + seg.stacked:  # (a convolution: as its patches)
-                kernel = jnp.moveaxis(kernel, -2, int(seg.stacked))
-                kernel = kernel.reshape(kernel.shape[:seg.stacked] + (-1, kernel.shape[-1]))
-            dots = jax.vmap(_dots)(a, d, kernel, node.get("bias")) if seg.stacked \
-                else _dots(a, d, kernel, node.get("bias"))[None]
-            total = total + jnp.sum(dots, axis=0)
-    return total
-
-
-def _dots(a: Array, d: Array, kernel: Array, bias: Array | None) -> Array:
-    batch = a.shape[0]
-    a, d = a.reshape(batch, -1, a.shape[-1]), d.reshape(batch, -1, d.shape[-1])
-    dots = jnp.einsum("nsi,io,nso->n", a, kernel, d)
-    return dots if bias is None else dots + jnp.einsum("nso,o->n", d, bias)
+    return sum(jnp.einsum("lnsi,lio,lnso->n", r.a, r.kernel, r.d)
+               + jnp.einsum("lnso,lo->n", r.d, r.bias)  # (zeros where there is none)
+               for r in _rows(layout, taps, direction))
 
 
 def layers_norm(layout: Layout, tree: Any) -> Array:

@@ -56,8 +56,8 @@ PER_EXAMPLE = ("gradient_noise", "alpha")
 def _no_per_example_grads(net: Any, layout: Any, batch: int, n_features: int, dtype: Any
                           ) -> str | None:
     """Why per-example gradients cannot be measured on ``net`` (None: they can): batch
-    norm in training mode couples the examples, and only ``nn.Dense`` layers are tapped
-    (``vgrad.noise``)."""
+    norm in training mode couples the examples, and only ``nn.Dense`` and ``nn.Conv``
+    layers are tapped (``vgrad.noise``)."""
     x = jnp.zeros((batch, n_features), dtype)
     shapes = jax.eval_shape(lambda: noise.Tapped(net).init(
         {"params": jax.random.key(0), "noise": jax.random.key(0)}, x))
@@ -305,20 +305,23 @@ class Program:
             return jax.vmap(lambda o: self._cast(
                 probes.step_stats(o, self.layout, self.step_probes)))(out)
 
+        def not_measured(_):
+            return _nan_like(self.step_template((len(x),)))
+
         def recorded(state):
             state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
             return state, measure(out), fired(out), out.grads
 
         def plain(state):
             state, out = jax.vmap(self._train_plain)(members, state, x, y, noise)
-            return state, _nan_like(self.step_template((len(x),))), fired(out), out.grads
+            return state, not_measured(out), fired(out), out.grads
 
         if plan.record_every == 1:
             state, stats, clip, grads = recorded(state)
         elif "alpha" in self.step_needs:  # (every step is a start point: all measure)
             state, out = jax.vmap(self._train_one)(members, state, x, y, noise)
-            stats = jax.lax.cond(gstep % plan.record_every == 0, measure,
-                                 lambda o: _nan_like(self.step_template((len(x),))), out)
+            stats = jax.lax.cond(gstep % plan.record_every == 0, measure, not_measured,
+                                 out)
             clip, grads = fired(out), out.grads
         else:
             # Only a recorded step computes its deltas and probes: record.every=K costs

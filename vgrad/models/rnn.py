@@ -290,7 +290,8 @@ def state_jacobian_sv(net: RecurrentNet, params: Any, x: Array,
     the input projection of step t is held fixed (it does not depend on the state)."""
     u, lstm = net.width, net.cell == "lstm"
     step = _Step(net.cell, net.parts, net.model, u, False)
-    h = x[:examples].reshape(min(examples, x.shape[0]), -1, net.step_features)
+    h = x[:examples]
+    h = h.reshape(h.shape[0], -1, net.step_features)
     out = []
     for layer in range(net.depth):
         p = params[f"rnn_{layer}"]

@@ -97,8 +97,8 @@ def test_run_figures_have_the_expected_panels_lines_and_labels(sweep_dir, tmp_pa
     assert sum(len(ax.collections) for ax in hist.axes) >= 3
     plt.close("all")
     for name, make in figures.RUN_FIGURES.items():
-        if name in ("signal", "time", "curvature", "gradient_noise"):
-            continue  # not recorded here (opt-in; recurrent nets): drawn elsewhere
+        if name in ("signal", "time", "curvature", "gradient_noise", "attention"):
+            continue  # not recorded here (opt-in; recurrent nets; attention): elsewhere
         png = figures.save(make(run), tmp_path / name)[0]
         assert png.stat().st_size > 5000 and png.with_suffix(".pdf").stat().st_size > 1000
     assert not plt.get_fignums()  # save() closes

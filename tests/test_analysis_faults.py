@@ -17,9 +17,10 @@ from vgrad.analysis import figures, load_run, load_sweep, write_report
 
 # The run figures a default MLP run records: "signal", "curvature" and "gradient_noise"
 # need the opt-in forward_signal, hessian and gradient_noise probes, "time" a recurrent
-# model.
+# model, "attention" a model with attention layers.
 DEFAULT_FIGURES = [kind for kind in figures.RUN_FIGURES
-                   if kind not in ("signal", "time", "curvature", "gradient_noise")]
+                   if kind not in ("signal", "time", "curvature", "gradient_noise",
+                                   "attention")]
 #: The probes the sweep figures (profile, bars, heatmap) draw, and no more: compiling is
 #: these tests' cost.
 SWEEP_PROBES = ["record.step_probes=[global_norms,kernel_grad_stats,delta_norm]",

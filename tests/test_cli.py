@@ -44,7 +44,7 @@ def test_visualize_preset_sweeps_three_activations(cli, tmp_path):
         assert s["config"]["depth"] == 4 and s["config"]["width"] == 5
         assert s["config"]["optim"] == {"name": "rmsprop", "lr": 0.001, "rho": 0.9, "eps": 1e-07,
                                         "momentum": 0.0, "centered": False, "l2": 0.0,
-                                        "schedule": "constant"}
+                                        "schedule": "constant", "warmup": 0}
         acts.add(s["config"]["act"]["name"])
         assert (d / ".hydra" / "overrides.yaml").is_file()
         assert store.read_metrics(d)["loss"].shape == (1, 62)

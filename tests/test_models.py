@@ -33,7 +33,8 @@ IMAGES = ["data=digits", "loss=ce", "data.n_train=64", "epochs=2",
 def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_path, name):
     run = tmp_path / name
     recurrent = name in ("rnn", "lstm", "gru")
-    data = SEQUENCE if recurrent else IMAGES if name == "cnn" else TINY
+    data = (SEQUENCE if recurrent or name == "transformer" else IMAGES if name == "cnn"
+            else TINY)
     code, _, err = cli(f"model={name}", "depth=3", "width=4", *data,
                        f"hydra.run.dir={run}",
                        "record.step_probes=[global_norms,kernel_grad_stats,bias_grad_norm,"
@@ -41,7 +42,7 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
                        "recurrent_grad_norms,gradient_noise]",
                        "record.epoch_probes=[evaluation,weight_stats,activation_stats,"
                        "probe_bias_grad_norm,histograms,forward_signal,residual_signal,"
-                       "recurrent_spectrum]")
+                       "recurrent_spectrum,attention_entropy]")
     assert code == 0, err
     summary = json.loads((run / "summary.json").read_text())
     metrics = store.read_metrics(run)
@@ -49,20 +50,25 @@ def test_every_model_trains_and_writes_arrays_with_their_declared_axes(cli, tmp_
     sizes = {"seed": 1, "step": len(metrics["step"]), "epoch": 3, "layer": len(layers),
              "hidden": len(layers) - 1, "bin": probes.HIST_EDGES.size - 1,
              "edge": probes.HIST_EDGES.size, "block": 3, "recurrent": 3, "time": 6,
-             "quantile": 5}
+             "quantile": 5, "attention": 3, "head": 4}
     assert ("time_delta_norm" in metrics) == recurrent
     assert ("rec_radius" in metrics) == recurrent
+    assert ("attn_entropy" in metrics) == (name == "transformer")
     assert set(summary["arrays"]) == set(metrics)
     for key, axes in summary["arrays"].items():
         assert metrics[key].shape == tuple(sizes[a] for a in axes), key
     assert {"signal_q", "signal_c", "delta_norm", "grad_norm"} <= set(metrics)
     assert np.isfinite(metrics["delta_norm"]).all()
     assert summary["status"] == "completed"
-    assert "gsnr" in metrics and not summary["notes"]  # (per-example: every model)
+    assert "gsnr" in metrics  # (per-example: every model)
+    assert all(n.startswith("activation statistics") for n in summary["notes"])
+    assert bool(summary["notes"]) == (name == "transformer")  # (act once per block)
     # Every run figure draws, the signal figure with a block panel for residual nets.
     run_ = load_run(run)
     for kind, make in figures.RUN_FIGURES.items():
-        drawn = (kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
+        drawn = ((kind != "time" or recurrent) and kind != "curvature"  # (hessian: opt-in)
+                 and (kind != "attention" or name == "transformer")
+                 and (kind != "saturation" or name != "transformer"))  # (act per block)
         assert (make(run_) is not None) == drawn, kind
     fig = figures.signal(run_)
     assert len(fig.axes) == (3 if "branch_var" in metrics else 2)

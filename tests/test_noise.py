@@ -49,22 +49,32 @@ def per_example_grads(net, cfg, params, x, y) -> dict:
 
 
 def reference(layout, grads) -> dict[str, np.ndarray]:
-    """The probe's arrays from per-example gradients, straight from their definitions."""
-    rows = {}  # layer -> [B, P] float64
+    """The probe's arrays from per-example gradients, straight from their definitions;
+    the GSNR's mean leaves out the parameters whose gradient is zero to rounding, judged
+    within each Dense call (its kernel and bias), as the probe does."""
+    rows, kept = {}, {}  # layer -> [B, P] float64, and [P] counted in the GSNR
     for seg in layout.segments:
         for i, name in enumerate(seg.names):
-            parts = []
+            parts, masks = [], []
             for path in seg.dense:
                 node = _node(grads, path)
+                call = []
                 for leaf in ("kernel", "bias"):
                     if leaf in node:
                         v = np.asarray(node[leaf], np.float64)
                         v = v[:, i] if seg.stacked else v
-                        parts.append(v.reshape(v.shape[0], -1))
+                        call.append(v.reshape(v.shape[0], -1))
+                ms = np.concatenate(call, axis=1) ** 2
+                ms = ms.mean(0)
+                eps = np.finfo(np.asarray(node["kernel"]).dtype).eps
+                parts += call
+                masks.append(ms > (noise.VARIANCE_FLOOR * eps) ** 2 * ms.max())
             rows[name] = np.concatenate(parts, axis=1)
+            kept[name] = np.concatenate(masks)
     rows["_net"] = np.concatenate([rows[n] for n in layout.names], axis=1)
+    kept["_net"] = np.concatenate([kept[n] for n in layout.names])
 
-    def stats(g: np.ndarray) -> dict[str, float]:
+    def stats(g: np.ndarray, counted: np.ndarray) -> dict[str, float]:
         b = g.shape[0]
         mean = g.mean(0)
         norms = np.linalg.norm(g, axis=1)
@@ -72,7 +82,6 @@ def reference(layout, grads) -> dict[str, np.ndarray]:
         dots = g @ mean
         trace = np.sum((g - mean) ** 2) / (b - 1)
         var = ((g - mean) ** 2).mean(0)
-        counted = (g ** 2).mean(0) > 0
         perp = g - np.outer(dots / g2, mean)
         return {"pe_norm_mean": norms.mean(),
                 "pe_norm_q": np.quantile(norms, noise.QUANTILES.astype(np.float64)),
@@ -83,9 +92,9 @@ def reference(layout, grads) -> dict[str, np.ndarray]:
                 "inner_test": np.sqrt(np.sum((dots - g2) ** 2) / (b - 1) / (b * g2 ** 2)),
                 "ortho_test": np.sqrt(np.sum(perp ** 2) / (b - 1) / (b * g2))}
 
-    per = {n: stats(rows[n]) for n in layout.names}
+    per = {n: stats(rows[n], kept[n]) for n in layout.names}
     out = {k: np.stack([per[n][k] for n in layout.names]) for k in per[layout.names[0]]}
-    out.update({f"{k}_net": v for k, v in stats(rows["_net"]).items()})
+    out.update({f"{k}_net": v for k, v in stats(rows["_net"], kept["_net"]).items()})
     return out
 
 
@@ -163,6 +172,19 @@ def test_convolutions_through_their_patches(conv):
     ds = data.load(compose_cfg("data=digits").data)
     x, y = ds.x_train[:8], ds.y_train[:8]
     check(["dtype=float64", "model=cnn", "data=digits", "loss=ce", "act=tanh", *conv], x, y)
+
+
+@pytest.mark.parametrize("model", [["model=transformer", "model.norm_position=pre"],
+                                   ["model=transformer", "model.norm_position=post"],
+                                   ["model=lstm"]])
+def test_attention_projections_and_a_readout_at_every_step(model):
+    """A Transformer's attention projections (DenseGeneral: [width] -> [heads, head_dim]
+    and back, read as the Dense of their flattened axes) and the copy task's per-step
+    loss, whose readout is a Dense at every step: every array equals the reference."""
+    overrides = ["data=copy", "data.length=3", "data.n_train=16", "data.n_test=0",
+                 "loss=ce", "depth=2", "width=4", "act=tanh", "dtype=float64", *model]
+    ds = data.load(compose_cfg(*overrides).data)
+    check(overrides, ds.x_train[:6], ds.y_train[:6])
 
 
 def test_batch_norm_and_grouped_convolutions_are_skipped_with_a_reason():

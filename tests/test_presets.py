@@ -23,6 +23,7 @@ TINY_DATA = {
     "digits": ["data.n_train=64", "record.probe_size=32"],
     "fashion_mnist": ["data.n_train=64", "data.n_test=32", "record.probe_size=32"],
     "adding": ["data.n_train=64", "data.n_test=16", "record.probe_size=32"],
+    "copy": ["data.n_train=64", "data.n_test=16", "record.probe_size=32", "data.length=4"],
 }
 
 
@@ -34,6 +35,8 @@ SHRINK = {
     "gradient_noise": {"depth": "depth=2"},
     "rnn_time": {"model": "model=rnn,gru", "data.length": "data.length=6"},
     "cnn_depth": {"depth": "depth=2,3"},
+    "copy_task": {"model": "model=rnn,lstm"},
+    "transformer_ln": {"depth": "depth=1,2"},
 }
 
 
@@ -67,9 +70,10 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["cnn_depth", "edge_of_stability", "exploding", "gradient_noise",
-                       "isometry", "mnist_losses", "nielsen", "phase_diagram", "relu_fix",
-                       "residual_fix", "rnn_time", "visualize"]
+    assert PRESETS == ["cnn_depth", "copy_task", "edge_of_stability", "exploding",
+                       "gradient_noise", "isometry", "mnist_losses", "nielsen",
+                       "phase_diagram", "relu_fix", "residual_fix", "rnn_time",
+                       "transformer_ln", "visualize"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -175,6 +175,7 @@ def validate(cfg: Any) -> None:
     _positive("optim.lr", cfg.optim.lr)
     _at_least("optim.l2", cfg.optim.l2, 0)
     _one_of("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
+    _at_least("optim.warmup", cfg.optim.warmup, 0)
     if "max" in cfg.clip:
         _positive("clip.max", cfg.clip.max)
     if "clipping" in cfg.clip:  # (agc)
@@ -193,6 +194,13 @@ def validate(cfg: Any) -> None:
     _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
     _one_of("dtype", cfg.dtype, DTYPES)
     validate_data_config(cfg.data)
+    if data.per_step(cfg.data) and not models.MODELS[cfg.model.name].per_step:
+        raise ConfigError("model", cfg.model.name, f"a model with a readout at every step "
+                          f"with data={cfg.data.name} (" + ", ".join(
+                              n for n, m in models.MODELS.items() if m.per_step) + ")")
+    if data.per_step(cfg.data) and cfg.loss not in (Loss.ce, Loss.mse):
+        raise ConfigError("loss", getattr(cfg.loss, "value", cfg.loss),
+                          f"ce or mse with data={cfg.data.name} (a class at every step)")
     r = cfg.record
     _at_least("record.every", r.every, 1)
     _at_least("record.probe_size", r.probe_size, 1)
@@ -268,6 +276,9 @@ def validate_data_config(node: Any) -> None:
         _one_of("data.sequence", node.sequence, ("rows", "pixels"))
     if "length" in node:
         _at_least("data.length", node.length, 2)
+    if "symbols" in node:  # (copy)
+        _at_least("data.symbols", node.symbols, 1)
+        _at_least("data.alphabet", node.alphabet, 2)
     if node.get("input_q") is not None:  # inf would send every seed to NaN at step 0
         _positive("data.input_q", node.input_q)
     if "path" in node and node.path is not None and not str(node.path).strip():

@@ -12,12 +12,15 @@ into train and test with a fixed seed. Sources:
 - ``mnist``: any folder holding the four standard IDX files (``data.path``).
 - ``adding``: the adding problem (Hochreiter & Schmidhuber 1997), generated from
   ``random_state``: a regression target (float32 labels, ``loss=regression``).
+- ``copy``: the copy (memory) task (Hochreiter & Schmidhuber 1997; Arjovsky, Shah &
+  Bengio 2016), generated from ``random_state``: a label at every step ([n, T + 20]
+  int32 labels, ``loss=ce``), for models with a readout at every step.
 
 Sequences, for the recurrent models (``vgrad.models.rnn``): the adding problem is T steps
-of 2 features; images are read row by row (``data.sequence=rows``: digits 8 steps of 8,
-Fashion-MNIST 28 of 28) or pixel by pixel (``pixels``: 64 or 784 steps of 1). The flat
-input is the same either way (row-major); ``step_features`` says how a recurrent net
-splits it.
+of 2 features; the copy task T + 20 steps of 10 (one-hot symbols); images are read row
+by row (``data.sequence=rows``: digits 8 steps of 8, Fashion-MNIST 28 of 28) or pixel by
+pixel (``pixels``: 64 or 784 steps of 1). The flat input is the same either way
+(row-major); ``step_features`` says how a recurrent net splits it.
 
 The IDX reader accepts plain or gzipped files with the usual names
 (``train-images-idx3-ubyte[.gz]`` ...; ``train-images.idx3-ubyte`` also works).
@@ -43,7 +46,7 @@ from vgrad.errors import ConfigError
 @dataclass(frozen=True)
 class Dataset:
     x_train: np.ndarray  # [n_train, features] float32
-    y_train: np.ndarray  # [n_train] int32
+    y_train: np.ndarray  # [n_train] int32, or [n_train, T]: a label per step (copy)
     x_test: np.ndarray  # [n_test, features] float32 (n_test may be 0)
     y_test: np.ndarray
     n_classes: int
@@ -115,6 +118,25 @@ class AddingData:
 
     name: str = "adding"
     length: int = 50  # T
+    n_train: int = 10000
+    n_test: int = 1000
+    random_state: int = 0
+    scale: str = "none"
+
+
+@dataclass
+class CopyData:
+    """The copy task: ``symbols`` symbols drawn from an alphabet of ``alphabet``, then
+    T - 1 blanks, a delimiter, and ``symbols`` blanks during which the net must
+    reproduce the symbols in order; every other step's target is the blank. A net
+    without memory outputs blanks and guesses the recalled symbols uniformly: its
+    cross-entropy per step is symbols * ln(alphabet) / (T + 2 * symbols), the baseline
+    plateau of Arjovsky, Shah & Bengio 2016 (10 ln 8 / (T + 20))."""
+
+    name: str = "copy"
+    length: int = 100  # T: the blanks between the last symbol and the delimiter, plus 1
+    symbols: int = 10
+    alphabet: int = 8
     n_train: int = 10000
     n_test: int = 1000
     random_state: int = 0
@@ -303,6 +325,35 @@ def adding(cfg: Any) -> Dataset:
     return Dataset(*arrays, n_classes=1)
 
 
+def copy_task(cfg: Any) -> Dataset:
+    """The copy task (see ``CopyData``) as one-hot steps, flat [n, (T + 2 S) (A + 2)]
+    (S symbols, alphabet A): input category 0 is the blank, 1 ... A the symbols, A + 1
+    the delimiter; labels [n, T + 2 S] in 0 ... A (0: blank, i: symbol i)."""
+    rng = np.random.default_rng(cfg.random_state)
+    n, t, s, a = cfg.n_train + cfg.n_test, cfg.length, cfg.symbols, cfg.alphabet
+    steps = t + 2 * s
+    symbols = rng.integers(1, a + 1, (n, s))
+    inputs = np.zeros((n, steps), np.int64)
+    inputs[:, :s] = symbols
+    inputs[:, s + t - 1] = a + 1  # the delimiter, after T - 1 blanks
+    labels = np.zeros((n, steps), np.int32)
+    labels[:, -s:] = symbols
+    x = np.eye(a + 2, dtype=np.float32)[inputs].reshape(n, steps * (a + 2))
+    arrays = [x[:cfg.n_train], labels[:cfg.n_train], x[cfg.n_train:], labels[cfg.n_train:]]
+    for arr in arrays:
+        arr.flags.writeable = False
+    return Dataset(*arrays, n_classes=a + 1)
+
+
+def _copy_sequence(cfg: Any) -> tuple[int, int]:
+    return int(cfg.length) + 2 * int(cfg.symbols), int(cfg.alphabet) + 2
+
+
+def copy_baseline(cfg: Any) -> float:
+    """The memoryless cross-entropy per step of the copy task, S ln A / (T + 2 S)."""
+    return cfg.symbols * float(np.log(cfg.alphabet)) / (cfg.length + 2 * cfg.symbols)
+
+
 def sequence_shape(cfg: Any) -> tuple[int, int] | None:
     """(T, features per step) of a dataset read as a sequence, from its config alone
     (None: the source is not a sequence; its registry entry says)."""
@@ -325,6 +376,13 @@ def image_shape(cfg: Any) -> tuple[int, int, int] | None:
     images; convolutional models refuse it)."""
     source = DATASETS.get(cfg.name)
     return None if source is None else source.image
+
+
+def per_step(cfg: Any) -> bool:
+    """Whether a dataset has a label at every step (the copy task): its models read out
+    at every step, and the loss is the mean over steps."""
+    source = DATASETS.get(cfg.name)
+    return source is not None and source.per_step
 
 
 def step_features(cfg: Any) -> int | None:
@@ -356,6 +414,12 @@ class Source:
     #: (height, width, channels) of its images (flat rows of H * W * C features); None:
     #: not images.
     image: tuple[int, int, int] | None = None
+    #: A label at every step ([n, T] labels): the model reads out at every step.
+    per_step: bool = False
+    #: The loss per example of a model that has learnt nothing it must remember (the
+    #: copy task's memoryless baseline), from the config alone; None: the task's
+    #: generic baseline (a regression target's variance).
+    baseline_loss: Callable[[Any], float] | None = None
 
 
 DATASETS: dict[str, Source] = {
@@ -369,6 +433,10 @@ DATASETS: dict[str, Source] = {
     "adding": Source(AddingData, adding,
                      floats=lambda c: (2 * c.length + 1) * (c.n_train + c.n_test),
                      sequence=_adding_sequence, regression=True),
+    "copy": Source(CopyData, copy_task,
+                   floats=lambda c: (c.length + 2 * c.symbols) * (c.alphabet + 3)
+                   * (c.n_train + c.n_test),
+                   sequence=_copy_sequence, per_step=True, baseline_loss=copy_baseline),
 }
 #: Datasets whose labels are real-valued targets (``loss=regression``), from their entries.
 REGRESSION = tuple(name for name, source in DATASETS.items() if source.regression)

@@ -95,6 +95,16 @@ class Recurrent:
     candidate: int
 
 
+@dataclass(frozen=True)
+class Attention:
+    """A model's attention layers, for the attention-entropy probe: the ``intermediates``
+    nodes where each sows its ``attention_weights`` [batch, heads, queries, keys] (Flax's
+    ``MultiHeadDotProductAttention`` called with ``sow_weights=True``), and the heads."""
+
+    paths: tuple[Path, ...]
+    heads: int
+
+
 def _get(tree: Any, path: Sequence[str]) -> Any:
     for key in path:
         tree = tree[key]
@@ -123,6 +133,7 @@ class Layout:
     captures: tuple[Capture, ...]
     blocks: Blocks | None = None
     recurrent: Recurrent | None = None
+    attention: Attention | None = None
     #: What the model's layout leaves unmeasured, and why (said in the run's log).
     notes: tuple[str, ...] = ()
 
@@ -138,11 +149,17 @@ class Layout:
     def axis_sizes(self) -> dict[str, int]:
         """The lengths of the axes of the per-layer arrays the model's declarations give:
         ``layer`` and ``hidden``, and those its parts add: ``block`` (residual blocks),
-        ``recurrent`` and ``time`` (recurrent layers and time steps); 0 where it has none."""
-        blocks, rec = self.blocks, self.recurrent
+        ``recurrent`` and ``time`` (recurrent layers and time steps), ``attention`` and
+        ``head`` (attention layers and their heads); 0 where it has none."""
+        blocks, rec, att = self.blocks, self.recurrent, self.attention
         return {"layer": len(self.names), "hidden": len(self.hidden_names),
                 "block": blocks.count if blocks else 0,
-                "recurrent": len(rec.names) if rec else 0, "time": rec.steps if rec else 0}
+                "recurrent": len(rec.names) if rec else 0, "time": rec.steps if rec else 0,
+                "attention": len(att.paths) if att else 0, "head": att.heads if att else 0}
+
+    def attention_weights(self, intermediates: Any) -> list[Array]:
+        """Each attention layer's sown weights, [batch, heads, queries, keys]."""
+        return [_get(intermediates, p)["attention_weights"][0] for p in self.attention.paths]
 
     def leaves(self, tree: Any, leaf: str) -> list[Array]:
         """Parameter ``leaf`` ("kernel", "bias") of every segment, [n, ...] each; a layer

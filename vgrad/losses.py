@@ -16,6 +16,11 @@ log(sigmoid(x)):
 - ``regression``: squared error of one output against a real target (float labels: the
   adding problem). Its "accuracy" is the share of examples within ``TOLERANCE`` of the
   target, the adding problem's criterion of Hochreiter & Schmidhuber 1997.
+
+A task with a label at every step (the copy task: logits ``[batch, T, out_dim]``, labels
+``[batch, T]``) has one loss per step; an example's loss is their mean over steps (the
+per-step cross-entropy of Arjovsky, Shah & Bengio 2016), and its correctness the share
+of its steps predicted right. Everything downstream still sees one number per example.
 """
 
 from __future__ import annotations
@@ -54,8 +59,22 @@ def regression(outputs: Array, targets: Array) -> Array:
 #: A regression output counts as correct within this distance of its target.
 TOLERANCE = 0.04
 
+def per_step(fn: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
+    """``fn`` of [batch, out_dim] logits and [batch] labels, taking [batch, T, out_dim]
+    logits and [batch, T] labels too: the mean over the T steps, per example."""
+    def over_steps(logits: Array, labels: Array) -> Array:
+        if logits.ndim == 2:
+            return fn(logits, labels)
+        b, t = labels.shape
+        return fn(logits.reshape(b * t, -1), labels.reshape(b * t)).reshape(b, t).mean(axis=1)
+
+    return over_steps
+
+
 LOSSES: dict[str, Callable[[Array, Array], Array]] = {
-    "bce": bce, "ce": ce, "mse": mse, "bce_onehot": bce_onehot, "regression": regression}
+    name: per_step(fn) for name, fn in (("bce", bce), ("ce", ce), ("mse", mse),
+                                        ("bce_onehot", bce_onehot),
+                                        ("regression", regression))}
 
 
 def out_dim(loss: str, n_classes: int) -> int:
@@ -65,7 +84,12 @@ def out_dim(loss: str, n_classes: int) -> int:
 
 
 def correct(loss: str, logits: Array, labels: Array) -> Array:
-    """1.0 where the prediction is right (a class, or a target within ``TOLERANCE``)."""
+    """1.0 where the prediction is right (a class, or a target within ``TOLERANCE``);
+    per step (see the module docstring): the share of an example's steps that are."""
+    return per_step(lambda z, y: _correct(loss, z, y))(logits, labels)
+
+
+def _correct(loss: str, logits: Array, labels: Array) -> Array:
     if loss == "regression":
         return (jnp.abs(logits[:, 0] - labels) < TOLERANCE).astype(logits.dtype)
     return (predict(logits) == labels).astype(logits.dtype)

@@ -4,10 +4,11 @@ A batch's mean gradient hides how much its examples disagree. Example n's gradie
 Dense layer y = a W + b is g_n = a_n^T d_n (and d_n for the bias), where a_n is the
 layer's input and d_n = dl_n/dy_n the gradient of n's own loss at the layer's output
 (Goodfellow 2015, "Efficient per-example gradient computations"). The training step
-already backpropagates d_n; with taps (:class:`Tapped`) every ``nn.Dense`` (and
-``nn.Conv``) call also
-sows its input and takes d at its output, so every statistic below costs about one
-matrix product per layer, never the batch x parameters array of per-example gradients:
+already backpropagates d_n; with taps (:class:`Tapped`) every ``nn.Dense`` call (an
+``nn.DenseGeneral``'s as the Dense of its flattened axes: the attention projections; an
+``nn.Conv``'s on its input's patches) also sows its input and takes d at its output, so
+every statistic below costs about one matrix product per layer, never the batch x
+parameters array of per-example gradients:
 
 - ``||g_n||^2 = ||a_n||^2 ||d_n||^2 (+ ||d_n||^2 for the bias)``;
 - ``g_n . G = a_n^T G_W d_n (+ d_n . G_b)`` for the batch's mean gradient G;
@@ -28,7 +29,8 @@ with B the batch size, G the batch gradient, trS = 1/(B-1) sum_n ||g_n - G||^2:
   (Cockpit's MeanGSNR, Schneider et al. 2021; after Liu et al. 2020, "Understanding why
   neural networks generalize well through GSNR of parameters"). Cockpit adds 1e-5 to
   s_j^2, which would read 0 wherever gradients vanish (s_j^2 far below 1e-5); vgrad
-  leaves parameters whose every g_nj is 0 out of the mean and floors s_j^2 at 16 eps
+  leaves parameters whose gradient is zero to rounding (``zero_to_rounding``: every
+  g_nj 0, or an attention key's bias) out of the mean and floors s_j^2 at 16 eps
   of 1/B sum_n g_nj^2 (where the examples agree to rounding, GSNR reads ~1/(16 eps));
 - ``noise_trace`` = trS and ``noise_grad_sq`` = ||G||^2 - trS / B, the unbiased
   estimates of tr(Sigma) and |G_true|^2 from one batch, and their ratio
@@ -68,9 +70,9 @@ from vgrad.layers import Layout
 
 Array = jax.Array
 
-#: The names a tapped Dense sows its input under (``intermediates``) and perturbs its
-#: output under (``perturbations``).
-TAP_IN, TAP_DELTA = "tap_in", "tap_delta"
+#: The names a tapped Dense sows its input under (``intermediates``; a convolution: its
+#: patches) and perturbs its output under (``perturbations``).
+TAP_IN, TAP_PATCHES, TAP_DELTA = "tap_in", "tap_patches", "tap_delta"
 #: Quantile levels of ``pe_norm_q``.
 QUANTILES = np.array([0.0, 0.1, 0.5, 0.9, 1.0], np.float32)
 #: Floor of a parameter's variance, in float eps of its mean square (see the docstring).
@@ -79,15 +81,38 @@ VARIANCE_FLOOR = 16.0
 
 def _tap(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
     module = context.module
-    if context.method_name != "__call__" or type(module) not in (nn.Dense, nn.Conv):
+    kind = type(module)
+    if context.method_name != "__call__" or kind not in (nn.Dense, nn.DenseGeneral, nn.Conv):
         return next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    if type(module) is nn.Conv:
+    if kind is nn.Conv:
         x = conv_patches(module, x)
         if x is None:  # (a convolution this does not unfold: left untapped)
             return next_fun(*args, **kwargs)
-    module.sow("intermediates", TAP_IN, x)
-    return module.perturb(TAP_DELTA, next_fun(*args, **kwargs))
+        module.sow("intermediates", TAP_PATCHES, x)
+        return module.perturb(TAP_DELTA, next_fun(*args, **kwargs))
+    contracted = _contracted(module, x)
+    if contracted is None:  # (a DenseGeneral with batch_dims or inner axes: untapped)
+        return next_fun(*args, **kwargs)
+    module.sow("intermediates", TAP_IN, x.reshape(x.shape[:x.ndim - contracted] + (-1,)))
+    y = next_fun(*args, **kwargs)
+    features = y.ndim - (x.ndim - contracted)  # (a DenseGeneral's several feature axes)
+    flat = module.perturb(TAP_DELTA, y.reshape(y.shape[:y.ndim - features] + (-1,)))
+    return flat.reshape(y.shape)
+
+
+def _contracted(module: nn.Module, x: Array) -> int | None:
+    """How many trailing axes of ``x`` a Dense (1) or a DenseGeneral contracts: a
+    DenseGeneral is a Dense of its flattened trailing input axes and flattened feature
+    axes (the attention projections: [.., width] -> [.., heads, head_dim] and back);
+    None for one that contracts other axes or has batch_dims."""
+    if type(module) is nn.Dense:
+        return 1
+    axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    axes = sorted(a % x.ndim for a in axes)
+    if module.batch_dims or axes != list(range(x.ndim - len(axes), x.ndim)):
+        return None
+    return len(axes)
 
 
 #: Layouts of the convolutions ``conv_patches`` unfolds, by spatial rank.
@@ -139,8 +164,8 @@ def conv_patches(module: nn.Conv, x: Array) -> Array | None:
 @dataclass(frozen=True, eq=False)
 class Tapped:
     """A network (a built-in family's module, or :class:`~vgrad.models.auto.Instrumented`)
-    whose every ``nn.Dense`` call sows its input (an ``nn.Conv``, its patches:
-    :func:`conv_patches`) and perturbs its output: the step's
+    whose every ``nn.Dense`` and ``nn.DenseGeneral`` call sows its input (an ``nn.Conv``,
+    its patches: :func:`conv_patches`) and perturbs its output: the step's
     ``intermediates`` and perturbation gradients then hold each layer's a and d."""
 
     net: Any
@@ -197,9 +222,19 @@ def _unit(x: Array) -> Array:
     return jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
 
 
-def _gsnr_terms(mean: Array, mean_sq: Array) -> tuple[Array, Array]:
-    """sum of G_j^2 / s_j^2 over the parameters with a nonzero gradient, and their count."""
-    counted = mean_sq > 0
+def zero_to_rounding(mean_sq: Array, peak: Array) -> Array:
+    """Where a parameter's mean square gradient is zero to rounding: at most (16 eps)^2 of
+    the largest one of its Dense call (``peak``). Such a parameter's gradient is zero in
+    exact arithmetic (an attention key's bias: softmax ignores a shift shared by all keys)
+    or lost in the rounding of the others', and its G^2 / s^2 would be a ratio of
+    rounding errors."""
+    return mean_sq <= (VARIANCE_FLOOR * jnp.finfo(mean_sq.dtype).eps) ** 2 * peak
+
+
+def _gsnr_terms(mean: Array, mean_sq: Array, peak: Array) -> tuple[Array, Array]:
+    """sum of G_j^2 / s_j^2 over the parameters with a gradient not zero to rounding,
+    and their count."""
+    counted = ~zero_to_rounding(mean_sq, peak)
     floor = VARIANCE_FLOOR * jnp.finfo(mean.dtype).eps * mean_sq
     var = jnp.maximum(mean_sq - mean * mean, floor)
     ratio = jnp.where(counted, mean * mean / jnp.where(counted, var, 1.0), 0.0)
@@ -230,8 +265,10 @@ def dense_sums(a: Array, d: Array, kernel: Array, bias: Array, has_bias: Array) 
         mean_sq = jnp.mean(g * g, axis=0)
         bias_g = jnp.sum(d, axis=1) / unit_a
     bias_g = bias_g * has_bias
-    gsnr_sum, count = _gsnr_terms(gk, mean_sq)
-    b_sum, b_count = _gsnr_terms(gb, jnp.mean(bias_g * bias_g, axis=0))
+    bias_sq = jnp.mean(bias_g * bias_g, axis=0)
+    peak = jnp.maximum(jnp.max(mean_sq), jnp.max(bias_sq))
+    gsnr_sum, count = _gsnr_terms(gk, mean_sq, peak)
+    b_sum, b_count = _gsnr_terms(gb, bias_sq, peak)
     return _Sums(sq + jnp.sum(bias_g * bias_g, axis=1), dot + bias_g @ gb,
                  jnp.sum(gk * gk) + jnp.sum(gb * gb), gsnr_sum + b_sum, count + b_count,
                  scale)
@@ -273,16 +310,18 @@ def _rows(layout: Layout, taps: Taps, tree: Any) -> list[_Rows]:
         n = len(seg)
         for path in seg.dense:
             node = _node(tree, path)
-            a = _node(taps.inputs, path)[TAP_IN][0]
+            sown = _node(taps.inputs, path)
+            a = sown[TAP_IN if TAP_IN in sown else TAP_PATCHES][0]
             d = _node(taps.deltas, path)[TAP_DELTA]
             kernel = node["kernel"]
             if not seg.stacked:
                 a, d, kernel = a[None], d[None], kernel[None]
-            if kernel.ndim > 3:  # a convolution's [n, *window, c_in, c_out]: as its patches
-                kernel = jnp.moveaxis(kernel, -2, 1).reshape(n, -1, kernel.shape[-1])
+            if TAP_PATCHES in sown:  # a convolution's [n, *window, c_in, c_out]: as its patches
+                kernel = jnp.moveaxis(kernel, -2, 1)
+            kernel = kernel.reshape(n, a.shape[-1], d.shape[-1])  # (a DenseGeneral's, flat)
             bias = node.get("bias")
             has = bias is not None
-            bias = (bias if seg.stacked else bias[None]) if has else jnp.zeros(
+            bias = (bias if seg.stacked else bias[None]).reshape(n, -1) if has else jnp.zeros(
                 (n, kernel.shape[-1]), kernel.dtype)
             batch = a.shape[1]
             out.append(_Rows(a.reshape(n, batch, -1, a.shape[-1]),

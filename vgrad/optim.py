@@ -78,6 +78,7 @@ class SGDOptim:
     nesterov: bool = False
     l2: float = 0.0  # Nielsen's lambda: adds (l2 / n_train) * w to kernel gradients
     schedule: str = "constant"  # constant | cosine (decays to 0 over the whole run)
+    warmup: int = 0  # steps of linear warmup from 0 to lr before the schedule
 
 
 @dataclass
@@ -92,6 +93,7 @@ class RMSpropOptim:
     centered: bool = False
     l2: float = 0.0
     schedule: str = "constant"
+    warmup: int = 0
 
 
 @dataclass
@@ -105,6 +107,7 @@ class AdamOptim:
     eps: float = 1e-7
     l2: float = 0.0
     schedule: str = "constant"
+    warmup: int = 0
 
 
 @dataclass
@@ -167,9 +170,22 @@ class Transforms(NamedTuple):
     update: optax.GradientTransformation
 
 
+def learning_rate(optim: Any, total_steps: int) -> optax.ScalarOrSchedule:
+    """The ``optim`` node's learning rate: ``optim.warmup`` steps rising linearly from 0
+    to ``optim.lr`` (the warmup a post-LN Transformer needs: Xiong et al. 2020; Liu et
+    al. 2020), then ``optim.schedule`` over the remaining steps."""
+    warmup = int(getattr(optim, "warmup", 0))
+    after = SCHEDULES[optim.schedule](optim.lr, total_steps - warmup)
+    if warmup == 0:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, warmup),
+         after if callable(after) else optax.constant_schedule(after)], [warmup])
+
+
 def make(clip: Any, optim: Any, n_train: int, total_steps: int) -> Transforms:
     """Build the clipping and optimizer transforms from the ``clip`` and ``optim`` nodes."""
-    lr = SCHEDULES[optim.schedule](optim.lr, total_steps)
+    lr = learning_rate(optim, total_steps)
     update = OPTIMIZERS[optim.name].make(optim, lr)
     if not is_zero(optim.l2):
         update = optax.chain(optax.add_decayed_weights(optim.l2 / n_train, kernel_mask), update)

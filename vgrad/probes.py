@@ -175,8 +175,8 @@ def gradient_noise(out: StepOut, layout: Layout) -> dict[str, Array]:
     inner-product and orthogonality tests; per layer and for the whole net (``_net``).
     Opt-in: ``record.step_probes=[...,gradient_noise]``. Not run under batch norm in
     training mode (per-example gradients are not defined there) nor on models with
-    layers other than ``nn.Dense`` and ``nn.Conv``; the run's log and ``summary.json``
-    say so."""
+    layers other than ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv``; the run's log
+    and ``summary.json`` say so."""
     return noise.gradient_noise(layout, out.taps, out.grads)
 
 
@@ -337,6 +337,8 @@ NEEDS = {
     "probe_grads": "epoch",
     # a recurrent net's state-to-state Jacobians along its trajectory on the probe batch
     "state_jacobian": "epoch",
+    # the attention layers' weights on the first ATTENTION_EXAMPLES probe examples
+    "attention": "epoch",
     # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``):
     # the whole Hessian's, and each layer's diagonal block's
     "curvature": "epoch",
@@ -367,7 +369,8 @@ class Probe:
     the model must declare for it to run (``requires``): ``blocks`` (residual nets),
     ``activations`` (the activation after every layer but the last: every built-in
     model; a module instrumented automatically when it applies the run's ``act`` so),
-    ``recurrent`` (recurrent nets) or ``feedforward`` (every other model); what it needs
+    ``recurrent`` (recurrent nets), ``attention`` (attention layers that sow their
+    weights) or ``feedforward`` (every other model); what it needs
     computed for it (``needs``, keys of :data:`NEEDS`); whether it is left out of the
     default probes (``opt_in``: its cost is not small); and the fixed bin edges of its
     histograms (``edges``: array name -> (axis name, edges), written beside its arrays)."""
@@ -385,6 +388,8 @@ class Probe:
             raise ValueError(f"unknown needs {sorted(unknown)}: expected some of {list(NEEDS)}")
 
     def applies(self, layout: Layout) -> bool:
+        if self.requires == "attention":
+            return layout.attention is not None
         if self.requires == "blocks":
             return layout.blocks is not None
         if self.requires == "recurrent":
@@ -497,6 +502,9 @@ class EpochView(NamedTuple):
     # the probe-batch loss's Hessian: extreme eigenvalues, trace, top eigenvector's mass
     # per layer, per-layer block eigenvalues (``vgrad.curvature.curvature``)
     curvature: dict[str, Array] | None = None
+    # attention layers: their weights on the first ATTENTION_EXAMPLES probe examples,
+    # [examples, heads, queries, keys] each
+    attention: list[Array] | None = None
 
 
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -653,6 +661,26 @@ def state_jacobian(view: EpochView, layout: Layout) -> dict[str, Array]:
     return {"state_jac_sv": jnp.mean(sv, axis=1), "state_jac_sv_mean": jnp.mean(sv, axis=(1, 2))}
 
 
+#: Probe examples whose attention weights the entropy is taken over.
+ATTENTION_EXAMPLES = 64
+
+
+def attention_entropy(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """Attention layers: the entropy -sum_k p_k ln p_k of each head's attention weights,
+    in nats, averaged over the first ``ATTENTION_EXAMPLES`` probe examples (each holds
+    heads x T^2 weights per layer) and the query positions, [attention, head].
+    A head whose entropy falls to 0 attends to one position only: attention entropy
+    collapse, the Transformer's own failure mode, which comes with training instability
+    (Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention Entropy
+    Collapse"). Under a causal mask query t sees t + 1 keys, so uniform attention scores
+    the mean of ln(t + 1) over t, not ln T."""
+    out = []
+    for p in view.attention:  # [B, H, Q, K]
+        plogp = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+        out.append(jnp.mean(-jnp.sum(plogp, axis=-1), axis=(0, 2)))
+    return {"attn_entropy": jnp.stack(out)}
+
+
 def hessian(view: EpochView, layout: Layout) -> dict[str, Array]:
     """The Hessian H of the loss on the probe batch (training mode), from Hessian-vector
     products (``vgrad.curvature``: ``LANCZOS_STEPS`` = 40 Lanczos iterations with full
@@ -755,6 +783,8 @@ EPOCH_PROBES: dict[str, Probe] = {
     "state_jacobian": Probe(state_jacobian, {"state_jac_sv": ("recurrent", "time"),
                                              "state_jac_sv_mean": ("recurrent",)},
                             requires="recurrent", needs=("state_jacobian",), opt_in=True),
+    "attention_entropy": Probe(attention_entropy, {"attn_entropy": ("attention", "head")},
+                               requires="attention", needs=("attention",)),
     "hessian": Probe(hessian, {**dict.fromkeys(("hess_max", "hess_min", "hess_trace",
                                                 "hess_trace_se"), ()),
                                "hess_evec_mass": _LAYER}, needs=("curvature",), opt_in=True),

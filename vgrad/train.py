@@ -101,7 +101,7 @@ def describe_net(cfg: DictConfig, ds: Any, act: bool = True) -> str:
         cfg.model.name
     name = " ".join(([cfg.act.name] if act else []) + ([family] if model.named else []))
     out = losses.out_dim(cfg.loss.value, ds.n_classes)
-    if model.recurrent:  # (the registry's widths count the gates: name the layers)
+    if model.sequence:  # (the registry's widths count the gates: name the layers)
         length, features = data.sequence_shape(cfg.data)
         return (f"{name} {features}-{cfg.width}x{cfg.depth}-{out} over {length} "
                 "steps").strip()

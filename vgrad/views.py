@@ -120,7 +120,7 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
     test = mean_over_set(eval_batch, params, batch_stats,
                          data.x_test, data.y_test, spec.n_test, spec.block)
     sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
-    signals = branches = skips = None
+    signals = branches = skips = attention = None
     if "captures" in spec.needs:  # (only traced when asked for)
         variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
                                           else {})}
@@ -138,6 +138,12 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
+    if "attention" in spec.needs:  # (on a few examples: heads x T^2 weights each)
+        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
+                                          else {})}
+        _, captured = net.apply(variables, data.x_probe[:probes.ATTENTION_EXAMPLES],
+                                train=False, capture=True, mutable=["intermediates"])
+        attention = layout.attention_weights(captured["intermediates"])
     state_sv = None
     if "state_jacobian" in spec.needs:
         state_sv = rnn.state_jacobian_sv(net, params, data.x_probe)
@@ -168,4 +174,4 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         slope_max=sown["slope_max"], probe_grads=probe_grads,
         sat_threshold=sat_threshold, signals=signals,
         branches=branches, skips=skips, jacobian_sv=jacobian_sv, curvature=hessian,
-        state_jacobian_sv=state_sv)
+        state_jacobian_sv=state_sv, attention=attention)

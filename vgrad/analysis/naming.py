@@ -82,7 +82,9 @@ SETTINGS = ("model", "model.*", "act", "act.*", "init", "init.*", "bias_init", "
 QUIET = {"model": "mlp", "bias_init": "zeros", "clip": "none", "bn": "none", "widths": None,
          "init.mean": 0.0, "bias_init.mean": 0.0, "init.distribution": "normal",
          "init.mode": "fan_in", "model.norm": "none", "model.block_dense": 1,
-         "model.recurrent_scale": 1.0, "model.forget_bias": 1.0, "model.alpha_init": 0.0}
+         "model.recurrent_scale": 1.0, "model.forget_bias": 1.0, "model.alpha_init": 0.0,
+         "model.heads": 4, "model.mlp_ratio": 4, "model.deepnorm": False,
+         "model.positions": "learned", "model.zero_residual": False, "optim.warmup": 0}
 
 
 def settings(config: dict) -> list[tuple[str, object]]:

@@ -5,7 +5,8 @@ computes each prediction once.
 
 - ``baseline``: chance, 1 / the number of classes, for a classification task's accuracy;
   the loss of predicting the target's mean, its variance, for a regression task's loss;
-  from the data the runs trained on;
+  the memoryless cross-entropy of the copy task (10 ln 8 / (T + 20)); from the data the
+  runs trained on;
 - ``theory_prediction`` (memoised by ``mean_field``): the mean-field δ profile, χ₁ and
   depth scale of a run's net (Poole et al. 2016; Schoenholz et al. 2017:
   ``vgrad.theory``), or why the theory does not describe it (``theory_inputs``), for
@@ -34,48 +35,73 @@ if TYPE_CHECKING:  # vgrad.theory loads when a prediction is first asked for
 
 
 @functools.lru_cache(maxsize=64)
-def _task_baseline(data_json: str, is_regression: bool) -> float | None:
-    """The training targets' variance (regression) or 1 / the number of classes, from
-    the data a run trained on; None when the data cannot be loaded here."""
+def _task_baseline(data_json: str, task: str) -> float | None:
+    """The training targets' variance (``task`` "regression"), the memoryless loss of a
+    task with a label per step ("per_step": from its config alone) or 1 / the number of
+    classes ("classes"); None when the data cannot be loaded here."""
     from omegaconf import OmegaConf
 
     from vgrad import data
     from vgrad.errors import ConfigError
 
+    cfg = OmegaConf.create(json.loads(data_json))
     try:
-        ds = data.load(OmegaConf.create(json.loads(data_json)))
-    except (ConfigError, OSError, ValueError, KeyError, AttributeError):
+        if task == "per_step":
+            return float(data.DATASETS[cfg.name].baseline_loss(cfg))
+        ds = data.load(cfg)
+    except (ConfigError, OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
-    if is_regression:
+    if task == "regression":
         return float(np.var(np.asarray(ds.y_train, np.float64)))
     return 1.0 / ds.n_classes if ds.n_classes > 1 else None
+
+
+def _task(run: Run) -> str:
+    """A run's kind of task: "regression", "per_step" (a label at every step, whose
+    memoryless baseline its dataset gives, with the cross-entropy) or "classes"."""
+    from vgrad import data
+
+    if regression(run):
+        return "regression"
+    name = (run.config.get("data") or {}).get("name")
+    source = data.DATASETS.get(name)
+    if source is not None and source.per_step:
+        return "per_step" if source.baseline_loss and run.config.get("loss") == "ce" else "other"
+    return "classes"
+
+
+#: The metric each kind of task has a baseline for, and the words of its legend.
+_BASELINES = {
+    "regression": ("loss", "predicting the mean: MSE {about} Var(target) {about} {v:.3g}"),
+    "per_step": ("loss", "no memory: S ln A / (T + 2S) {about} {v:.3g}"),
+    "classes": ("acc", "chance: 1/{k} {about} {v:.3g}")}
 
 
 def baseline(runs: Sequence[Run], metric: str) -> tuple[float, str] | None:
     """What ``metric`` scores without learning, where the runs' task has such a value:
     chance, 1 / the number of classes, for the accuracy of a classification task; the
     loss of predicting the target's mean, its variance (1/6 for the adding problem), for
-    the loss of a regression task. (value, legend text), or None: other metrics, runs of
-    different kinds of task or of tasks whose baselines differ by more than 10%, data
-    that cannot be loaded here."""
+    the loss of a regression task; the cross-entropy per step of a net without memory
+    for the copy task (Arjovsky, Shah & Bengio 2016). (value, legend text), or None:
+    other metrics, runs of different kinds of task or of tasks whose baselines differ by
+    more than 10%, data that cannot be loaded here."""
     base = metric.removeprefix("final_").removeprefix("initial_")
     kind = ("acc" if base.endswith("_acc") else
             "loss" if base in ("loss", "train_loss", "test_loss") else None)
     if kind is None or not runs:
         return None
-    kinds = {regression(r) for r in runs}
-    if len(kinds) > 1 or (kind == "acc") == kinds.pop():
+    tasks = {_task(r) for r in runs}
+    task = tasks.pop()
+    if tasks or task not in _BASELINES or _BASELINES[task][0] != kind:
         return None
-    is_regression = kind == "loss"
     values = [_task_baseline(json.dumps(r.config.get("data"), sort_keys=True, default=str),
-                             is_regression) for r in runs]
+                             task) for r in runs]
     if any(v is None for v in values) or max(values) > 1.1 * min(values):
         return None
     value = float(np.mean(values))
     about = "=" if max(values) - min(values) < 1e-3 * value else "≈"
-    if is_regression:
-        return value, f"predicting the mean: MSE {about} Var(target) {about} {value:.3g}"
-    return value, f"chance: 1/{round(1 / value)} {about} {value:.3g}"
+    k = round(1 / value) if task == "classes" else None
+    return value, _BASELINES[task][1].format(about=about, v=value, k=k)
 
 
 #: The config keys the mean-field prediction of a run depends on.

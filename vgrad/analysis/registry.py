@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vgrad.analysis import noise_figures, theory_figures
+from vgrad.analysis import noise_figures, theory_figures, transformer_figures
 from vgrad.analysis.naming import axis_name, metric_text, varying_axes
 from vgrad.analysis.recorded import one_recurrent_layer, recorded, recurrent, regression
 from vgrad.analysis.run_figures import (
@@ -52,7 +52,8 @@ RUN_FIGURES: dict[str, Callable[..., Figure | None]] = {
     "gradients": gradients, "weights": weights, "learning_speed": learning_speed,
     "histograms": histograms, "saturation": saturation, "signal": signal,
     "time": through_time, "curvature": curvature,
-    "gradient_noise": noise_figures.gradient_noise}
+    "gradient_noise": noise_figures.gradient_noise,
+    "attention": transformer_figures.attention}
 
 #: The probe (``record.step_probes`` or ``record.epoch_probes``) that records what each
 #: run figure draws, for the note of a run that did not.
@@ -61,14 +62,17 @@ RUN_FIGURE_PROBES = {
     "learning_speed": "step probe bias_grad_norm or epoch probe probe_bias_grad_norm",
     "histograms": "epoch probe histograms", "saturation": "epoch probe activation_stats",
     "signal": "epoch probe forward_signal", "time": "step probe time_delta_norm",
-    "curvature": "epoch probe hessian", "gradient_noise": "step probe gradient_noise"}
+    "curvature": "epoch probe hessian", "gradient_noise": "step probe gradient_noise",
+    "attention": "epoch probe attention_entropy"}
 
 
 def unrecorded(run: Run, kind: str) -> str | None:
     """What to tell a reader of ``run`` about its missing figure ``kind``: which probe
     records it, or None where the figure does not apply (through time: recurrent nets
-    only)."""
+    only; attention: models with attention layers)."""
     if kind == "time" and not recurrent(run):
+        return None
+    if kind == "attention" and not transformer_figures.block_layers(run):
         return None
     return f"{kind.replace('_', ' ')} ({RUN_FIGURE_PROBES[kind]})"
 
@@ -143,6 +147,11 @@ class SweepFigure:
     command: Command | None = None
 
 
+def _not_depth(axes: Sequence[str]) -> str:
+    """The first axis but depth (which the block profile draws as its panels)."""
+    return next((a for a in axes if a != "depth"), axes[0])
+
+
 def _by(axes: Sequence[str]) -> str:
     return axis_name(axes[0], math=False)
 
@@ -163,6 +172,12 @@ SWEEP_FIGURES: dict[str, SweepFigure] = {
         lambda s, axes: any("time_delta_norm" in r.metrics for r in _ended_runs(s)),
         lambda s, axes: f"Gradient through time by {_by(axes)} (‖∂L/∂h_t‖ against T − t)",
         Command("time", ("hue",))),
+    "block_profile": SweepFigure(
+        lambda s, axes: transformer_figures.block_profile(s, _not_depth(axes)),
+        lambda s, axes: transformer_figures.applies(s),
+        lambda s, axes: (f"Gradient of each block's MLP output kernel at initialisation by "
+                         f"{axis_name(_not_depth(axes), math=False)} (Xiong et al. 2020)"),
+        Command("blocks", ("hue",))),
     "bars": SweepFigure(
         lambda s, axes: bars(s, axes[0]),
         lambda s, axes: _configs(s) <= MAX_BARS,

@@ -30,6 +30,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from vgrad import data
 from vgrad.analysis.naming import STATE_GRAD, TIME_AXIS, constants_label, run_label
 from vgrad.analysis.recorded import regression, time_rows
 from vgrad.analysis.style import (
@@ -320,6 +321,10 @@ def signal(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     return fig
 
 
+#: Datasets with a label at every step (their registry entries say so).
+_PER_STEP = tuple(n for n, source in data.DATASETS.items() if source.per_step)
+
+
 def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     """Recurrent nets: the gradient through time. ||dL/dh_t|| against T - t (the steps
     back from the loss, as in ``time_profile``) for every recurrent layer at the first
@@ -386,17 +391,22 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
         if drawn:
             ax[2, 0].legend(fontsize=7, ncols=2 if R > 1 else 1)
     _run_title(fig, "Gradients through time", run, varying)
-    caption(fig, f"T = {T} input steps; the loss is read after the last one (T − t = 0)",
-            seed_note(S), diverged_note([run]), zero_note(fig))
+    per_step = (run.config.get("data") or {}).get("name") in _PER_STEP
+    read = ("a loss is read at every step, so ‖∂L/∂h_t‖ holds step t's own readout's "
+            "gradient besides what flows back from later steps" if per_step else
+            "the loss is read after the last one (T − t = 0)")
+    caption(fig, f"T = {T} input steps; {read}", seed_note(S), diverged_note([run]),
+            zero_note(fig))
     return fig
 
 
 def stability_limit(run: Run) -> float | None:
     """The step size's stability limit on the loss's sharpness for plain or heavy-ball
     gradient descent, 2 (1 + beta) / eta (Cohen et al. 2021; beta: the momentum), or None
-    for another optimizer or a learning-rate schedule."""
+    for another optimizer, a learning-rate schedule or warmup."""
     optim = run.config.get("optim", {})
-    if optim.get("name") != "sgd" or optim.get("schedule", "constant") != "constant":
+    if (optim.get("name") != "sgd" or optim.get("schedule", "constant") != "constant"
+            or optim.get("warmup", 0)):
         return None
     return 2.0 * (1.0 + float(optim.get("momentum", 0.0))) / float(optim["lr"])
 

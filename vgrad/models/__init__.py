@@ -5,8 +5,9 @@ member's :class:`~vgrad.models.common.Parts`), its :class:`~vgrad.layers.Layout`
 declaration of its instrumented layers, which everything downstream iterates over), the
 widths of its layers' outputs (the memory estimate of ``vgrad.group``) and the checks of
 its keys, and its facts that the rest of vgrad reads instead of testing its name: whether
-it reads its input as a sequence (``recurrent``: its program depends on how the input is
-cut into steps, and it holds its activations at every step), whether it applies the
+it reads its input as a sequence (``sequence``: its program depends on how the input is
+cut into steps), whether its declared widths are per step (``recurrent``: it holds its
+activations at every step), whether it reads out at every step, whether it applies the
 ``act`` axis, and whether run labels name it. Layouts and widths are asked for with the
 input's features, which a module instrumented automatically needs (``cnn``, ``custom``:
 ``vgrad.models.auto`` finds their layers by tracing them). A new model family is its
@@ -35,6 +36,9 @@ class Model:
     widths: Callable[[Any, int], list[int]]  # of its layers' outputs, input side first
     validate: Callable[[Any], None]
     #: Reads its input as a sequence of steps (``vgrad.data.sequence_shape``).
+    sequence: bool = False
+    #: Its declared widths are those of one step, and it holds them at every step (a
+    #: recurrent net); a module whose traced widths cover the whole sequence is not.
     recurrent: bool = False
     #: Applies the ``act`` axis (a gated cell computes its own sigmoids and tanh), or
     #: whether a config's module does (a user's module: when it has an ``act`` field).
@@ -48,6 +52,9 @@ class Model:
     #: ``vgrad.group``): a sweep over them compiles one program. ``build`` reads a
     #: member's values from ``Parts.model_knobs``.
     knobs: tuple[str, ...] = ()
+    #: Reads out at every step of a sequence when the data has a label at every step
+    #: (``vgrad.data.per_step``: the copy task); its logits are then [batch, T, classes].
+    per_step: bool = False
 
     def takes_act(self, cfg: Any) -> bool:
         """Whether a config's net applies the ``act`` axis."""
@@ -55,8 +62,8 @@ class Model:
 
     def input_structure(self, data_cfg: Any) -> dict[str, Any]:
         """What the model's program depends on in the data config besides the data's
-        shapes (part of a job's structure): a recurrent net's ``sequence_shape``."""
-        return {"sequence_shape": data.sequence_shape(data_cfg)} if self.recurrent else {}
+        shapes (part of a job's structure): a sequence model's ``sequence_shape``."""
+        return {"sequence_shape": data.sequence_shape(data_cfg)} if self.sequence else {}
 
     def time_steps(self, data_cfg: Any) -> int:
         """The steps over which one example's activations are held: the sequence's
@@ -69,11 +76,11 @@ def _declared(fn: Callable[[Any], Any]) -> Callable[[Any, int], Any]:
     return lambda cfg, n_features: fn(cfg)
 
 
-def _linen(schema: type, family: custom.LinenFamily, validate: Callable[[Any], None]
-           ) -> Model:
+def _linen(schema: type, family: custom.LinenFamily, validate: Callable[[Any], None],
+           **facts: Any) -> Model:
     """A family whose module is a plain linen class (``vgrad.models.custom``)."""
     return Model(schema, family.build, family.layout, family.widths, validate,
-                 uses_act=family.uses_act, n_params=family.n_params)
+                 uses_act=family.uses_act, n_params=family.n_params, **facts)
 
 
 MODELS: dict[str, Model] = {
@@ -83,11 +90,14 @@ MODELS: dict[str, Model] = {
                     _declared(resmlp.widths), resmlp.validate),
     **{cell: Model(rnn.RecurrentModel, rnn.build, _declared(rnn.layout),
                    _declared(rnn.widths), rnn.validate,
-                   recurrent=True, uses_act=gates == 1,  # (the Elman cell applies act)
-                   knobs=("recurrent_scale", "forget_bias"))
+                   sequence=True, recurrent=True,
+                   uses_act=gates == 1,  # (the Elman cell applies act)
+                   knobs=("recurrent_scale", "forget_bias"), per_step=True)
        for cell, gates in rnn.CELLS.items()},
     "cnn": _linen(custom.CNNModel, custom.CNN_FAMILY, custom.validate_cnn),
     "custom": _linen(custom.CustomModel, custom.CUSTOM, custom.validate),
+    "transformer": _linen(custom.TransformerModel, custom.TRANSFORMER_FAMILY,
+                          custom.validate_transformer, sequence=True, per_step=True),
 }
 
 

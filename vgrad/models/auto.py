@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from vgrad.errors import ConfigError
-from vgrad.layers import Capture, Layout, Segment
+from vgrad.layers import Attention, Capture, Layout, Segment
 from vgrad.models import conv
 from vgrad.models.common import slopes_and_max
 
@@ -175,7 +175,8 @@ class Instrumented:
 @dataclass(frozen=True)
 class Found:
     """What one trace of a module tells: its layout, the widths of its layers' outputs
-    (per example, input side first, the output layer left out: the memory estimate),
+    (per example, input side first, the output layer left out; then the attention
+    weights, [heads, queries, keys], of each attention layer: the memory estimate),
     its parameter count, and why its activations are not recorded (None: they are)."""
 
     layout: Layout
@@ -343,9 +344,35 @@ def discover(inst: Instrumented, n_features: int, model: str, dtype: Any = jnp.f
     segments[0] = Segment(first.names, first.dense, first.delta, first.stacked,
                           first.params + extra, first.signal, first.kernel)
     widths = [math.prod(s.shape[1:]) * max(count, 1) for s, count in layers][:-1]
+    attention, why_not = _attention(inter)
+    if attention is not None:  # (their weights, [heads, queries, keys] per example, count)
+        widths += [math.prod(_value(inter, p, "attention_weights").shape[1:])
+                   for p in attention.paths]
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     notes = () if why is None else (f"activation statistics are not recorded: {why}",)
-    return Found(Layout(tuple(segments), captures, notes=notes), widths, n_params, why)
+    notes += () if why_not is None else (f"attention entropy is not recorded: {why_not}",)
+    return Found(Layout(tuple(segments), captures, attention=attention, notes=notes), widths,
+                 n_params, why)
+
+
+def _attention(inter: Any) -> tuple[Attention | None, str | None]:
+    """The attention layers that sow their weights (Flax's ``MultiHeadDotProductAttention``
+    with ``sow_weights=True``: [batch, heads, queries, keys] under ``attention_weights``),
+    in the order of their paths; why they are not recorded, where some are found that the
+    probe cannot read (inside an ``nn.scan``; unequal head counts)."""
+    found = []
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(inter)[0]:
+        keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keypath)
+        if "attention_weights" in keys:
+            found.append((keys[:keys.index("attention_weights")], tuple(leaf.shape)))
+    if not found:
+        return None, None
+    if any(len(shape) != 4 for _, shape in found):
+        return None, "an attention layer runs inside an nn.scan"
+    heads = {shape[1] for _, shape in found}
+    if len(heads) > 1:
+        return None, f"its attention layers have different numbers of heads {sorted(heads)}"
+    return Attention(tuple(p for p, _ in found), heads.pop()), None
 
 
 def _kernel_leaf(params: Any, path: Path, model: str) -> str:

@@ -35,7 +35,7 @@ import flax.linen as nn
 from vgrad import activations, data
 from vgrad.errors import ConfigError
 from vgrad.layers import Layout
-from vgrad.models import cnn
+from vgrad.models import cnn, transformer
 from vgrad.models.auto import Found, Instrumented, act_function, discover
 from vgrad.models.common import Parts
 
@@ -133,7 +133,8 @@ class LinenFamily:
             raise ValueError(f"model={cfg.model.name}: its layout needs the input's features")
         key = json.dumps([OmegaConf.to_container(cfg.model, resolve=True),
                           OmegaConf.to_container(cfg.act, resolve=True), cfg.depth,
-                          cfg.width, cfg.dtype, n_features, getattr(cfg.data, "name", "")],
+                          cfg.width, cfg.dtype, n_features, getattr(cfg.data, "name", ""),
+                          data.sequence_shape(cfg.data)],
                          sort_keys=True, default=str)
         if key not in _FOUND:
             from vgrad.models.common import parts_from_config
@@ -250,3 +251,56 @@ def validate_cnn(cfg: Any) -> None:
                          ("norm", cnn.NORMS)):
         if m[key] not in allowed:
             raise ConfigError(f"model.{key}", m[key], "one of " + ", ".join(allowed))
+
+
+# --- model=transformer: the registry's causal Transformer, a plain linen module --------
+
+
+@dataclass
+class TransformerModel:
+    """``conf/model/transformer.yaml``: ``depth`` blocks of width ``width``
+    (``vgrad.models.transformer``) on a sequence dataset."""
+
+    name: str = "transformer"
+    heads: int = 4
+    mlp_ratio: int = 4
+    norm_position: str = "pre"  # pre | post | none
+    deepnorm: bool = False  # DeepNet's residual scaling (post only)
+    positions: str = "learned"  # learned | sinusoidal
+    zero_residual: bool = False  # each residual branch's last projection starts at zero
+
+
+def transformer_args(cfg: Any) -> dict[str, Any]:
+    m = cfg.model
+    return {"heads": int(m.heads), "mlp_ratio": int(m.mlp_ratio),
+            "norm_position": str(m.norm_position), "deepnorm": bool(m.deepnorm),
+            "positions": str(m.positions), "zero_residual": bool(m.zero_residual),
+            "step_features": data.step_features(cfg.data), "per_step": data.per_step(cfg.data)}
+
+
+TRANSFORMER_FAMILY = LinenFamily(lambda cfg: transformer.Transformer, transformer_args)
+
+
+def validate_transformer(cfg: Any) -> None:
+    """``model=transformer``: a sequence dataset and the Transformer's own keys."""
+    validate_linen(cfg)
+    m = cfg.model
+    if cfg.depth < 1:
+        raise ConfigError("depth", cfg.depth, "a number >= 1 (blocks)")
+    if data.step_features(cfg.data) is None:
+        raise ConfigError("data", cfg.data.name, "a sequence dataset with model=transformer: "
+                          "data=adding|copy, or data=digits|fashion_mnist|mnist with "
+                          "data.sequence=rows|pixels")
+    for key, allowed in (("norm_position", transformer.NORM_POSITIONS),
+                         ("positions", transformer.POSITIONS)):
+        if m[key] not in allowed:
+            raise ConfigError(f"model.{key}", m[key], "one of " + ", ".join(allowed))
+    for key in ("heads", "mlp_ratio"):
+        if m[key] < 1:
+            raise ConfigError(f"model.{key}", m[key], "a number >= 1")
+    if cfg.width % m.heads:
+        raise ConfigError("model.heads", m.heads, f"a divisor of width ({cfg.width}): the "
+                          "model dimension is split across the heads")
+    if m.deepnorm and m.norm_position != "post":
+        raise ConfigError("model.deepnorm", m.deepnorm, "false unless model.norm_position="
+                          f"post (DeepNet scales a post-LN residual; it is {m.norm_position})")

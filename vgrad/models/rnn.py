@@ -28,7 +28,9 @@ the scale, the circular law). The scale is the knob that decides vanishing again
 exploding.
 
 ``depth`` recurrent layers of ``width`` units are stacked (layer l reads layer l-1's
-states); a Dense readout (the output layer, ``out``) reads the last layer's last state.
+states); a Dense readout (the output layer, ``out``) reads the last layer's last state,
+or every state when the data has a label at every step (the copy task: logits
+[batch, T, classes]).
 Each layer's time loop is one ``nn.scan``: compile time does not grow with T. The input
 projections W_ih x_t of all steps are one matrix product before the loop.
 
@@ -186,6 +188,7 @@ class RecurrentNet(nn.Module):
     width: int
     step_features: int
     out_dim: int = 1
+    per_step: bool = False  # a readout at every step (``vgrad.data.per_step``)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, capture: bool = False) -> Array:
@@ -195,7 +198,8 @@ class RecurrentNet(nn.Module):
             h = RecurrentLayer(self.cell, p, self.model, self.width,
                                name=f"rnn_{layer}")(h, train, capture)
         out = nn.Dense(self.out_dim, kernel_init=p.kernel_init, bias_init=p.bias_init,
-                       dtype=p.dtype, param_dtype=p.dtype, name="out")(h[:, -1])
+                       dtype=p.dtype, param_dtype=p.dtype,
+                       name="out")(h if self.per_step else h[:, -1])
         return delta_point(self, "delta_out", out, capture)
 
 
@@ -212,7 +216,7 @@ def build(cfg: Any, parts: Parts, out_dim: int) -> RecurrentNet:
     if parts.model_knobs:
         node = dataclasses.replace(node, **parts.model_knobs)
     return RecurrentNet(cfg.model.name, parts, node, cfg.depth, cfg.width,
-                        data.step_features(cfg.data), out_dim)
+                        data.step_features(cfg.data), out_dim, data.per_step(cfg.data))
 
 
 def layer_names(depth: int) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 
 from vgrad import data
 from vgrad.analysis.naming import STATE_GRAD, TIME_AXIS, constants_label, run_label
+from vgrad.analysis.predictions import baseline
 from vgrad.analysis.recorded import regression, time_rows
 from vgrad.analysis.style import (
     MAX_BANDS,
@@ -90,7 +91,7 @@ def gradients(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     block, drawn = _layer_lines(ax[1, 0], step, m["grad_std"], names, log=True)
     log_scale(ax[1, 0], drawn, "gradient std")
     if "loss" in m:
-        log = regression(run)
+        log = regression(run) or baseline([run], "loss") is not None  # (copy: a plateau)
         _, drawn = band(ax[2, 0], step, m["loss"], OKABE_ITO[0], "batch loss", log=log)
         if draw_baseline(ax[2, 0], [run], "loss") is not None:
             ax[2, 0].legend(fontsize=7, loc="upper right")

@@ -633,7 +633,9 @@ def curves(sweep: Sweep, hue: str, metric: str = "train_loss",
     stacked = [_stack_ragged([_curve_values(r, metric, layer) for r in line.runs])
                for line in lines]
     log = ("norm" in metric or metric.endswith("ratio")
-           or (metric in ("loss", "train_loss", "test_loss") and all(map(regression, every)))
+           or (metric in ("loss", "train_loss", "test_loss")
+               and (all(map(regression, every))
+                    or baseline(every, metric) is not None))  # (copy: a plateau)
            or _spans_decades(stacked))
     drawn, block = False, 1
     for line, values in zip(lines, stacked, strict=True):

@@ -194,13 +194,8 @@ def validate(cfg: Any) -> None:
     _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
     _one_of("dtype", cfg.dtype, DTYPES)
     validate_data_config(cfg.data)
-    if data.per_step(cfg.data) and not models.MODELS[cfg.model.name].per_step:
-        raise ConfigError("model", cfg.model.name, f"a model with a readout at every step "
-                          f"with data={cfg.data.name} (" + ", ".join(
-                              n for n, m in models.MODELS.items() if m.per_step) + ")")
-    if data.per_step(cfg.data) and cfg.loss not in (Loss.ce, Loss.mse):
-        raise ConfigError("loss", getattr(cfg.loss, "value", cfg.loss),
-                          f"ce or mse with data={cfg.data.name} (a class at every step)")
+    if data.per_step(cfg.data):
+        _validate_per_step(cfg)
     r = cfg.record
     _at_least("record.every", r.every, 1)
     _at_least("record.probe_size", r.probe_size, 1)
@@ -217,6 +212,18 @@ def validate(cfg: Any) -> None:
             _one_of(key, name, registry)
     if cfg.get("tensorboard"):
         validate_extras(cfg)
+
+
+def _validate_per_step(cfg: Any) -> None:
+    """A dataset with a label at every step needs a model that reads out at every step
+    and a loss over classes."""
+    if not models.MODELS[cfg.model.name].per_step:
+        raise ConfigError("model", cfg.model.name, f"a model with a readout at every step "
+                          f"with data={cfg.data.name} (" + ", ".join(
+                              n for n, m in models.MODELS.items() if m.per_step) + ")")
+    if cfg.loss not in (Loss.ce, Loss.mse):
+        raise ConfigError("loss", getattr(cfg.loss, "value", cfg.loss),
+                          f"ce or mse with data={cfg.data.name} (a class at every step)")
 
 
 def validate_extras(cfg: Any) -> None:

@@ -440,6 +440,8 @@ DATASETS: dict[str, Source] = {
 }
 #: Datasets whose labels are real-valued targets (``loss=regression``), from their entries.
 REGRESSION = tuple(name for name, source in DATASETS.items() if source.regression)
+#: Datasets with a label at every step, from their entries.
+PER_STEP = tuple(name for name, source in DATASETS.items() if source.per_step)
 
 
 def load(cfg: Any) -> Dataset:

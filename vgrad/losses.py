@@ -59,6 +59,7 @@ def regression(outputs: Array, targets: Array) -> Array:
 #: A regression output counts as correct within this distance of its target.
 TOLERANCE = 0.04
 
+
 def per_step(fn: Callable[[Array, Array], Array]) -> Callable[[Array, Array], Array]:
     """``fn`` of [batch, out_dim] logits and [batch] labels, taking [batch, T, out_dim]
     logits and [batch, T] labels too: the mean over the T steps, per example."""

@@ -71,7 +71,7 @@ def tree_all_finite(tree: Any) -> Array:
     stacked scalars into a chain of scalar adds and then copies that chain into every
     consumer of the result, here the divergence guard's select on each leaf of the
     state: quadratic in the number of leaves (a 12-block Transformer's train step took
-    62 s to compile, 4 s without it). A cumulative sum stays one operation."""
+    62 s to compile, 6.5 s with the cumulative sum, which stays one operation)."""
     sums = jnp.stack([jnp.sum(x * 0) for x in jax.tree.leaves(tree)])
     return jnp.isfinite(jnp.cumsum(sums)[-1])
 

@@ -115,6 +115,7 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
     layout = spec.layout
     eval_batch = make_eval_fn(net, spec.loss)
     params, batch_stats = state.params, state.batch_stats
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     train = mean_over_set(eval_batch, params, batch_stats,
                           data.x_train, data.y_train, spec.n_train, spec.block)
     test = mean_over_set(eval_batch, params, batch_stats,
@@ -122,8 +123,6 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
     sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
     signals = branches = skips = attention = None
     if "captures" in spec.needs:  # (only traced when asked for)
-        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
-                                          else {})}
         _, captured = net.apply(variables, data.x_probe, train=False, capture=True,
                                 mutable=["intermediates"])
         inter = captured["intermediates"]
@@ -133,14 +132,10 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
             branches, skips = layout.block_values(inter)
     jacobian_sv = None
     if "jacobian" in spec.needs:
-        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
-                                          else {})}
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
     if "attention" in spec.needs:  # (on a few examples: heads x T^2 weights each)
-        variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats
-                                          else {})}
         _, captured = net.apply(variables, data.x_probe[:probes.ATTENTION_EXAMPLES],
                                 train=False, capture=True, mutable=["intermediates"])
         attention = layout.attention_weights(captured["intermediates"])

@@ -322,10 +322,6 @@ def signal(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     return fig
 
 
-#: Datasets with a label at every step (their registry entries say so).
-_PER_STEP = tuple(n for n, source in data.DATASETS.items() if source.per_step)
-
-
 def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | None:
     """Recurrent nets: the gradient through time. ||dL/dh_t|| against T - t (the steps
     back from the loss, as in ``time_profile``) for every recurrent layer at the first
@@ -392,7 +388,7 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
         if drawn:
             ax[2, 0].legend(fontsize=7, ncols=2 if R > 1 else 1)
     _run_title(fig, "Gradients through time", run, varying)
-    per_step = (run.config.get("data") or {}).get("name") in _PER_STEP
+    per_step = (run.config.get("data") or {}).get("name") in data.PER_STEP
     read = ("a loss is read at every step, so ‖∂L/∂h_t‖ holds step t's own readout's "
             "gradient besides what flows back from later steps" if per_step else
             "the loss is read after the last one (T − t = 0)")

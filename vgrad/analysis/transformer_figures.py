@@ -31,6 +31,7 @@ from matplotlib.ticker import MaxNLocator
 from vgrad.analysis.naming import axis_name, constants_label, label
 from vgrad.analysis.recorded import recorded
 from vgrad.analysis.style import (
+    MANY_SEEDS,
     MAX_LEGEND_LAYERS,
     caption,
     diverged_note,
@@ -41,7 +42,6 @@ from vgrad.analysis.style import (
     log_scale,
     note,
     palette,
-    seed_note,
     suptitle,
 )
 from vgrad.analysis.sweep_lines import ordered, pooled_note
@@ -151,7 +151,7 @@ def block_layers(run: Run, layer: str = PROFILE_LAYER) -> list[int]:
 
 def initial_profile(run: Run, layer: str = PROFILE_LAYER) -> np.ndarray:
     """||dL/dW|| of each block's ``layer`` kernel at the first recorded step, [S, blocks]
-    (NaN where not finite)."""
+    (NaN where not finite; no blocks: [S, 0])."""
     v = np.asarray(run.metrics["grad_norm"], np.float64)[:, 0, block_layers(run, layer)]
     return np.where(np.isfinite(v), v, np.nan)
 
@@ -167,14 +167,16 @@ def block_profile(sweep: Sweep, hue: str) -> Figure | None:
     one line per value of ``hue``, one panel per depth (see the module docstring)."""
     runs = sweep.runs
     ended = runs[runs["status"] != "failed"].drop_duplicates("run")
-    every = [r for r in (sweep.run(n) for n in ordered(ended["run"]))
-             if recorded(r, "grad_norm") and block_layers(r)]
-    if not every:
+    profiles = {r.name: initial_profile(r) for r in (sweep.run(n) for n in ordered(ended["run"]))
+                if recorded(r, "grad_norm")}  # [S, blocks] each
+    profiles = {name: v for name, v in profiles.items() if v.shape[1]}
+    if not profiles:
         return None
-    chosen = ended[ended["run"].isin([r.name for r in every])]
+    every = [sweep.run(name) for name in profiles]
+    chosen = ended[ended["run"].isin(list(profiles))]
     ch = axis_column(runs, hue)
     hues = ordered(chosen[ch])
-    depths = sorted({len(block_layers(r)) for r in every})
+    depths = sorted({v.shape[1] for v in profiles.values()})
     colors = palette(len(hues))
     fig, ax = figure(1, len(depths), width=min(16.0, 3.6 * len(depths) + 1.0), height=3.3,
                      sharex=False)
@@ -183,16 +185,17 @@ def block_profile(sweep: Sweep, hue: str) -> Figure | None:
         a = ax[0, col]
         drawn = positive = False
         for j, value in enumerate(hues):
-            names = chosen.loc[chosen[ch].astype(str) == value, "run"]
-            pooled = [initial_profile(r) for r in every if r.name in set(names)
-                      and len(block_layers(r)) == depth]
+            names = set(chosen.loc[chosen[ch].astype(str) == value, "run"])
+            pooled = [v for name, v in profiles.items()
+                      if name in names and v.shape[1] == depth]
             if not pooled:
                 continue
             v = np.concatenate(pooled)  # [seeds, blocks]
             seeds.append(len(v))
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                low, mid, high = (np.nanpercentile(v, [25, 50, 75], axis=0) if len(v) >= 5
+                low, mid, high = (np.nanpercentile(v, [25, 50, 75], axis=0)
+                                  if len(v) >= MANY_SEEDS
                                   else (np.nanmin(v, 0), np.nanmedian(v, 0), np.nanmax(v, 0)))
                 ratio = np.nanmedian(v[:, -1] / v[:, 0])
                 positive = positive or bool(np.nanmax(mid) > 0)
@@ -212,8 +215,11 @@ def block_profile(sweep: Sweep, hue: str) -> Figure | None:
         a.legend(fontsize=7, loc="best")
     suptitle(fig, f"Gradient of each block's {PROFILE_LAYER} kernel at initialisation by "
              f"{axis_name(hue)}", constants_label(every, [hue, "depth"]))
-    caption(fig, "first recorded step (before any update); a line: the median over "
-            "seeds, " + (seed_note(max(seeds)).split(", ", 1)[-1] if seeds else ""),
+    most = max(seeds, default=1)
+    spread = ("" if most < 2 else ", band: interquartile range" if most >= MANY_SEEDS
+              else ", band: min–max")
+    caption(fig, f"first recorded step (before any update); a line: the median over "
+            f"seeds{spread}",
             "last / first: the median over seeds of the ratio of the last block's norm to "
             "the first's (Xiong et al. 2020, Figure 3: post-LN's grows towards the output)",
             pooled_note(runs, [hue, "depth"]), diverged_note(every))

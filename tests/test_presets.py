@@ -37,6 +37,7 @@ SHRINK = {
     "cnn_depth": {"depth": "depth=2,3"},
     "copy_task": {"model": "model=rnn,lstm"},
     "transformer_ln": {"depth": "depth=1,2"},
+    "coord_check": {"width": "width=8,16", "optim": "optim=sgd"},
 }
 
 
@@ -70,9 +71,9 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 
 def test_there_is_a_preset_per_source():
-    assert PRESETS == ["cnn_depth", "copy_task", "edge_of_stability", "exploding",
-                       "gradient_noise", "isometry", "mnist_losses", "nielsen",
-                       "phase_diagram", "relu_fix", "residual_fix", "rnn_time",
+    assert PRESETS == ["cnn_depth", "coord_check", "copy_task", "edge_of_stability", "exploding",
+                       "gradient_noise", "isometry", "mnist_losses",
+                       "nielsen", "phase_diagram", "relu_fix", "residual_fix", "rnn_time",
                        "transformer_ln", "visualize"]
 
 
@@ -87,11 +88,13 @@ def test_every_command_of_the_preset_composes_and_validates(preset):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_first_command_runs_as_a_tiny_multirun(cli, tmp_path, preset):
-    data = compose_cfg(f"+experiment={preset}").data.name
+    composed = compose_cfg(f"+experiment={preset}")
+    data = composed.data.name
     if data == "fashion_mnist" and not FASHION.is_dir():
         pytest.skip("apt-get install dataset-fashion-mnist")
     cmd = [SHRINK.get(preset, {}).get(a.split("=")[0], a) for a in commands(preset)[0]]
-    tiny = ["epochs=1", "seeds=1", "batch_size=16", "record.every=1", "progress=false",
+    batch = min(16, composed.data.get("n_train") or 16)  # (finite_width trains on one)
+    tiny = ["epochs=1", "seeds=1", f"batch_size={batch}", "record.every=1", "progress=false",
             *TINY_DATA[data], f"hydra.sweep.dir={tmp_path}"]
     code, _, err = cli(*cmd, *tiny)
     assert code == 0, err

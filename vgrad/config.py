@@ -24,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from vgrad import activations, data, initializers, models, optim, probes
+from vgrad import activations, data, initializers, models, optim, parametrization, probes
 from vgrad.errors import ConfigError
 
 
@@ -84,6 +84,7 @@ class Config:
     clip: Any = MISSING
     optim: Any = MISSING
     data: Any = MISSING
+    param: Any = MISSING  # sp | ntk | mup: how layers scale with width (vgrad/parametrization.py)
     depth: int = 4  # hidden layers (the output layer comes on top); resmlp: blocks
     width: int = 5  # units per hidden layer; resmlp: of every block
     widths: list[int] | None = None  # MLP: per-layer widths instead (len must equal depth)
@@ -125,6 +126,7 @@ GROUPS: dict[str, dict[str, Any]] = {
     "clip": optim.CLIPS,
     "optim": optim.OPTIMIZERS,
     "data": data.DATASETS,
+    "param": parametrization.PARAMS,
 }
 
 
@@ -187,6 +189,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("bn_momentum", cfg.bn_momentum, "a number in [0, 1)")
     _validate_init(cfg.init, "init")
     _validate_init(cfg.bias_init, "bias_init")
+    if cfg.param.name != "sp":
+        _validate_param(cfg)
     if "pieces" in cfg.act:  # (maxout)
         _at_least("act.pieces", cfg.act.pieces, 1)
     if "lower" in cfg.act and not cfg.act.lower <= cfg.act.upper:  # (rrelu)
@@ -214,6 +218,31 @@ def validate(cfg: Any) -> None:
         validate_extras(cfg)
 
 
+def _validate_param(cfg: Any) -> None:
+    """``param=ntk|mup``: a model whose layers scale with ``width``, a kernel initializer
+    of variance proportional to 1/fan_in, and (muP with an adaptive optimizer) no
+    coupled L2 term, whose muP rescaling is not implemented."""
+    name = cfg.param.name
+    if not models.MODELS[cfg.model.name].width_parametrized:
+        raise ConfigError("model", cfg.model.name, f"a model whose layers scale with width "
+                          f"with param={name} (" + ", ".join(
+                              n for n, m in models.MODELS.items() if m.width_parametrized)
+                          + ")")
+    if not initializers.KERNEL_INITIALIZERS[cfg.init.name].scales_with_fan_in(cfg.init):
+        raise ConfigError("init", cfg.init.name, f"an initializer of variance proportional "
+                          f"to 1/fan_in with param={name} (" + ", ".join(
+                              n for n, i in initializers.KERNEL_INITIALIZERS.items()
+                              if i.fan_in) + ")")
+    if "base_width" in cfg.param:
+        _at_least("param.base_width", cfg.param.base_width, 1)
+    if (parametrization.PARAMS[name].scales_lr and optim.OPTIMIZERS[cfg.optim.name].adaptive
+            and cfg.optim.l2 != 0):
+        raise ConfigError("optim.l2", cfg.optim.l2, f"0 with param={name} and "
+                          f"optim={cfg.optim.name} (muP's rescaling of a coupled L2 term "
+                          "under an adaptive optimizer is not implemented; adamw's "
+                          "weight_decay is)")
+
+
 def _validate_per_step(cfg: Any) -> None:
     """A dataset with a label at every step needs a model that reads out at every step
     and a loss over classes."""
@@ -239,7 +268,7 @@ def validate_extras(cfg: Any) -> None:
 
 
 #: The config groups whose choice is the ``name`` key of the chosen file.
-CHOICE_GROUPS = ("model", "act", "init", "bias_init", "clip", "optim", "data")
+CHOICE_GROUPS = ("model", "act", "init", "bias_init", "clip", "optim", "data", "param")
 
 
 def refuse_name_overrides(overrides: list[str]) -> None:

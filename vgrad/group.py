@@ -36,6 +36,7 @@ calls them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,16 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
-from vgrad import activations, config, initializers, losses, models, optim, views
+from vgrad import (
+    activations,
+    config,
+    initializers,
+    losses,
+    models,
+    optim,
+    parametrization,
+    views,
+)
 from vgrad.data import Dataset
 
 #: Config nodes whose float fields are traced knobs (each has a registry of choices).
@@ -276,7 +286,20 @@ class Group:
         c = self.jobs[0].config
         return optim.make(node_view(c["clip"], m.knobs, "clip"),
                           node_view(c["optim"], m.knobs, "optim"),
-                          len(self.datasets[0].x_train), total_steps)
+                          len(self.datasets[0].x_train), total_steps, self.lr_factors)
+
+    @functools.cached_property
+    def lr_factors(self) -> Any:
+        """The learning-rate factor of each parameter under muP (a tree of floats, the
+        same for every member: widths are structure), or None (``vgrad.parametrization``)."""
+        cfg = self.cfg
+        if not parametrization.PARAMS[cfg.param.name].scales_lr:
+            return None
+        x = self.datasets[0].x_train[:1].astype(cfg.dtype)
+        shapes = [parametrization.param_shapes(models.build(c, self.out_dim), x)
+                  for c in (cfg, parametrization.at_base_width(cfg))]
+        return parametrization.lr_multipliers(
+            *shapes, adaptive=optim.OPTIMIZERS[cfg.optim.name].adaptive)
 
     def _family_index(self, group: str, node: dict[str, Any]) -> int:
         ids = [family(f, group) for f in self.families[group]]

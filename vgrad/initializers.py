@@ -136,10 +136,16 @@ def mean_field_bias(sigma_b2: Any) -> Initializer:
 
 @dataclass(frozen=True)
 class Init:
-    """A registry entry: config schema and initializer factory."""
+    """A registry entry: config schema and initializer factory; whether the variance it
+    draws is proportional to 1/fan_in (``fan_in``, or a function of its config node):
+    what the NTK and muP parametrizations rescale (``vgrad.parametrization``)."""
 
     schema: type
     make: Callable[[Any], Initializer]
+    fan_in: bool | Callable[[Any], bool] = False
+
+    def scales_with_fan_in(self, cfg: Any) -> bool:
+        return self.fan_in(cfg) if callable(self.fan_in) else self.fan_in
 
 
 KERNEL_INITIALIZERS: dict[str, Init] = {
@@ -151,22 +157,23 @@ KERNEL_INITIALIZERS: dict[str, Init] = {
     "uniform01": Init(UniformInit, lambda c: uniform(c.min, c.max)),
     "glorot_uniform": Init(PlainInit, lambda c: jax.nn.initializers.glorot_uniform()),
     "glorot_normal": Init(PlainInit, lambda c: jax.nn.initializers.glorot_normal()),
-    "he_uniform": Init(PlainInit, lambda c: jax.nn.initializers.he_uniform()),
-    "he_normal": Init(PlainInit, lambda c: jax.nn.initializers.he_normal()),
-    "lecun_uniform": Init(PlainInit, lambda c: jax.nn.initializers.lecun_uniform()),
-    "lecun_normal": Init(PlainInit, lambda c: jax.nn.initializers.lecun_normal()),
+    "he_uniform": Init(PlainInit, lambda c: jax.nn.initializers.he_uniform(), fan_in=True),
+    "he_normal": Init(PlainInit, lambda c: jax.nn.initializers.he_normal(), fan_in=True),
+    "lecun_uniform": Init(PlainInit, lambda c: jax.nn.initializers.lecun_uniform(), fan_in=True),
+    "lecun_normal": Init(PlainInit, lambda c: jax.nn.initializers.lecun_normal(), fan_in=True),
     "orthogonal": Init(OrthogonalInit, lambda c: jax.nn.initializers.orthogonal(c.gain)),
     "delta_orthogonal": Init(OrthogonalInit, lambda c: delta_orthogonal(c.gain)),
     "variance_scaling": Init(
         VarianceScalingInit,
         lambda c: jax.nn.initializers.variance_scaling(c.scale, c.mode, c.distribution),
+        fan_in=lambda c: c.mode == "fan_in",
     ),
-    "mean_field": Init(MeanFieldInit, mean_field_kernel),
+    "mean_field": Init(MeanFieldInit, mean_field_kernel, fan_in=True),
     # Nielsen's network2 default_weight_initializer: W ~ N(0, 1/n_in) (untruncated);
     # conf/init/nielsen.yaml also selects his bias init, N(0, 1).
     "nielsen": Init(
-        PlainInit, lambda c: jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal")
-    ),
+        PlainInit, lambda c: jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal"),
+        fan_in=True),
 }
 
 def delta_orthogonal(gain: Any) -> Initializer:

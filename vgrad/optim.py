@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 # --- clipping schemas ---------------------------------------------------------------------
@@ -127,8 +128,16 @@ def kernel_mask(params: Any) -> Any:
 
 @dataclass(frozen=True)
 class Optim:
+    """A registry entry: config schema, and the optimizer from its node, a learning rate
+    and a per-parameter factor applied to its normalised direction (muP's learning-rate
+    multipliers, ``vgrad.parametrization``; None: none); whether it normalises the
+    gradient entrywise (``adaptive``: what muP's rates depend on, mup's MuAdam vs
+    MuSGD). A non-adaptive optimizer is linear in the gradient: its factors are applied
+    to the gradient before it (``make``)."""
+
     schema: type
-    make: Callable[[Any, optax.ScalarOrSchedule], optax.GradientTransformation]
+    make: Callable[[Any, optax.ScalarOrSchedule, Any], optax.GradientTransformation]
+    adaptive: bool = False
 
 
 def is_zero(value: Any) -> bool:
@@ -142,19 +151,35 @@ def optional(value: Any) -> Any:
     return None if is_zero(value) else value
 
 
+def then(tx: optax.GradientTransformation, factors: Any) -> optax.GradientTransformation:
+    """``tx``, its updates multiplied by per-parameter ``factors`` (None: ``tx``)."""
+    return tx if factors is None else optax.chain(tx, factors)
+
+
+def _adamw(c: Any, lr: optax.ScalarOrSchedule, factors: Any) -> optax.GradientTransformation:
+    """optax's ``adamw``, with the per-parameter factors on Adam's direction only: the
+    decoupled decay lr * wd * w is not rescaled (as mup's MuAdamW leaves it)."""
+    if factors is None:
+        return optax.adamw(lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
+                           mask=kernel_mask)
+    return optax.chain(optax.scale_by_adam(c.b1, c.b2, c.eps), factors,
+                       optax.add_decayed_weights(c.weight_decay, kernel_mask),
+                       optax.scale_by_learning_rate(lr))
+
+
 OPTIMIZERS: dict[str, Optim] = {
-    "sgd": Optim(SGDOptim, lambda c, lr: optax.sgd(lr, optional(c.momentum), c.nesterov)),
+    "sgd": Optim(SGDOptim,
+                 lambda c, lr, f: optax.sgd(lr, optional(c.momentum), c.nesterov)),
     "rmsprop": Optim(
         RMSpropOptim,
-        lambda c, lr: optax.rmsprop(lr, decay=c.rho, eps=c.eps, momentum=optional(c.momentum),
-                                    centered=c.centered),
+        lambda c, lr, f: then(optax.rmsprop(lr, decay=c.rho, eps=c.eps,
+                                            momentum=optional(c.momentum),
+                                            centered=c.centered), f),
+        adaptive=True,
     ),
-    "adam": Optim(AdamOptim, lambda c, lr: optax.adam(lr, c.b1, c.b2, c.eps)),
-    "adamw": Optim(
-        AdamWOptim,
-        lambda c, lr: optax.adamw(lr, c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
-                                  mask=kernel_mask),
-    ),
+    "adam": Optim(AdamOptim, lambda c, lr, f: then(optax.adam(lr, c.b1, c.b2, c.eps), f),
+                  adaptive=True),
+    "adamw": Optim(AdamWOptim, _adamw, adaptive=True),
 }
 
 SCHEDULES: dict[str, Callable[[float, int], optax.ScalarOrSchedule]] = {
@@ -183,10 +208,33 @@ def learning_rate(optim: Any, total_steps: int) -> optax.ScalarOrSchedule:
          after if callable(after) else optax.constant_schedule(after)], [warmup])
 
 
-def make(clip: Any, optim: Any, n_train: int, total_steps: int) -> Transforms:
-    """Build the clipping and optimizer transforms from the ``clip`` and ``optim`` nodes."""
+def make(clip: Any, optim: Any, n_train: int, total_steps: int,
+         lr_factors: Any = None) -> Transforms:
+    """Build the clipping and optimizer transforms from the ``clip`` and ``optim`` nodes;
+    ``lr_factors``: a learning-rate factor per parameter (a tree of floats like the
+    parameters, ``vgrad.parametrization.lr_multipliers``), or None.
+
+    The factors multiply the loss gradient's contribution to the update, never the L2
+    term: a non-adaptive optimizer's gradient before the L2 term is added (with
+    ``optim.l2 / n`` unchanged, mup's MuSGD dividing torch's weight decay by the factor
+    it multiplies the rate by); an adaptive one's normalised direction (with
+    ``optim.l2 = 0``: ``vgrad.config`` refuses the combination)."""
     lr = learning_rate(optim, total_steps)
-    update = OPTIMIZERS[optim.name].make(optim, lr)
+    entry = OPTIMIZERS[optim.name]
+    factors = None if lr_factors is None else scale_by_tree(lr_factors)
+    update = entry.make(optim, lr, factors if entry.adaptive else None)
     if not is_zero(optim.l2):
         update = optax.chain(optax.add_decayed_weights(optim.l2 / n_train, kernel_mask), update)
+    if factors is not None and not entry.adaptive:
+        update = optax.chain(factors, update)
     return Transforms(CLIPS[clip.name].make(clip), update)
+
+
+def scale_by_tree(factors: Any) -> optax.GradientTransformation:
+    """Every leaf of the updates times its factor (a per-parameter learning rate, as
+    torch's parameter groups give one); factors of 1 cost nothing."""
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype),
+                            updates, factors), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

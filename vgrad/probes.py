@@ -339,6 +339,9 @@ NEEDS = {
     "state_jacobian": "epoch",
     # the attention layers' weights on the first ATTENTION_EXAMPLES probe examples
     "attention": "epoch",
+    # the signals at the delta points on the probe batch through the initial parameters
+    # (a copy of them carried in the training state)
+    "initial_signals": "epoch",
     # the Hessian of that loss through Hessian-vector products (``vgrad.curvature``):
     # the whole Hessian's, and each layer's diagonal block's
     "curvature": "epoch",
@@ -505,6 +508,9 @@ class EpochView(NamedTuple):
     # attention layers: their weights on the first ATTENTION_EXAMPLES probe examples,
     # [examples, heads, queries, keys] each
     attention: list[Array] | None = None
+    # per segment: the signal at each delta point on the probe batch through the
+    # initial parameters (``TrainState.initial``), [n, probe, units]
+    initial_signals: list[Array] | None = None
 
 
 def weight_stats(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -581,6 +587,33 @@ def forward_signal(view: EpochView, layout: Layout) -> dict[str, Array]:
 
     return {"signal_q": _per_layer(length, blocks),
             "signal_c": _per_layer(correlation, blocks)}
+
+
+def _abs_mean(rows: Rows) -> Array:
+    """Per layer, the mean |x| over the examples and real units of ``rows.x`` [n, B, K]
+    (on the values divided by their largest magnitude: no overflow)."""
+    s = _scale(rows.x.reshape(rows.x.shape[0], -1))[:, 0]
+    return (jnp.sum(jnp.abs(rows.x / s[:, None, None]), axis=(1, 2))
+            / (rows.count * rows.x.shape[1]) * s)
+
+
+def coord_check(view: EpochView, layout: Layout) -> dict[str, Array]:
+    """The coordinate check of the maximal-update parametrization (Yang et al. 2022,
+    "Tensor Programs V", their Figure 5; microsoft/mup's ``get_coord_data``): per layer,
+    on the probe batch, the typical size of a coordinate of the signal at its delta
+    point (the MLP's pre-activation z_l; the last layer's: the logits),
+
+    - ``coord_l1``: mean |x| over examples and units (mup's "l1");
+    - ``coord_change_l1``: mean |x - x_0|, x_0 the same layer's signal on the same
+      inputs through the initial parameters: how far training has moved it.
+
+    Recorded at initialisation and after every epoch; against width, a layer whose
+    change grows (falls) with width blows up (stops learning) in the limit, and under
+    muP every line is flat (``param=mup``, the ``coord_check`` preset).
+    """
+    change = [x - x0 for x, x0 in zip(view.signals, view.initial_signals, strict=True)]
+    return {"coord_l1": _per_layer(_abs_mean, pack(view.signals, axis=2)),
+            "coord_change_l1": _per_layer(_abs_mean, pack(change, axis=2))}
 
 
 def residual_signal(view: EpochView, layout: Layout) -> dict[str, Array]:
@@ -771,6 +804,8 @@ EPOCH_PROBES: dict[str, Probe] = {
                                      "weight_hist": ("layer", "bin")}, needs=("probe_grads",)),
     "forward_signal": Probe(forward_signal, {"signal_q": _LAYER, "signal_c": _LAYER},
                             needs=("captures",), opt_in=True),
+    "coord_check": Probe(coord_check, {"coord_l1": _LAYER, "coord_change_l1": _LAYER},
+                         needs=("captures", "initial_signals"), opt_in=True),
     "residual_signal": Probe(residual_signal, {"branch_var": ("block",),
                                                "skip_var": ("block",)}, requires="blocks",
                              needs=("captures",), opt_in=True),

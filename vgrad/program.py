@@ -209,7 +209,8 @@ class Program:
     def _start_one(self, m: Members) -> TrainState:
         x = jax.ShapeDtypeStruct((self.batch_size, self.n_features), self.dtype)
         return init_state(self.group.network(m), self._tx(m), seed_keys(m.seed).init, x,
-                          len(self.names), with_alpha="alpha" in self.step_needs)
+                          len(self.names), with_alpha="alpha" in self.step_needs,
+                          with_initial="initial_signals" in self.view.needs)
 
     def _train_one(self, m: Members, state: TrainState, x: Array, y: Array, key: Array
                    ) -> tuple[TrainState, Any]:

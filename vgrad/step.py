@@ -40,6 +40,9 @@ class TrainState(struct.PyTreeNode):
     # the local step size's start point (``with_alpha``; else None): the last update
     # applied, its length over the layers and its observation (``vgrad.noise.alpha``)
     alpha_start: Any = None
+    # the parameters and batch-norm averages at initialisation (``with_initial``; else
+    # None): what the coordinate check measures each layer's change from
+    initial: Any = None
 
 
 class StepOut(NamedTuple):
@@ -105,9 +108,10 @@ class AlphaStart(NamedTuple):
 
 
 def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers: int,
-               with_alpha: bool = False) -> TrainState:
+               with_alpha: bool = False, with_initial: bool = False) -> TrainState:
     """Initial parameters (from ``key``) and optimizer states for one seed (and, with
-    ``with_alpha``, an empty start point for the local step size).
+    ``with_alpha``, an empty start point for the local step size; with ``with_initial``,
+    a copy of the initial parameters and batch-norm averages, kept unchanged).
 
     ``lazy_init`` creates the variables without running the forward pass, so the
     program depends on the shapes only (and compiles to the same code for every
@@ -125,6 +129,7 @@ def init_state(model: nn.Module, tx: Transforms, key: Array, x: Array, n_layers:
         diverged_at=jnp.full((), -1, jnp.int32),
         nonfinite_at_divergence=jnp.zeros((n_layers,), jnp.int32),
         alpha_start=_no_start(params) if with_alpha else None,
+        initial=(params, variables.get("batch_stats", {})) if with_initial else None,
     )
 
 

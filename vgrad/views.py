@@ -130,6 +130,14 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         signals = layout.signals(inter)
         if layout.blocks is not None:
             branches, skips = layout.block_values(inter)
+    initial_signals = None
+    if "initial_signals" in spec.needs:  # (the same probe batch through the initial net)
+        params0, stats0 = state.initial
+        _, captured = net.apply({"params": params0, **({"batch_stats": stats0} if stats0
+                                                       else {})},
+                                data.x_probe, train=False, capture=True,
+                                mutable=["intermediates"])
+        initial_signals = layout.signals(captured["intermediates"])
     jacobian_sv = None
     if "jacobian" in spec.needs:
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
@@ -169,4 +177,4 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
         slope_max=sown["slope_max"], probe_grads=probe_grads,
         sat_threshold=sat_threshold, signals=signals,
         branches=branches, skips=skips, jacobian_sv=jacobian_sv, curvature=hessian,
-        state_jacobian_sv=state_sv, attention=attention)
+        state_jacobian_sv=state_sv, attention=attention, initial_signals=initial_signals)

@@ -42,12 +42,15 @@ AXIS_NAMES: dict[str, tuple[str, str]] = {
     "data.length": (r"$T$", "T"),
     "clip.max": ("clip max", "clip max"),
     "batch_size": ("batch", "batch"),
+    "param": ("param", "parametrization"),
+    "param.base_width": (r"$n_{base}$", "base width"),
 }
 #: How values of some keys read (by their text): ReZero rather than "rezero".
 VALUE_NAMES: dict[str, dict[str, str]] = {
     "model.alpha": {"one": "1", "rezero": "ReZero", "skipinit": "SkipInit",
                     "fixup": "Fixup", "inv_sqrt_depth": "1/√depth"},
     "model.skip": {"True": "on", "False": "off"},
+    "param": {"sp": "SP", "ntk": "NTK", "mup": "μP"},
 }
 
 
@@ -77,9 +80,10 @@ def label(axis: str, value: object, math: bool = True) -> str:
 #: The settings a run is named by when no sweep says what varies, in this order
 #: ("group.*": the parameters of the group's choice), and values that go unsaid.
 SETTINGS = ("model", "model.*", "act", "act.*", "init", "init.*", "bias_init", "bias_init.*",
-            "depth", "width", "widths", "bn", "clip", "clip.*", "optim", "optim.lr", "loss",
-            "data", "data.length")
-QUIET = {"model": "mlp", "bias_init": "zeros", "clip": "none", "bn": "none", "widths": None,
+            "depth", "width", "widths", "bn", "param", "param.*", "clip", "clip.*", "optim",
+            "optim.lr", "loss", "data", "data.length")
+QUIET = {"model": "mlp", "param": "sp", "bias_init": "zeros", "clip": "none", "bn": "none",
+         "widths": None,
          "init.mean": 0.0, "bias_init.mean": 0.0, "init.distribution": "normal",
          "init.mode": "fan_in", "model.norm": "none", "model.block_dense": 1,
          "model.recurrent_scale": 1.0, "model.forget_bias": 1.0, "model.alpha_init": 0.0,

@@ -105,7 +105,7 @@ def baseline(runs: Sequence[Run], metric: str) -> tuple[float, str] | None:
 
 
 #: The config keys the mean-field prediction of a run depends on.
-THEORY_KEYS = ("model", "act", "init", "bias_init", "depth", "bn", "data")
+THEORY_KEYS = ("model", "act", "init", "bias_init", "depth", "width", "bn", "data", "param")
 
 
 @dataclass
@@ -145,6 +145,10 @@ def theory_inputs(config: DictConfig) -> tuple | str:
         return f"model={model.name} (the theory drawn is for plain MLPs)"
     if config.get("bn") not in (None, "none"):
         return "batch norm"
+    param = config.get("param")
+    if param is not None and param.name == "mup" and config.get("width") != param.base_width:
+        return ("param=mup away from its base width (its readout's variance is scaled by "
+                "base_width / width; the theory drawn is for sp)")
     try:
         return (theory.activation(config.act), theory.sigma_w2_of(config.init),
                 theory.sigma_b2_of(config.bias_init))

@@ -23,7 +23,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from vgrad.analysis import noise_figures, theory_figures, transformer_figures
+from vgrad.analysis import (
+    coord_figures,
+    noise_figures,
+    theory_figures,
+    transformer_figures,
+)
 from vgrad.analysis.naming import axis_name, metric_text, varying_axes
 from vgrad.analysis.recorded import one_recurrent_layer, recorded, recurrent, regression
 from vgrad.analysis.run_figures import (
@@ -178,6 +183,12 @@ SWEEP_FIGURES: dict[str, SweepFigure] = {
         lambda s, axes: (f"Gradient of each block's MLP output kernel at initialisation by "
                          f"{axis_name(_not_depth(axes), math=False)} (Xiong et al. 2020)"),
         Command("blocks", ("hue",))),
+    "coord_check": SweepFigure(
+        lambda s, axes: coord_figures.coord_check(s),
+        lambda s, axes: coord_figures.applies(s),
+        lambda s, axes: ("Coordinate check: each layer's change since initialisation against "
+                         "width, a panel per step (Yang et al. 2022, Tensor Programs V)"),
+        Command("coord_check", ())),
     "bars": SweepFigure(
         lambda s, axes: bars(s, axes[0]),
         lambda s, axes: _configs(s) <= MAX_BARS,

@@ -55,6 +55,9 @@ class Model:
     #: Reads out at every step of a sequence when the data has a label at every step
     #: (``vgrad.data.per_step``: the copy task); its logits are then [batch, T, classes].
     per_step: bool = False
+    #: Its hidden layers are ``width`` wide, so that the NTK and muP parametrizations
+    #: apply (``param``, ``vgrad.parametrization``): the MLP and the residual MLP.
+    width_parametrized: bool = False
 
     def takes_act(self, cfg: Any) -> bool:
         """Whether a config's net applies the ``act`` axis."""
@@ -85,9 +88,10 @@ def _linen(schema: type, family: custom.LinenFamily, validate: Callable[[Any], N
 
 MODELS: dict[str, Model] = {
     "mlp": Model(mlp.MLPModel, mlp.build, _declared(mlp.layout),
-                 _declared(mlp.hidden_widths), mlp.validate, named=False),
+                 _declared(mlp.hidden_widths), mlp.validate, named=False,
+                 width_parametrized=True),
     "resmlp": Model(resmlp.ResMLPModel, resmlp.build, _declared(resmlp.layout),
-                    _declared(resmlp.widths), resmlp.validate),
+                    _declared(resmlp.widths), resmlp.validate, width_parametrized=True),
     **{cell: Model(rnn.RecurrentModel, rnn.build, _declared(rnn.layout),
                    _declared(rnn.widths), rnn.validate,
                    sequence=True, recurrent=True,

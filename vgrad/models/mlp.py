@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from vgrad.errors import ConfigError
 from vgrad.layers import Capture, Layout, Segment
 from vgrad.models.common import Parts, activate, delta_point
+from vgrad.parametrization import Scaling, scaling
 
 #: Identical hidden layers (after the first) from which they run as one scan.
 SCAN_FROM = 8
@@ -106,16 +107,20 @@ class _Parts(nn.Module):
     bn_momentum: float = 0.99
     bn_eps: float = 1e-3
     dtype: Any = jnp.float32  # of the parameters and the computation
+    scaling: Scaling = Scaling()  # the ``param`` axis: multipliers and initial scales
 
     def hidden_layer(self, x: jax.Array, width: int, suffix: str, train: bool,
                      capture: bool) -> jax.Array:
         """Dense -> [BatchNorm] -> activation -> [BatchNorm], delta and captures; the
         submodules and collections are named ``dense<suffix>``, ``bn<suffix>``,
         ``act<suffix>``, ``delta<suffix>`` and the captures ``activation<suffix>``, ..."""
-        dense = nn.Dense(width * self.pieces, kernel_init=self.kernel_init,
+        role = "input" if suffix == "_0" else "hidden"
+        dense = nn.Dense(width * self.pieces,
+                         kernel_init=self.scaling.kernel_init(self.kernel_init, role),
                          bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.dtype,
                          name=f"dense{suffix}")
-        z = delta_point(self, f"delta{suffix}", dense(x), capture)
+        z = delta_point(self, f"delta{suffix}", dense(self.scaling.dense_input(x, role)),
+                        capture)
         if self.bn == "pre":
             z = self._norm(f"bn{suffix}", train)(z)
         x = activate(self, self.act(name=f"act{suffix}"), z, train, capture, suffix)
@@ -156,7 +161,7 @@ class MLP(_Parts):
         if stack:
             parts = {k: getattr(self, k) for k in (
                 "act", "kernel_init", "bias_init", "pieces", "bn", "bn_momentum", "bn_eps",
-                "dtype")}
+                "dtype", "scaling")}
             layers = nn.scan(
                 _StackLayer,
                 variable_axes={c: 0 for c in ("params", "batch_stats", "perturbations",
@@ -166,9 +171,12 @@ class MLP(_Parts):
             x, _ = layers(**parts, width=self.widths[-1], train=train, capture=capture,
                           name="hidden")(x, None)
         depth = len(self.widths)
-        out = nn.Dense(self.out_dim, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                       dtype=self.dtype, param_dtype=self.dtype, name=f"dense_{depth}")
-        return delta_point(self, f"delta_{depth}", out(x), capture)
+        out = nn.Dense(self.out_dim, kernel_init=self.scaling.kernel_init(self.kernel_init,
+                                                                          "output"),
+                       bias_init=self.bias_init, dtype=self.dtype, param_dtype=self.dtype,
+                       name=f"dense_{depth}")
+        return delta_point(self, f"delta_{depth}", out(self.scaling.dense_input(x, "output")),
+                           capture)
 
 
 def build(cfg: Any, parts: Parts, out_dim: int) -> MLP:
@@ -177,7 +185,8 @@ def build(cfg: Any, parts: Parts, out_dim: int) -> MLP:
     return MLP(widths=tuple(hidden_widths(cfg)), out_dim=out_dim, act=parts.act,
                kernel_init=parts.kernel_init, bias_init=parts.bias_init, pieces=parts.pieces,
                bn=cfg.bn.value if hasattr(cfg.bn, "value") else cfg.bn,
-               bn_momentum=parts.bn_momentum, bn_eps=parts.bn_eps, dtype=parts.dtype)
+               bn_momentum=parts.bn_momentum, bn_eps=parts.bn_eps, dtype=parts.dtype,
+               scaling=scaling(cfg))
 
 
 def validate(cfg: Any) -> None:

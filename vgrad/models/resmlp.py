@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from vgrad.errors import ConfigError
 from vgrad.layers import Blocks, Capture, Layout, Segment
 from vgrad.models.common import Parts, activate, delta_point
+from vgrad.parametrization import Scaling, scaling
 
 Array = jax.Array
 
@@ -102,6 +103,7 @@ class _Block(nn.Module):
     width: int
     train: bool = False
     capture: bool = False
+    scaling: Scaling = Scaling()
 
     def _alpha(self) -> Array | float:
         kind, dtype = self.cfg.alpha, self.parts.dtype
@@ -130,8 +132,11 @@ class _Block(nn.Module):
             # The first activation is the one applied to the previous layer's output.
             u = activate(self, p.act(name=f"act_{j}"), u, self.train,
                          self.capture and j == 0)
-            u = nn.Dense(self.width, kernel_init=self._kernel_init(j), bias_init=p.bias_init,
-                         dtype=p.dtype, param_dtype=p.dtype, name=f"dense_{j}")(u)
+            dense = nn.Dense(self.width,
+                             kernel_init=self.scaling.kernel_init(self._kernel_init(j), "hidden"),
+                             bias_init=p.bias_init, dtype=p.dtype, param_dtype=p.dtype,
+                             name=f"dense_{j}")
+            u = dense(self.scaling.dense_input(u, "hidden"))
         branch = self._alpha() * u
         skip = h if self.cfg.skip else jnp.zeros_like(h)
         if self.capture:
@@ -148,12 +153,14 @@ class ResMLP(nn.Module):
     depth: int
     width: int
     out_dim: int = 1
+    scaling: Scaling = Scaling()  # the ``param`` axis (``vgrad.parametrization``)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, capture: bool = False) -> Array:
-        p = self.parts
-        h = nn.Dense(self.width, kernel_init=p.kernel_init, bias_init=p.bias_init,
-                     dtype=p.dtype, param_dtype=p.dtype, name="proj")(x)
+        p, s = self.parts, self.scaling
+        h = nn.Dense(self.width, kernel_init=s.kernel_init(p.kernel_init, "input"),
+                     bias_init=p.bias_init, dtype=p.dtype, param_dtype=p.dtype,
+                     name="proj")(s.dense_input(x, "input"))
         h = delta_point(self, "delta_proj", h, capture)
         blocks = nn.scan(
             _Block,
@@ -161,12 +168,14 @@ class ResMLP(nn.Module):
                                           "intermediates")},
             split_rngs={"params": True, "noise": True},
             length=self.depth)
-        h, _ = blocks(p, self.cfg, self.depth, self.width, train, capture, name="blocks")(h, None)
+        h, _ = blocks(p, self.cfg, self.depth, self.width, train, capture, s,
+                      name="blocks")(h, None)
         if self.cfg.norm != "none":
             h = _Norm(self.cfg.norm, p.bn_momentum, p.bn_eps, p.dtype, name="out_norm")(h, train)
         h = activate(self, p.act(name="out_act"), h, train, capture, "_out")
-        out = nn.Dense(self.out_dim, kernel_init=p.kernel_init, bias_init=p.bias_init,
-                       dtype=p.dtype, param_dtype=p.dtype, name="out")(h)
+        out = nn.Dense(self.out_dim, kernel_init=s.kernel_init(p.kernel_init, "output"),
+                       bias_init=p.bias_init, dtype=p.dtype, param_dtype=p.dtype,
+                       name="out")(s.dense_input(h, "output"))
         return delta_point(self, "delta_out", out, capture)
 
 
@@ -179,7 +188,7 @@ def _node(cfg: Any) -> ResMLPModel:
 
 def build(cfg: Any, parts: Parts, out_dim: int) -> ResMLP:
     """The residual MLP described by a validated config, from a member's ``parts``."""
-    return ResMLP(parts, _node(cfg), cfg.depth, cfg.width, out_dim)
+    return ResMLP(parts, _node(cfg), cfg.depth, cfg.width, out_dim, scaling(cfg))
 
 
 def block_names(depth: int) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ SHRINK = {
     "cnn_depth": {"depth": "depth=2,3"},
     "copy_task": {"model": "model=rnn,lstm"},
     "transformer_ln": {"depth": "depth=1,2"},
+    "finite_width": {"width": "width=16,32", "depth": "depth=2", "seed": "seed=0"},
     "coord_check": {"width": "width=8,16", "optim": "optim=sgd"},
 }
 
@@ -72,7 +73,7 @@ def covering_jobs(args: list[str]) -> list[list[str]]:
 
 def test_there_is_a_preset_per_source():
     assert PRESETS == ["cnn_depth", "coord_check", "copy_task", "edge_of_stability", "exploding",
-                       "gradient_noise", "isometry", "mnist_losses",
+                       "finite_width", "gradient_noise", "isometry", "mnist_losses",
                        "nielsen", "phase_diagram", "relu_fix", "residual_fix", "rnn_time",
                        "transformer_ln", "visualize"]
 

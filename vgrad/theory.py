@@ -49,6 +49,13 @@ iterates behind ``variances``, ``delta_profile`` and ``mean_delta_profile`` are 
 (activation, sigma_w^2, sigma_b^2, input lengths) and grown only when a deeper net asks
 (a sweep over depth computes its deepest net's layers once); ``q_star``, ``c_star``,
 ``chi_c`` and ``correlation_depth_scale`` are memoised. ``clear_caches()`` empties them.
+
+Beyond the wide limit (the section at the end): at a finite width each ReLU layer
+multiplies ||delta||^2 by a random factor, and ``relu_log_ratio`` (exact cumulants),
+``relu_log_ratio_leading`` (5 sum 1/n), ``relu_log_ratio_median``, ``_cdf``, ``_density``,
+``relu_ratio_moments`` and ``relu_dead_probability`` describe the seed-to-seed spread of
+ln(||delta_first||^2 / ||delta_output||^2) at initialisation (Hanin 2018; Hanin & Nica
+2019).
 """
 
 from __future__ import annotations
@@ -58,9 +65,9 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +290,8 @@ def clear_caches() -> None:
     """Forget every memoised result (activations, fixed points, layer iterates)."""
     _cached_activation.cache_clear()
     _CHAINS.clear()
-    for memo in (_q_star, c_star, chi_c, correlation_depth_scale):
+    for memo in (_q_star, c_star, chi_c, correlation_depth_scale, _relu_log_factor,
+                 _log_factor_cf, _log_ratio_cf, _relu_log_ratio_median):
         memo.cache_clear()
 
 
@@ -625,3 +633,236 @@ def signal_profiles(act: Activation, depth: int, sigma_w2: float, sigma_b2: floa
         qab = sigma_w2 * pair_means(c) + sigma_b2
         q = length(q)
     return np.array(lengths), np.array(correlations)
+
+
+# --- finite width: the fluctuations of the gradient (Hanin 2018; Hanin & Nica 2019) -------
+
+# Mean-field theory keeps E||delta_l||^2 constant across a ReLU net with He kernels; at a
+# finite width each layer multiplies ||delta||^2 by a random factor. For a ReLU MLP with
+# zero biases and Gaussian kernels W_{l+1} ~ N(0, sigma_w^2 / n_l) fed a fixed input,
+#
+#   delta_l = D_l W_{l+1}^T delta_{l+1},   D_l = diag(1[z_l > 0]),
+#
+# and given delta_{l+1} the n_l entries of W_{l+1}^T delta_{l+1} are independent
+# N(0, sigma_w^2 ||delta_{l+1}||^2 / n_l); D_l keeps K_l of them, and K_l ~ Binomial(n_l,
+# 1/2) (each z_l,i is symmetric). Hence
+#
+#   X_l = ||delta_l||^2 / ||delta_{l+1}||^2 = (sigma_w^2 / n_l) chi^2_{K_l},
+#
+# one factor per hidden layer, each using that layer's width n_l (the fan-in of the
+# kernel above it). That the masks may be taken independent of the weights, and the
+# factors of one another, for ReLU nets with symmetric weights at a fixed input, is
+# Hanin & Nica 2019 ("Products of many large random matrices and gradients in deep
+# neural networks", Comm. Math. Phys. 2020, arXiv:1812.05994); a numpy Monte Carlo that
+# takes the masks from real forward passes agrees (tests/test_width_figures.py). The
+# output's delta must not depend on the output kernel: exact for one output unit (delta
+# is a scalar that factors out), not for a softmax over several.
+#
+# Per factor, given K = k >= 1: ln chi^2_k has mean digamma(k/2) + ln 2, variance
+# trigamma(k/2) and third cumulant polygamma(2, k/2) (the log of a Gamma(k/2, 2)
+# variable), so E ln X = ln(sigma_w^2 / n) + ln 2 + E digamma(K/2), and by the law of
+# total variance Var ln X = E trigamma(K/2) + Var digamma(K/2). With K ~ n/2 and
+# digamma(x) ~ ln x - 1/(2x), trigamma(x) ~ 1/x: Var ln X = 4/n + 1/n = 5/n and, at He's
+# sigma_w^2 = 2, E ln X = -2/n - 1/(2n) = -5/(2n) to leading order. Over the net,
+# r = ln(||delta_first||^2 / ||delta_output||^2) = sum_l ln X_l has
+#
+#   Var r ~ 5 sum_l 1/n_l,   E r ~ -(5/2) sum_l 1/n_l   (He),
+#
+# so the spread is set by depth / width, not depth alone (Hanin 2018, "Which neural net
+# architectures give rise to exploding and vanishing gradients?", NeurIPS; Hanin & Nica
+# 2019 show r is asymptotically Gaussian). Yet E X_l = sigma_w^2 / 2 exactly (K = 0
+# included): at He the *mean* ratio is 1 at any width while its *median* falls like
+# exp(-(5/2) sum 1/n); E X_l^2 = (sigma_w^2 / 2)^2 (1 + 5/n_l), so the ratio's second
+# moment grows like exp(5 sum 1/n) (Hanin 2018's criterion).
+#
+# A dead layer: K_l = 0 with probability 2^-n_l kills every delta below it (the ratio is
+# exactly 0, ln = -inf). The log moments here are conditional on every layer being alive
+# (K >= 1: the binomial renormalised over 1..n), the probability of a dead layer given
+# apart (``relu_dead_probability``); the analysis leaves dead seeds out of r's statistics
+# and counts them, and keeps them (as 0) in the mean ratio, whose E = (sigma_w^2/2)^depth
+# includes them.
+#
+# The distribution of r itself (its median, density, quantiles) follows from its
+# characteristic function, a product of closed forms: E[(chi^2_k)^{it}] = 2^{it}
+# Gamma(k/2 + it) / Gamma(k/2), so E[X^{it}] = sum_k p_k (2 sigma_w^2 / n)^{it}
+# Gamma(k/2 + it) / Gamma(k/2), inverted numerically (Gil-Pelaez). The median is not the
+# mean: ln chi^2 is skewed to the left (third cumulant ~ -31 sum 1/n^2), which puts the
+# median ~1/n above the mean for a net of width n at any depth.
+
+
+class LogMoments(NamedTuple):
+    """The first three cumulants of a log quantity (r, or one layer's ln X)."""
+
+    mean: float
+    variance: float
+    third: float  # third cumulant (the third central moment): < 0, a tail to the left
+
+
+def _widths(widths: Sequence[int] | int) -> list[int]:
+    """Hidden widths as a list of positive integers (a ValueError naming the bad one)."""
+    values = (list(widths) if isinstance(widths, (Sequence, np.ndarray))
+              and not isinstance(widths, str) else [widths])
+    for n in values:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"width {n!r}: expected a positive integer")
+    return [int(n) for n in values]
+
+
+def _sigma_w2(sigma_w2: float) -> float:
+    if not (isinstance(sigma_w2, (int, float, np.floating)) and math.isfinite(sigma_w2)
+            and sigma_w2 > 0):
+        raise ValueError(f"sigma_w2 {sigma_w2!r}: expected a finite number > 0")
+    return float(sigma_w2)
+
+
+def relu_dead_probability(widths: Sequence[int] | int) -> float:
+    """The probability that at least one hidden layer of a zero-bias ReLU net has no
+    active unit at a given input: 1 - prod_l (1 - 2^-n_l) (each unit is active with
+    probability 1/2, independently; one width: 2^-n). Its delta, and every delta
+    below it, is then exactly 0."""
+    alive = sum(math.log1p(-(2.0 ** -n)) for n in _widths(widths))
+    return -math.expm1(alive)
+
+
+@functools.lru_cache(maxsize=1024)
+def _relu_log_factor(width: int, sigma_w2: float) -> LogMoments:
+    from scipy.special import digamma, polygamma
+    from scipy.stats import binom
+
+    k = np.arange(1, width + 1)
+    p = binom.pmf(k, width, 0.5)
+    p = p / p.sum()  # conditioned on K >= 1
+    m_k = math.log(2.0 * sigma_w2 / width) + digamma(k / 2)  # E[ln X | K = k]
+    v_k, t_k = polygamma(1, k / 2), polygamma(2, k / 2)  # its variance, third cumulant
+    mean = float(p @ m_k)
+    centred = m_k - mean
+    variance = float(p @ (v_k + centred ** 2))
+    third = float(p @ (t_k + 3.0 * v_k * centred + centred ** 3))  # law of total cumulance
+    return LogMoments(mean, variance, third)
+
+
+def relu_log_factor(width: int, sigma_w2: float = 2.0) -> LogMoments:
+    """Exact cumulants of ln X, X = (sigma_w^2 / n) chi^2_K, K ~ Binomial(n, 1/2) given
+    K >= 1: the log of the factor by which one hidden ReLU layer of width n multiplies
+    ||delta||^2 on its way to the input (see the section above; Hanin 2018; Hanin &
+    Nica 2019). Given K = k: mean ln(2 sigma_w^2 / n) + digamma(k/2), variance
+    trigamma(k/2), third cumulant polygamma(2, k/2); mixed over K by the laws of total
+    variance and cumulance. Var -> 5/n and (He) mean -> -5/(2n) for wide layers."""
+    return _relu_log_factor(_widths(width)[0], _sigma_w2(sigma_w2))
+
+
+def relu_log_ratio(widths: Sequence[int], sigma_w2: float = 2.0) -> LogMoments:
+    """Exact cumulants of r = ln(||delta_first||^2 / ||delta_output||^2) at
+    initialisation for a ReLU MLP of hidden widths ``widths`` (input side first),
+    Gaussian kernels of variance sigma_w^2 / fan_in, zero biases and one output unit,
+    given that no layer is dead: the sum of ``relu_log_factor`` over the hidden layers
+    (independent factors: cumulants add)."""
+    factors = [relu_log_factor(n, sigma_w2) for n in _widths(widths)]
+    return LogMoments(*(float(sum(f[i] for f in factors)) for i in range(3)))
+
+
+def relu_log_ratio_leading(widths: Sequence[int], sigma_w2: float = 2.0) -> LogMoments:
+    """The leading order in 1/n of ``relu_log_ratio``: mean depth ln(sigma_w^2 / 2) -
+    (5/2) sum 1/n_l, variance 5 sum 1/n_l (Hanin 2018; Hanin & Nica 2019: r is then
+    Gaussian, its median equal to its mean); the third cumulant, of the next order,
+    -31 sum 1/n_l^2 (-16 from polygamma(2, K/2), -12 from 3 Cov(trigamma(K/2),
+    digamma(K/2)), -3 from the third cumulant of ln K)."""
+    values = _widths(widths)
+    inverse = sum(1.0 / n for n in values)
+    return LogMoments(len(values) * math.log(_sigma_w2(sigma_w2) / 2.0) - 2.5 * inverse,
+                      5.0 * inverse, -31.0 * sum(1.0 / n ** 2 for n in values))
+
+
+def relu_ratio_moments(widths: Sequence[int], sigma_w2: float = 2.0) -> tuple[float, float]:
+    """E and E[.^2] of the ratio ||delta_first||^2 / ||delta_output||^2 itself, dead
+    layers included (as 0): prod_l sigma_w^2 / 2 and prod_l (sigma_w^2 / 2)^2 (1 + 5/n_l),
+    from E chi^2_K = K and E (chi^2_K)^2 = K^2 + 2K with E K = n/2, E K^2 = n/4 + n^2/4.
+    At He's sigma_w^2 = 2 the mean is 1 at every width and depth, while the second moment
+    grows like exp(5 sum 1/n) (Hanin 2018): the sample mean of N seeds is carried by
+    seeds rarer than 1/N once that is large."""
+    values, s = _widths(widths), _sigma_w2(sigma_w2) / 2.0
+    return s ** len(values), float(np.prod([s * s * (1.0 + 5.0 / n) for n in values]))
+
+
+#: Points of the characteristic function's grid (midpoint rule on [0, T]).
+CF_POINTS = 4000
+#: Binomial probabilities below this (relative to the largest) are left out of the sums.
+_BINOMIAL_FLOOR = 1e-20
+
+
+@functools.lru_cache(maxsize=256)
+def _log_factor_cf(width: int, sigma_w2: float, t: tuple[float, ...]) -> np.ndarray:
+    """E[X^{it}] of one layer at the points ``t``, given K >= 1."""
+    from scipy.special import gammaln, loggamma
+    from scipy.stats import binom
+
+    k = np.arange(1, width + 1)
+    p = binom.pmf(k, width, 0.5)
+    keep = p > _BINOMIAL_FLOOR * p.max()
+    k, p = k[keep], p[keep] / p[keep].sum()
+    tt = np.asarray(t)[None, :]
+    logs = (1j * tt * math.log(2.0 * sigma_w2 / width)
+            + loggamma(k[:, None] / 2 + 1j * tt) - gammaln(k / 2)[:, None])
+    return p @ np.exp(logs)
+
+
+def _layers(widths: Sequence[int]) -> tuple[int, ...]:
+    """``_widths`` of a net with at least one hidden layer (r has a distribution)."""
+    values = tuple(_widths(widths))
+    if not values:
+        raise ValueError("widths []: expected at least one hidden layer")
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def _log_ratio_cf(widths: tuple[int, ...], sigma_w2: float
+                  ) -> tuple[np.ndarray, float, np.ndarray]:
+    """The characteristic function of r (``relu_log_ratio``) on a midpoint grid over
+    [0, T]: (t, the spacing h, phi(t)). T leaves both the Gaussian core (exp(-sigma^2
+    t^2 / 2) at 12 sigma) and the slowest tail (|Gamma(1/2 + it)| ~ exp(-pi t / 2) per
+    layer) below 1e-25."""
+    sigma = math.sqrt(relu_log_ratio(widths, sigma_w2).variance)
+    top = max(12.0 / sigma, 40.0 / len(widths))
+    h = top / CF_POINTS
+    t = (np.arange(CF_POINTS) + 0.5) * h
+    phi = np.ones(CF_POINTS, complex)
+    for n, count in collections.Counter(widths).items():
+        phi = phi * _log_factor_cf(n, sigma_w2, tuple(t)) ** count
+    return t, h, phi
+
+
+def relu_log_ratio_cdf(x: float | np.ndarray, widths: Sequence[int],
+                       sigma_w2: float = 2.0) -> np.ndarray:
+    """P(r <= x), r as in ``relu_log_ratio`` (given no dead layer), by Gil-Pelaez's
+    inversion of its characteristic function phi (see the section above):
+    F(x) = 1/2 - (1/pi) int_0^inf Im[exp(-itx) phi(t)] / t dt."""
+    t, h, phi = _log_ratio_cf(_layers(widths), _sigma_w2(sigma_w2))
+    x = np.atleast_1d(np.asarray(x, np.float64))
+    waves = np.exp(-1j * np.outer(x, t)) * phi[None, :]
+    return np.clip(0.5 - (waves.imag / t[None, :]).sum(axis=1) * h / math.pi, 0.0, 1.0)
+
+
+def relu_log_ratio_density(x: float | np.ndarray, widths: Sequence[int],
+                           sigma_w2: float = 2.0) -> np.ndarray:
+    """The density of r at ``x`` (given no dead layer): (1/pi) int_0^inf
+    Re[exp(-itx) phi(t)] dt."""
+    t, h, phi = _log_ratio_cf(_layers(widths), _sigma_w2(sigma_w2))
+    x = np.atleast_1d(np.asarray(x, np.float64))
+    waves = np.exp(-1j * np.outer(x, t)) * phi[None, :]
+    return np.maximum(waves.real.sum(axis=1) * h / math.pi, 0.0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _relu_log_ratio_median(widths: tuple[int, ...], sigma_w2: float) -> float:
+    from scipy.optimize import brentq
+
+    moments = relu_log_ratio(widths, sigma_w2)
+    sigma = math.sqrt(moments.variance)
+    return float(brentq(lambda x: relu_log_ratio_cdf(x, widths, sigma_w2)[0] - 0.5,
+                        moments.mean - 4 * sigma, moments.mean + 4 * sigma, xtol=1e-10))
+
+
+def relu_log_ratio_median(widths: Sequence[int], sigma_w2: float = 2.0) -> float:
+    """The median of r (given no dead layer), from ``relu_log_ratio_cdf``: above the mean
+    by ~1/n at width n (the left skew of ln chi^2); -(5/2) sum 1/n to leading order."""
+    return _relu_log_ratio_median(_layers(widths), _sigma_w2(sigma_w2))

@@ -14,7 +14,8 @@ run by them): ``gradients``, ``weights``, ``learning_speed``, ``histograms``,
 (``noise_figures``). Per sweep (``sweep_figures``): ``profile``, ``time_profile``,
 ``heatmap``, ``bars``, ``curves``; with theory (``theory_figures``): ``phase_diagram``,
 ``signal_theory``, ``isometry``; ``noise_and_sharpness`` (``noise_figures``);
-``block_profile`` (``transformer_figures``); ``coord_check`` (``coord_figures``). The registries
+``block_profile`` (``transformer_figures``); ``finite_width`` (``width_figures``);
+``coord_check`` (``coord_figures``). The registries
 (``registry``): ``RUN_FIGURES`` and ``SWEEP_FIGURES``, which the report and the plot
 commands read, with ``sweep_figures(sweep)`` (draw those that apply) and
 ``command_figures`` (what ``vgrad-plot-sweep`` draws). Each figure function returns a
@@ -35,6 +36,7 @@ The modules, each importing only those above it:
   ``theory_figures`` the sweep figures that put theory beside the measurements
   ``noise_figures``  gradient noise in a run, noise and sharpness across a sweep
   ``transformer_figures``  attention in a run, the per-block profile across a sweep
+  ``width_figures``  finite-width fluctuations across widths and depths
   ``coord_figures``  the coordinate check across widths
   ``registry``       which figures there are, when each applies, what the commands draw
 
@@ -132,13 +134,14 @@ from vgrad.analysis.sweep_figures import (
 from vgrad.analysis.sweep_lines import MAX_NAMED, SHAPE_AXES, Line, Split, split
 from vgrad.analysis.theory_figures import isometry, phase_diagram, signal_theory
 from vgrad.analysis.transformer_figures import attention, block_profile
+from vgrad.analysis.width_figures import finite_width, finite_width_table
 
 __all__ = [
     # figures of a run, of a sweep, with theory
     "gradients", "weights", "learning_speed", "histograms", "saturation", "signal",
     "through_time", "curvature", "profile", "time_profile", "heatmap", "bars", "curves",
     "phase_diagram", "signal_theory", "isometry", "gradient_noise", "noise_and_sharpness",
-    "attention", "block_profile", "coord_check",
+    "attention", "block_profile", "finite_width", "finite_width_table", "coord_check",
     # registries
     "RUN_FIGURES", "RUN_FIGURE_PROBES", "unrecorded", "SWEEP_FIGURES", "SweepFigure",
     "Command", "sweep_figures", "command_figures", "MAX_BARS",

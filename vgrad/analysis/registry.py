@@ -28,6 +28,7 @@ from vgrad.analysis import (
     noise_figures,
     theory_figures,
     transformer_figures,
+    width_figures,
 )
 from vgrad.analysis.naming import axis_name, metric_text, varying_axes
 from vgrad.analysis.recorded import one_recurrent_layer, recorded, recurrent, regression
@@ -183,6 +184,13 @@ SWEEP_FIGURES: dict[str, SweepFigure] = {
         lambda s, axes: (f"Gradient of each block's MLP output kernel at initialisation by "
                          f"{axis_name(_not_depth(axes), math=False)} (Xiong et al. 2020)"),
         Command("blocks", ("hue",))),
+    "finite_width": SweepFigure(
+        lambda s, axes: width_figures.finite_width(s),
+        lambda s, axes: width_figures.applies(s),
+        lambda s, axes: ("Finite-width fluctuations of the gradient at initialisation: the "
+                         "spread and the median of r = ln(‖δ_first‖²/‖δ_output‖²) over seeds "
+                         "against depth and Σ 1/width (Hanin 2018; Hanin & Nica 2019)"),
+        Command("finite_width", ())),
     "coord_check": SweepFigure(
         lambda s, axes: coord_figures.coord_check(s),
         lambda s, axes: coord_figures.applies(s),

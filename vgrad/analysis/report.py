@@ -1,7 +1,9 @@
 """One self-contained HTML page for a sweep (or a single run): the commands that wrote
 into its folder and its status counts (short, on top), the sweep figures over the axes
-that vary, the runs table (folded for long sweeps; a click on a column header sorts it)
-and the figures of each run, or of representative runs of a long sweep (``runs``).
+that vary and the sweep tables that apply (``SWEEP_TABLES``; each also written as
+``NAME.csv`` beside ``runs.csv``), the runs table (folded for long sweeps; a click on a
+column header sorts it) and the figures of each run, or of representative runs of a long
+sweep (``runs``).
 Figures are written beside the page as PNG and referenced by relative, URL-encoded
 paths, so the folder opens in any browser from disk, offline, whatever the run folders
 are called (``vgrad-plot-run`` and ``vgrad-plot-sweep`` also write PDF).
@@ -13,9 +15,9 @@ diverged and the figures draw what was finite before.
 
 Every file is written whole (a temporary file, then a rename) and never through a
 symbolic link: a link planted at ``report/``, ``report/figures/``, ``index.html``,
-``runs.csv`` or a figure's name is refused (:class:`vgrad.store.LinkRefused`) before
-anything is drawn. The processes drawing run figures end with the report's process,
-however it ends (Ctrl-C, SIGTERM, ``kill -9``).
+``runs.csv``, a sweep table's CSV or a figure's name is refused
+(:class:`vgrad.store.LinkRefused`) before anything is drawn. The processes drawing run
+figures end with the report's process, however it ends (Ctrl-C, SIGTERM, ``kill -9``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from urllib.parse import quote
 import pandas as pd
 
 from vgrad import store
-from vgrad.analysis import figures
+from vgrad.analysis import figures, width_figures
 from vgrad.analysis.tables import Run, Sweep, axis_column, load_sweep, sweep_commands
 
 #: A sweep of at most this many runs gets every run's figures by default; a longer one,
@@ -46,6 +48,32 @@ from vgrad.analysis.tables import Run, Sweep, axis_column, load_sweep, sweep_com
 MAX_RUN_FIGURES = 12
 #: The runs table is folded (``<details>``) from this many runs on.
 FOLD_TABLE = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepTable:
+    """A table of a whole sweep: shown on the page under the sweep's figures, and
+    written beside ``runs.csv`` as ``NAME.csv`` (every column, full precision)."""
+
+    #: ``applies(sweep)``: whether the table says something about this sweep.
+    applies: Callable[[Sweep], bool]
+    #: ``table(sweep)``: its rows (empty: nothing to show).
+    table: Callable[[Sweep], pd.DataFrame]
+    #: What the table holds, on the page.
+    caption: str
+
+
+#: The sweep tables, in the order the page shows them: name -> SweepTable.
+SWEEP_TABLES: dict[str, SweepTable] = {
+    "finite_width": SweepTable(
+        width_figures.applies, width_figures.finite_width_table,
+        "Finite-width fluctuations at initialisation, per (width, depth) cell: r = "
+        "ln(‖δ_first‖²/‖δ_output‖²) over the seeds with no dead layer (variance with its "
+        "standard error, mean, median) beside the exact and the leading-order predictions "
+        "(vgrad.theory.relu_log_ratio, relu_log_ratio_leading); the ratio's median and "
+        "mean over every seed, the mean's expectation and the standard error a mean of "
+        "that many seeds has; seeds with a dead layer, found and expected"),
+}
 
 
 def summary_table(runs: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
@@ -325,6 +353,15 @@ def _table_html(table: pd.DataFrame, anchors: dict[str, str]) -> str:
             f"<tbody>{''.join(rows)}</tbody></table>")
 
 
+def _sweep_table_html(name: str, entry: SweepTable, table: pd.DataFrame) -> str:
+    """A sweep table on the page: numbers to 4 significant digits, a link to its CSV."""
+    shown = table.map(lambda v: f"{v:.4g}" if isinstance(v, float) else v)
+    link = quote(f"{name}.csv")
+    return (f"<figure>{_table_html(shown, {})}<figcaption>{html.escape(entry.caption)} "
+            f'(<a href="{html.escape(link)}">{html.escape(name)}.csv</a>)</figcaption>'
+            "</figure>")
+
+
 def _commands_html(commands: list[str]) -> str:
     if not commands:
         return ("<p>Command: <code>(a single run: see .hydra/overrides.yaml)</code></p>")
@@ -360,7 +397,8 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
     shown = _chosen_runs(sweep, table_runs, axes, runs)
     # Links and unwritable folders are refused before anything is drawn: a folder the
     # user named may be a link, the default report/ and figures/ (vgrad's) may not.
-    _refuse_links(root, own=out is None, names=("index.html", "runs.csv"))
+    _refuse_links(root, own=out is None,
+                  names=("index.html", "runs.csv", *(f"{n}.csv" for n in SWEEP_TABLES)))
     _refuse_links(figdir, own=True, names=("sweep_*.png", "run_*.png"))
     _writable(root)
     _writable(figdir)
@@ -382,6 +420,12 @@ def write_report(sweep_dir: str | Path, out: str | Path | None = None,
         for i, (_, caption, fig) in enumerate(figures.sweep_figures(sweep, axes)):
             png = figures.save(fig, figdir / f"sweep_{i}", formats=("png",))[0]
             parts.append(_img(png, root, caption))
+        # Sweep tables under the figures, each also written as NAME.csv.
+        for name, entry in SWEEP_TABLES.items():
+            table = entry.table(sweep) if entry.applies(sweep) else pd.DataFrame()
+            if not table.empty:
+                store.write_text(root / f"{name}.csv", table.to_csv(index=False))
+                parts.append(_sweep_table_html(name, entry, table))
         drawn = results()
     run_sections, anchors = [], {}
     # What no run shown recorded is said once, above the runs; each run names the rest.

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from conftest import TINY
 
@@ -214,3 +215,18 @@ def test_the_sweep_bar_says_compiling_until_each_program_reports(monkeypatch):
         bar.progress(group, 2)
         assert "compiling" not in frames(terminal.getvalue())[-1]
         assert "1.5/2 jobs" in frames(terminal.getvalue())[-1]
+
+
+def test_many_seeds_are_logged_in_one_line():
+    """More than MAX_SEED_LINES seeds: one line with the median and range of each final
+    metric over the seeds and the diverged count (a 512-seed job logged 512 lines)."""
+    from vgrad.train import MAX_SEED_LINES, seeds_line
+
+    n = MAX_SEED_LINES + 4
+    per_seed = [{"seed": i, "diverged_at_step": 7 if i == 3 else None,
+                 "final": {"train_loss": float(i), "train_acc": 0.5, "test_loss": None,
+                           "test_acc": None}} for i in range(n)]
+    line = seeds_line(per_seed)
+    assert line.startswith(f"{n} seeds: final train loss {np.median(range(n)):.4f} "
+                           f"[0.0000, {n - 1:.4f}]"), line
+    assert "test" not in line and line.endswith("1 diverged (first at step 7)")

@@ -166,14 +166,18 @@ def report(run_dir: Path, status: str) -> None:
     job = ("" if single else f"job {hydra_cfg.job.num} ({overrides}): " if overrides
            else f"job {hydra_cfg.job.num}: ")
     exploded = []
-    for s in summary["per_seed"]:
+    per_seed = summary["per_seed"]
+    if len(per_seed) > MAX_SEED_LINES:
+        log.info("%s%s", job, seeds_line(per_seed))
+    for s in per_seed:
         f = s["final"]
         test = (f", test loss {_fmt(f['test_loss'])} acc {_fmt(f['test_acc'])}"
                 if f.get("test_loss") is not None else "")
-        log.info("%sseed %d: final train loss %s acc %s%s%s", job, s["seed"],
-                 _fmt(f["train_loss"]), _fmt(f["train_acc"]), test,
-                 f", diverged at step {s['diverged_at_step']}" if s["diverged_at_step"]
-                 is not None else "")
+        if len(per_seed) <= MAX_SEED_LINES:
+            log.info("%sseed %d: final train loss %s acc %s%s%s", job, s["seed"],
+                     _fmt(f["train_loss"]), _fmt(f["train_acc"]), test,
+                     f", diverged at step {s['diverged_at_step']}" if s["diverged_at_step"]
+                     is not None else "")
         if s["diverged_at_step"] is None and (f["train_loss"] or 0) > EXPLODED_LOSS:
             exploded.append(s["seed"])
     if exploded:
@@ -191,6 +195,28 @@ def report(run_dir: Path, status: str) -> None:
              t["run_s"], t["compile_s"], shared, _fmt(t["steps_per_s"], ".0f"), run_dir)
     if single:
         log.info("figures: %s %s", PLOT_RUN, shlex.quote(str(run_dir)))
+
+
+#: A run of more seeds than this logs one line for them all (median and range), not one
+#: per seed (a finite-width sweep trains 512 seeds a job).
+MAX_SEED_LINES = 8
+
+
+def seeds_line(per_seed: list[dict]) -> str:
+    """One line for many seeds: the median and range over seeds of each final metric,
+    and how many diverged (from ``summary.json``'s ``per_seed``)."""
+    parts = []
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        v = np.array([s["final"].get(key) for s in per_seed], dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            parts.append(f"{key.replace('_', ' ')} {_fmt(float(np.median(v)))} "
+                         f"[{_fmt(float(v.min()))}, {_fmt(float(v.max()))}]")
+    diverged = [s["diverged_at_step"] for s in per_seed if s["diverged_at_step"] is not None]
+    tail = (f"; {len(diverged)} diverged (first at step {min(diverged)})" if diverged
+            else "")
+    return (f"{len(per_seed)} seeds: final " + ", ".join(parts)
+            + " (median [min, max] over seeds)" + tail)
 
 
 #: A final training loss above this is reported as an explosion (for a cross-entropy or

@@ -129,21 +129,30 @@ def test_learning_rate_factors_of_a_residual_net_and_unequal_widths():
     assert lr_multiplier((10,), (10,), adaptive=False) == 1.0
 
 
-def test_updates_are_scaled_per_parameter():
-    """One SGD step under mup moves each parameter by lr x its factor x its gradient
-    (the optimizer's update, compared leaf by leaf with plain SGD's)."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+def test_updates_are_scaled_per_parameter(optimizer):
+    """One step under mup moves each parameter by its factor times what the plain
+    optimizer moves it (compared leaf by leaf), except AdamW's decoupled decay
+    -lr wd w on the kernels, which keeps its size (mup's MuAdamW)."""
     from vgrad import optim
 
-    cfg = compose_cfg(*NET, "width=256", "param=mup", "param.base_width=64", "optim=sgd")
-    factors = _factors("width=256", "param=mup", "param.base_width=64", "optim=sgd")
+    overrides = ("width=256", "param=mup", "param.base_width=64", f"optim={optimizer}")
+    cfg = compose_cfg(*NET, *overrides)
+    factors = _factors(*overrides)
     _, params = _params(cfg)
-    grads = jax.tree.map(jnp.ones_like, params["params"])
+    p = params["params"]
+    grads = jax.tree.map(lambda x: jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape), p)
     plain = optim.make(cfg.clip, cfg.optim, 10, 10)
     scaled = optim.make(cfg.clip, cfg.optim, 10, 10, factors)
-    u0, _ = plain.update.update(grads, plain.update.init(params["params"]), params["params"])
-    u1, _ = scaled.update.update(grads, scaled.update.init(params["params"]), params["params"])
-    jax.tree.map(lambda a, b, f: np.testing.assert_allclose(np.asarray(b), f * np.asarray(a)),
-                 u0, u1, factors)
+    u0, _ = plain.update.update(grads, plain.update.init(p), p)
+    u1, _ = scaled.update.update(grads, scaled.update.init(p), p)
+    wd = cfg.optim.weight_decay if optimizer == "adamw" else 0.0
+    decay = jax.tree_util.tree_map_with_path(  # -lr wd w on kernels (AdamW's mask)
+        lambda path, w: -cfg.optim.lr * wd * np.asarray(w) * (path[-1].key == "kernel"), p)
+    jax.tree.map(lambda a, b, f, d: np.testing.assert_allclose(
+        np.asarray(b), f * (np.asarray(a) - d) + d, rtol=1e-5, atol=1e-9),
+        u0, u1, factors, decay)
+    assert any(f != 1.0 for f in jax.tree.leaves(factors))
 
 
 @pytest.mark.parametrize(("overrides", "key"), [
@@ -152,6 +161,8 @@ def test_updates_are_scaled_per_parameter():
     (["param=mup", "model=gru", "data=adding"], "model"),
     (["param=mup", "optim=adam", "optim.l2=0.1"], "optim.l2"),
     (["param=mup", "param.base_width=0"], "param.base_width"),
+    (["param=mup", "depth=2", "widths=[256,512]"], "widths"),
+    (["param=ntk", "init=variance_scaling", "init.mode=fan_avg"], "init.mode"),
 ])
 def test_refused_combinations(overrides, key):
     from vgrad import config
@@ -244,3 +255,60 @@ def test_mean_field_theory_is_drawn_for_mup_only_at_its_base_width():
     assert isinstance(theory_inputs(stored("param=mup", "width=512")), str)
     assert isinstance(theory_inputs(stored("param=mup", "width=128")), tuple)
     assert isinstance(theory_inputs(stored("param=ntk", "width=512")), tuple)
+
+
+def test_runs_written_before_the_param_axis_resume_as_sp():
+    """A run folder written before ``param`` existed holds a config without it: it is
+    the same run as today's ``param=sp`` (and not the same as ``param=mup``)."""
+    from vgrad import runner
+
+    for p, same in (("sp", True), ("mup", False)):
+        cfg = compose_cfg(*NET, "width=256", f"param={p}")
+        old = {k: v for k, v in group.resolved(cfg).items() if k != "param"}
+        assert (runner._same_config({"config": old}, cfg) == []) is same
+
+
+def test_no_stability_line_under_mup_rates():
+    """muP gives each parameter its own SGD rate: 2/lr is no edge of stability there."""
+    from types import SimpleNamespace
+
+    from vgrad.analysis.run_figures import stability_limit
+
+    def run(param):
+        return SimpleNamespace(config={"optim": {"name": "sgd", "lr": 0.5}, "width": 512,
+                                       "param": param})
+
+    assert stability_limit(run({"name": "sp"})) == 4.0
+    assert stability_limit(run({"name": "mup", "base_width": 512})) == 4.0
+    assert stability_limit(run({"name": "mup", "base_width": 128})) is None
+
+
+def test_coord_check_figure_of_a_width_by_depth_sweep(cli, tmp_path):
+    """A sweep over width and depth: a row per depth, each with its own layers (the
+    deeper row's legend), step panels; pooled over depth (rows=[]), the runs of the
+    other depth are left out and named; one width: the figure does not apply."""
+    from matplotlib import pyplot as plt
+
+    from vgrad.analysis import load_sweep
+    from vgrad.analysis.coord_figures import applies, coord_check
+
+    code, _, err = cli("-m", *NET, *COORD, "width=8,16", "depth=1,2", "epochs=2",
+                       "param=mup", "param.base_width=8", "record.params=[]",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert code == 0, err
+    sweep = load_sweep(tmp_path / "sweep")
+    assert applies(sweep)
+    fig = coord_check(sweep)
+    axes = np.asarray(fig.axes).reshape(2, 2)
+    assert [a.get_title() for a in axes[0]] == ["step 1", "step 2"]
+    assert [len(a.lines) for a in axes[:, 0]] == [2, 3]  # depth 1: 2 layers, depth 2: 3
+    assert [t.get_text() for t in fig.legends[0].get_texts()][-1] == "dense_2 (logits)"
+    plt.close(fig)
+    fig = coord_check(sweep, rows=[])
+    text = " ".join(t.get_text() for a in fig.axes for t in a.texts)  # (the caption)
+    assert "left out (another depth in their row)" in text.replace("\n", " ")
+    plt.close(fig)
+    code, _, err = cli("-m", *NET, *COORD, "width=8", "depth=1,2", "epochs=1",
+                       f"hydra.sweep.dir={tmp_path / 'one'}")
+    assert code == 0, err
+    assert not applies(load_sweep(tmp_path / "one"))

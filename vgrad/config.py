@@ -117,6 +117,16 @@ class Config:
 #: when it compares configs, and compiled programs are shared across them.
 VOLATILE = ("progress", "resume", "compile_cache", "tensorboard")
 
+#: Keys added to the config after runs were written without them, with the value that
+#: means what those runs computed: a sweep started before resumes into its folder.
+ADDED_KEYS: dict[str, Any] = {"param": {"name": "sp"}}
+
+
+def with_added_keys(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run config with the keys added since (``ADDED_KEYS``) at the value its
+    run computed with, where it lacks them."""
+    return {**{k: v for k, v in ADDED_KEYS.items() if stored and k not in stored}, **stored}
+
 
 GROUPS: dict[str, dict[str, Any]] = {
     "model": models.MODELS,
@@ -228,6 +238,8 @@ def _validate_param(cfg: Any) -> None:
                           f"with param={name} (" + ", ".join(
                               n for n, m in models.MODELS.items() if m.width_parametrized)
                           + ")")
+    if cfg.init.name == "variance_scaling" and cfg.init.mode != "fan_in":
+        raise ConfigError("init.mode", cfg.init.mode, f"fan_in with param={name}")
     if not initializers.KERNEL_INITIALIZERS[cfg.init.name].scales_with_fan_in(cfg.init):
         raise ConfigError("init", cfg.init.name, f"an initializer of variance proportional "
                           f"to 1/fan_in with param={name} (" + ", ".join(
@@ -235,6 +247,9 @@ def _validate_param(cfg: Any) -> None:
                               if i.fan_in) + ")")
     if "base_width" in cfg.param:
         _at_least("param.base_width", cfg.param.base_width, 1)
+        if cfg.widths is not None:  # (its base net: every hidden width at base_width)
+            raise ConfigError("widths", list(cfg.widths), f"null with param={name} (set "
+                              "width: muP scales every hidden layer from one base width)")
     if (parametrization.PARAMS[name].scales_lr and optim.OPTIMIZERS[cfg.optim.name].adaptive
             and cfg.optim.l2 != 0):
         raise ConfigError("optim.l2", cfg.optim.l2, f"0 with param={name} and "

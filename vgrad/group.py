@@ -379,7 +379,9 @@ def member_bytes(job: Job, evaluation: bool = True) -> int:
     eval_examples = (min(views.EVAL_BLOCK, max(len(ds.x_train), len(ds.x_test)))
                      if evaluation else 0)
     activations_ = (cfg.batch_size * 4 + eval_examples) * units
-    return 4 * (6 * params + activations_ + recorded + per_epoch + snapshots)
+    # (the coordinate check carries a copy of the initial parameters)
+    copies = 7 if "coord_check" in cfg.record.epoch_probes else 6
+    return 4 * (copies * params + activations_ + recorded + per_epoch + snapshots)
 
 
 def node_view(node: Mapping[str, Any], values: Mapping[str, Any], prefix: str

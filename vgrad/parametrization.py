@@ -23,13 +23,15 @@ infinite-width neural networks"). Three are built in, for the MLP and the residu
   ================  ==============================  ==================  ==============
   weights            init (x the ``init`` draw)      forward multiplier  learning rate
   ================  ==============================  ==================  ==============
-  input, biases,     1 (variance 1/fan_in)           1                   SGD: lr * m
-  norm scales        (one infinite dimension)                             Adam: lr
-  (vector-like)
+  input kernel,      1 (kernel: variance 1/fan_in;   1                   SGD: lr * m
+  biases, norm       biases: the ``bias_init``                           Adam: lr
+  scales (vector-    draw)
+  like: one
+  infinite dim.)
   hidden (matrix-    1 (variance 1/fan_in)           1                   SGD: lr * m_out / m_in
   like: [n, n])                                                          Adam: lr / m_in
   output [n, k]      sqrt(m_in)                      1 / m_in            SGD: lr * m_in
-                     (variance 1/(fan_in n_base))    (on its input)      Adam: lr
+                     (variance 1/n_base)             (on its input)      Adam: lr
   scalars, output    1                               1                   lr
   bias (finite)
   ================  ==============================  ==================  ==============
@@ -46,7 +48,11 @@ infinite-width neural networks"). Three are built in, for the MLP and the residu
 Both ``ntk`` and ``mup`` assume a kernel initializer whose variance scales as 1/fan_in
 (LeCun, He, Nielsen's, mean-field, variance scaling with ``mode=fan_in``: the entry's
 fact ``Init.fan_in``); any other is refused with a one-line error. Biases keep the
-``bias_init`` draw (a constant variance, as both tables have it).
+``bias_init`` draw, a constant variance as both tables have it (mup's
+``_rescale_parameters`` also multiplies the readout's bias by sqrt(m_in), to turn
+torch's U(+-1/sqrt(fan_in)) bias into a constant variance: vgrad's bias initializers do
+not depend on the width, so it is left alone). ``widths=[...]`` lists are refused under
+``mup`` (its base net sets every hidden width to ``base_width``).
 """
 
 from __future__ import annotations

@@ -607,7 +607,9 @@ def coord_check(view: EpochView, layout: Layout) -> dict[str, Array]:
     - ``coord_change_l1``: mean |x - x_0|, x_0 the same layer's signal on the same
       inputs through the initial parameters: how far training has moved it.
 
-    Recorded at initialisation and after every epoch; against width, a layer whose
+    Both in inference mode (batch norm through its running averages, the initial ones
+    for x_0: the change includes theirs; mup measures in training mode). Recorded at
+    initialisation and after every epoch; against width, a layer whose
     change grows (falls) with width blows up (stops learning) in the limit, and under
     muP every line is flat (``param=mup``, the ``coord_check`` preset).
     """

@@ -201,8 +201,8 @@ def device_info() -> dict[str, Any]:
 
 
 def _same_config(summary: dict[str, Any], cfg: Any) -> list[str]:
-    return store.config_diff(summary.get("config") or {}, resolved(cfg),
-                             ignore=config.VOLATILE)
+    return store.config_diff(config.with_added_keys(summary.get("config") or {}),
+                             resolved(cfg), ignore=config.VOLATILE)
 
 
 def runs_in(sweep_dir: Path) -> dict[str, Any]:

@@ -89,18 +89,30 @@ def coord_check(sweep: Sweep, rows: Sequence[str] | None = None) -> Figure | Non
     if epochs < 1:
         return None
     steps = _steps(epochs)
-    names = [str(n) for n in every[0].metrics.get("layer_names", [])]
-    n_layers = np.asarray(every[0].metrics[METRIC]).shape[-1]
-    colors = layer_colors(n_layers)
+    # An epoch is one step when the training set is one batch (the preset's setting).
+    unit = ("step" if all(r.summary.get("steps_per_epoch") == 1 for r in every)
+            else "epoch")
     fig, ax = figure(len(keys), len(steps), width=min(16.0, 3.0 * len(steps) + 0.8),
                      height=2.6, sharex=False)
+    most_layers, left_out = 0, []
     for i, key in enumerate(keys):
         mask = np.ones(len(chosen), bool)
         for col, value in zip(cols, key, strict=True):
             mask &= chosen[col].astype(str).to_numpy() == value
-        here = chosen[mask]
-        by_width = {w: [sweep.run(n) for n in here.loc[here[wcol].astype(int) == w, "run"]]
+        here = [(int(w), sweep.run(n)) for w, n in zip(chosen.loc[mask, wcol],
+                                                        chosen.loc[mask, "run"], strict=True)]
+        # The row's layers are its first run's; a run of another depth in the row (an
+        # axis pooled) is left out and named.
+        names = [str(n) for n in here[0][1].metrics.get("layer_names", [])]
+        n_layers = np.asarray(here[0][1].metrics[METRIC]).shape[-1]
+        left_out += [r.name for _, r in here if np.asarray(r.metrics[METRIC]).shape[-1]
+                     != n_layers]
+        by_width = {w: [r for v, r in here if v == w
+                        and np.asarray(r.metrics[METRIC]).shape[-1] == n_layers]
                     for w in widths}
+        if n_layers > most_layers:
+            most_layers, legend_row = n_layers, i
+        colors = layer_colors(n_layers)
         title = ", ".join(label(a, v) for a, v in zip(rows, key, strict=True))
         for j, step in enumerate(steps):
             a = ax[i, j]
@@ -120,21 +132,23 @@ def coord_check(sweep: Sweep, rows: Sequence[str] | None = None) -> Figure | Non
             a.xaxis.set_minor_locator(NullLocator())
             a.set_xticklabels([str(w) for w in x], fontsize=7)
             log_scale(a, bool(np.nanmax(y, initial=0) > 0), "change")
-            a.set(title=f"step {step}" if i == 0 else None,
+            a.set(title=f"{unit} {step}" if i == 0 else None,
                   xlabel="width" if i == len(keys) - 1 else None,
                   ylabel=(f"{title}\nmean |z − z₀|" if title else "mean |z − z₀|")
                   if j == 0 else None)
-    legend_below(fig, ax[-1, 0], ncols=min(n_layers, 6))
+    legend_below(fig, ax[legend_row, 0], ncols=min(most_layers, 6))
     suptitle(fig, "Coordinate check: how far each layer's pre-activation has moved since "
              "initialisation, against width",
              constants_label(every, ["width", *rows]))
-    caption(fig, "a panel per training step on one fixed batch; a line per layer (input "
-            "side first, the last is the logits): the median over seeds of the mean "
-            "|z − z₀| over the probe batch and units",
+    caption(fig, f"a panel per {unit}" + (" (one fixed batch)" if unit == "step" else "")
+            + "; a line per layer (input side first, the last is the logits): the median "
+            "over seeds of the mean |z − z₀| over the probe batch and units",
             "flat lines: every layer learns at the same rate at every width (μP, Yang et "
             "al. 2022); rising lines: that layer's update blows up as the net widens",
             f"rows: {', '.join(axis_name(a, math=False) for a in rows)}" if rows else "",
-            pooled_note(runs, ["width", *rows]), diverged_note(every))
+            pooled_note(runs, ["width", *rows]), diverged_note(every),
+            f"left out (another depth in their row): {', '.join(left_out)}" if left_out
+            else "")
     return fig
 
 

@@ -400,10 +400,13 @@ def through_time(run: Run, varying: Sequence[str] | None = None) -> Figure | Non
 def stability_limit(run: Run) -> float | None:
     """The step size's stability limit on the loss's sharpness for plain or heavy-ball
     gradient descent, 2 (1 + beta) / eta (Cohen et al. 2021; beta: the momentum), or None
-    for another optimizer, a learning-rate schedule or warmup."""
-    optim = run.config.get("optim", {})
+    for another optimizer, a learning-rate schedule, warmup, or muP's per-parameter rates
+    (``param=mup`` away from its base width)."""
+    optim, param = run.config.get("optim", {}), run.config.get("param") or {}
     if (optim.get("name") != "sgd" or optim.get("schedule", "constant") != "constant"
             or optim.get("warmup", 0)):
+        return None
+    if param.get("name") == "mup" and run.config.get("width") != param.get("base_width"):
         return None
     return 2.0 * (1.0 + float(optim.get("momentum", 0.0))) / float(optim["lr"])
 

@@ -225,10 +225,10 @@ def test_coord_check_against_numpy():
 
 def _hidden_change(param: str, optimizer: str, width: int) -> float:
     cfg = compose_cfg("init=he_normal", "act=relu", "depth=2", "data=digits", "loss=ce",
-                      "progress=false", *COORD, "epochs=3", "seeds=2", f"width={width}",
+                      "progress=false", *COORD, "epochs=3", "seeds=1", f"width={width}",
                       f"param={param}", f"optim={optimizer}", "record.params=[]")
     change = run_to_end(cfg).epoch_stats["coord_change_l1"]
-    return float(change[:, 3, 1].mean())  # after 3 steps, the hidden [n, n] layer
+    return float(change[0, 3, 1])  # after 3 steps, the hidden [n, n] layer
 
 
 def test_mup_keeps_the_hidden_change_flat_in_width():

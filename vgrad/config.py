@@ -25,7 +25,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from vgrad import activations, data, initializers, models, optim, parametrization, probes
-from vgrad.errors import ConfigError
+from vgrad.errors import ConfigError, at_least, one_of
 
 
 class Norm(Enum):
@@ -152,19 +152,9 @@ def register() -> None:
 # --- validation ----------------------------------------------------------------------------
 
 
-def _at_least(key: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ConfigError(key, value, f"a number >= {low:g}")
-
-
 def _positive(key: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(key, value, "a finite number > 0")
-
-
-def _one_of(key: str, value: str, allowed: Any) -> None:
-    if value not in allowed:
-        raise ConfigError(key, value, "one of " + ", ".join(allowed))
 
 
 def validate(cfg: Any) -> None:
@@ -178,22 +168,22 @@ def validate(cfg: Any) -> None:
         if key not in known:  # added with +key=...: nothing would read it
             raise ConfigError(f"+{key}", cfg[key], "a known key (nothing reads this one); "
                               "top-level keys are " + ", ".join(known))
-    _at_least("width", cfg.width, 1)
+    at_least("width", cfg.width, 1)
     models.MODELS[cfg.model.name].validate(cfg)
-    _at_least("epochs", cfg.epochs, 1)
-    _at_least("batch_size", cfg.batch_size, 1)
-    _at_least("seeds", cfg.seeds, 1)
-    _at_least("seed", cfg.seed, 0)
+    at_least("epochs", cfg.epochs, 1)
+    at_least("batch_size", cfg.batch_size, 1)
+    at_least("seeds", cfg.seeds, 1)
+    at_least("seed", cfg.seed, 0)
     _positive("optim.lr", cfg.optim.lr)
-    _at_least("optim.l2", cfg.optim.l2, 0)
-    _one_of("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
-    _at_least("optim.warmup", cfg.optim.warmup, 0)
+    at_least("optim.l2", cfg.optim.l2, 0)
+    one_of("optim.schedule", cfg.optim.schedule, optim.SCHEDULES)
+    at_least("optim.warmup", cfg.optim.warmup, 0)
     if "max" in cfg.clip:
         _positive("clip.max", cfg.clip.max)
     if "clipping" in cfg.clip:  # (agc)
         _positive("clip.clipping", cfg.clip.clipping)
     if "momentum" in cfg.optim:  # (sgd, rmsprop)
-        _at_least("optim.momentum", cfg.optim.momentum, 0)
+        at_least("optim.momentum", cfg.optim.momentum, 0)
     _positive("bn_eps", cfg.bn_eps)
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError("bn_momentum", cfg.bn_momentum, "a number in [0, 1)")
@@ -202,28 +192,28 @@ def validate(cfg: Any) -> None:
     if cfg.param.name != "sp":
         _validate_param(cfg)
     if "pieces" in cfg.act:  # (maxout)
-        _at_least("act.pieces", cfg.act.pieces, 1)
+        at_least("act.pieces", cfg.act.pieces, 1)
     if "lower" in cfg.act and not cfg.act.lower <= cfg.act.upper:  # (rrelu)
         raise ConfigError("act.lower", cfg.act.lower, f"<= act.upper ({cfg.act.upper})")
-    _one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
-    _one_of("dtype", cfg.dtype, DTYPES)
+    one_of("matmul_precision", cfg.matmul_precision, ("default", "high", "highest"))
+    one_of("dtype", cfg.dtype, DTYPES)
     validate_data_config(cfg.data)
     if data.per_step(cfg.data):
         _validate_per_step(cfg)
     r = cfg.record
-    _at_least("record.every", r.every, 1)
-    _at_least("record.probe_size", r.probe_size, 1)
-    _at_least("record.full_grads_every", r.full_grads_every, 0)
-    _at_least("record.chunk_epochs", r.chunk_epochs, 0)
-    _at_least("record.save_every_s", r.save_every_s, 0)
+    at_least("record.every", r.every, 1)
+    at_least("record.probe_size", r.probe_size, 1)
+    at_least("record.full_grads_every", r.full_grads_every, 0)
+    at_least("record.chunk_epochs", r.chunk_epochs, 0)
+    at_least("record.save_every_s", r.save_every_s, 0)
     if not 0 < r.sat_threshold < 1:
         raise ConfigError("record.sat_threshold", r.sat_threshold, "a fraction in (0, 1)")
     for name in r.params:
-        _one_of("record.params", name, ("initial", "final"))
+        one_of("record.params", name, ("initial", "final"))
     for key, registry in (("record.step_probes", probes.STEP_PROBES),
                           ("record.epoch_probes", probes.EPOCH_PROBES)):
         for name in r[key.split(".")[1]]:
-            _one_of(key, name, registry)
+            one_of(key, name, registry)
     if cfg.get("tensorboard"):
         validate_extras(cfg)
 
@@ -246,7 +236,7 @@ def _validate_param(cfg: Any) -> None:
                               n for n, i in initializers.KERNEL_INITIALIZERS.items()
                               if i.fan_in) + ")")
     if "base_width" in cfg.param:
-        _at_least("param.base_width", cfg.param.base_width, 1)
+        at_least("param.base_width", cfg.param.base_width, 1)
         if cfg.widths is not None:  # (its base net: every hidden width at base_width)
             raise ConfigError("widths", list(cfg.widths), f"null with param={name} (set "
                               "width: muP scales every hidden layer from one base width)")
@@ -307,9 +297,9 @@ DTYPES = ("float32", "float64")
 
 def validate_data_config(node: Any) -> None:
     """Ranges of the data parameters, checked before anything is generated or read."""
-    _one_of("data.scale", node.scale, ("none", "max", "standard"))
+    one_of("data.scale", node.scale, ("none", "max", "standard"))
     if "n_samples" in node:
-        _at_least("data.n_samples", node.n_samples, 2)
+        at_least("data.n_samples", node.n_samples, 2)
     if "noise" in node:
         _finite_at_least("data.noise", node.noise, 0)
     if "factor" in node and not 0 < node.factor < 1:
@@ -317,19 +307,19 @@ def validate_data_config(node: Any) -> None:
                           "circle's radius relative to the outer one")
     for key in ("random_state", "split_seed"):
         if key in node:
-            _at_least(f"data.{key}", node[key], 0)
+            at_least(f"data.{key}", node[key], 0)
     if "test_size" in node and not 0 <= node.test_size < 1:
         raise ConfigError("data.test_size", node.test_size, "a fraction in [0, 1)")
     for key, low in (("n_train", 1), ("n_test", 0)):
         if node.get(key) is not None:
-            _at_least(f"data.{key}", node[key], low)
+            at_least(f"data.{key}", node[key], low)
     if "sequence" in node:
-        _one_of("data.sequence", node.sequence, ("rows", "pixels"))
+        one_of("data.sequence", node.sequence, ("rows", "pixels"))
     if "length" in node:
-        _at_least("data.length", node.length, 2)
+        at_least("data.length", node.length, 2)
     if "symbols" in node:  # (copy)
-        _at_least("data.symbols", node.symbols, 1)
-        _at_least("data.alphabet", node.alphabet, 2)
+        at_least("data.symbols", node.symbols, 1)
+        at_least("data.alphabet", node.alphabet, 2)
     if node.get("input_q") is not None:  # inf would send every seed to NaN at step 0
         _positive("data.input_q", node.input_q)
     if "path" in node and node.path is not None and not str(node.path).strip():
@@ -351,13 +341,13 @@ def _validate_init(node: Any, key: str) -> None:
         raise ConfigError(f"{key}.min", node.min, f"< {key}.max ({node.max})")
     if "sigma_w2" in node:
         _positive(f"{key}.sigma_w2", node.sigma_w2)
-        _one_of(f"{key}.distribution", node.distribution, ("normal", "orthogonal"))
+        one_of(f"{key}.distribution", node.distribution, ("normal", "orthogonal"))
     if "sigma_b2" in node:
         _finite_at_least(f"{key}.sigma_b2", node.sigma_b2, 0)
     if "mode" in node:  # (variance_scaling)
         _positive(f"{key}.scale", node.scale)
-        _one_of(f"{key}.mode", node.mode, ("fan_in", "fan_out", "fan_avg"))
-        _one_of(f"{key}.distribution", node.distribution,
+        one_of(f"{key}.mode", node.mode, ("fan_in", "fan_out", "fan_avg"))
+        one_of(f"{key}.distribution", node.distribution,
                 ("normal", "truncated_normal", "uniform"))
 
 

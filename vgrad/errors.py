@@ -25,6 +25,18 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={shown}: expected {allowed}")
 
 
+def at_least(key: str, value: float, low: float) -> None:
+    """Refuse ``key=value`` below ``low`` (NaN included)."""
+    if not value >= low:
+        raise ConfigError(key, value, f"a number >= {low:g}")
+
+
+def one_of(key: str, value: str, allowed: object) -> None:
+    """Refuse ``key=value`` outside ``allowed`` (names), listing them."""
+    if value not in allowed:
+        raise ConfigError(key, value, "one of " + ", ".join(allowed))
+
+
 #: Hydra's launcher plugins that vgrad's ``launchers`` extra installs, and which of
 #: vgrad's launcher configs (``conf/hydra/launcher``) run on each.
 LAUNCHER_PLUGINS = {"joblib": "hydra/launcher=parallel runs on it",

@@ -105,6 +105,19 @@ class ViewSpec:
     zero_perturbations: Callable[[Array], Any]
 
 
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+    """A net's variables (batch-norm averages only where it has them)."""
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+def _sown(net: Any, variables: dict[str, Any], x: Array) -> Any:
+    """What the net sows (``intermediates``) on ``x`` in inference mode with its captures
+    on: activations, slopes, the signals at its delta points, attention weights."""
+    _, captured = net.apply(variables, x, train=False, capture=True,
+                            mutable=["intermediates"])
+    return captured["intermediates"]
+
+
 def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
                probe_key: Callable[[], Array], sat_threshold: Array | float
                ) -> probes.EpochView:
@@ -115,7 +128,7 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
     layout = spec.layout
     eval_batch = make_eval_fn(net, spec.loss)
     params, batch_stats = state.params, state.batch_stats
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    variables = _variables(params, batch_stats)
     train = mean_over_set(eval_batch, params, batch_stats,
                           data.x_train, data.y_train, spec.n_train, spec.block)
     test = mean_over_set(eval_batch, params, batch_stats,
@@ -123,30 +136,23 @@ def epoch_view(spec: ViewSpec, net: Any, state: TrainState, data: DeviceData,
     sown = dict.fromkeys(("activation", "slope", "slope_max"), [])
     signals = branches = skips = attention = None
     if "captures" in spec.needs:  # (only traced when asked for)
-        _, captured = net.apply(variables, data.x_probe, train=False, capture=True,
-                                mutable=["intermediates"])
-        inter = captured["intermediates"]
+        inter = _sown(net, variables, data.x_probe)
         sown = {k: layout.captured(inter, k) for k in sown}
         signals = layout.signals(inter)
         if layout.blocks is not None:
             branches, skips = layout.block_values(inter)
     initial_signals = None
     if "initial_signals" in spec.needs:  # (the same probe batch through the initial net)
-        params0, stats0 = state.initial
-        _, captured = net.apply({"params": params0, **({"batch_stats": stats0} if stats0
-                                                       else {})},
-                                data.x_probe, train=False, capture=True,
-                                mutable=["intermediates"])
-        initial_signals = layout.signals(captured["intermediates"])
+        initial_signals = layout.signals(_sown(net, _variables(*state.initial),
+                                               data.x_probe))
     jacobian_sv = None
     if "jacobian" in spec.needs:
         jacobian_sv = jacobian.singular_values(jacobian.deep_jacobian(
             net, variables, layout, data.x_probe[:probes.JACOBIAN_EXAMPLES],
             spec.zero_perturbations))
     if "attention" in spec.needs:  # (on a few examples: heads x T^2 weights each)
-        _, captured = net.apply(variables, data.x_probe[:probes.ATTENTION_EXAMPLES],
-                                train=False, capture=True, mutable=["intermediates"])
-        attention = layout.attention_weights(captured["intermediates"])
+        attention = layout.attention_weights(
+            _sown(net, variables, data.x_probe[:probes.ATTENTION_EXAMPLES]))
     state_sv = None
     if "state_jacobian" in spec.needs:
         state_sv = rnn.state_jacobian_sv(net, params, data.x_probe)

@@ -33,7 +33,7 @@ from typing import Any
 import flax.linen as nn
 
 from vgrad import activations, data
-from vgrad.errors import ConfigError
+from vgrad.errors import ConfigError, at_least, one_of
 from vgrad.layers import Layout
 from vgrad.models import cnn, transformer
 from vgrad.models.auto import Found, Instrumented, act_function, discover
@@ -243,14 +243,11 @@ def validate_cnn(cfg: Any) -> None:
         images = [n for n, s in data.DATASETS.items() if s.image is not None]
         raise ConfigError("data", cfg.data.name, "an image dataset with model=cnn: "
                           + ", ".join(images))
-    if m.kernel_size < 1:
-        raise ConfigError("model.kernel_size", m.kernel_size, "a number >= 1")
-    if m.stride < 1:
-        raise ConfigError("model.stride", m.stride, "a number >= 1")
+    for key in ("kernel_size", "stride"):
+        at_least(f"model.{key}", m[key], 1)
     for key, allowed in (("padding", cnn.PADDINGS), ("pool", cnn.POOLS),
                          ("norm", cnn.NORMS)):
-        if m[key] not in allowed:
-            raise ConfigError(f"model.{key}", m[key], "one of " + ", ".join(allowed))
+        one_of(f"model.{key}", m[key], allowed)
 
 
 # --- model=transformer: the registry's causal Transformer, a plain linen module --------
@@ -293,11 +290,9 @@ def validate_transformer(cfg: Any) -> None:
                           "data.sequence=rows|pixels")
     for key, allowed in (("norm_position", transformer.NORM_POSITIONS),
                          ("positions", transformer.POSITIONS)):
-        if m[key] not in allowed:
-            raise ConfigError(f"model.{key}", m[key], "one of " + ", ".join(allowed))
+        one_of(f"model.{key}", m[key], allowed)
     for key in ("heads", "mlp_ratio"):
-        if m[key] < 1:
-            raise ConfigError(f"model.{key}", m[key], "a number >= 1")
+        at_least(f"model.{key}", m[key], 1)
     if cfg.width % m.heads:
         raise ConfigError("model.heads", m.heads, f"a divisor of width ({cfg.width}): the "
                           "model dimension is split across the heads")

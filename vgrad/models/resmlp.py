@@ -49,7 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vgrad.errors import ConfigError
+from vgrad.errors import ConfigError, one_of
 from vgrad.layers import Blocks, Capture, Layout, Segment
 from vgrad.models.common import Parts, activate, delta_point
 from vgrad.parametrization import Scaling, scaling
@@ -226,10 +226,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError("bn", bn, "none with model=resmlp (its norm is model.norm=batch)")
     if m.block_dense not in (1, 2):
         raise ConfigError("model.block_dense", m.block_dense, "1 or 2")
-    if m.norm not in NORMS:
-        raise ConfigError("model.norm", m.norm, "one of " + ", ".join(NORMS))
-    if m.alpha not in ALPHAS:
-        raise ConfigError("model.alpha", m.alpha, "one of " + ", ".join(ALPHAS))
+    one_of("model.norm", m.norm, NORMS)
+    one_of("model.alpha", m.alpha, ALPHAS)
     if not math.isfinite(m.alpha_init):
         raise ConfigError("model.alpha_init", m.alpha_init, "a finite number")
     if cfg.act.name == "maxout":

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from vgrad import data
-from vgrad.errors import ConfigError
+from vgrad.errors import ConfigError, one_of
 from vgrad.layers import Capture, Layout, Recurrent, Segment
 from vgrad.models.common import Parts, activate, delta_point
 
@@ -256,9 +256,7 @@ def validate(cfg: Any) -> None:
     bn = getattr(cfg.bn, "value", cfg.bn)
     if bn != "none":
         raise ConfigError("bn", bn, f"none with model={m.name}")
-    if m.recurrent_init not in RECURRENT_INITS:
-        raise ConfigError("model.recurrent_init", m.recurrent_init,
-                          "one of " + ", ".join(RECURRENT_INITS))
+    one_of("model.recurrent_init", m.recurrent_init, RECURRENT_INITS)
     for key in ("recurrent_scale", "forget_bias"):
         if not math.isfinite(m[key]):
             raise ConfigError(f"model.{key}", m[key], "a finite number")

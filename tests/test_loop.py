@@ -220,37 +220,82 @@ def test_evaluation_blocks_shrink_to_the_memory_budget_without_changing_the_numb
     assert blocked_bytes < whole_bytes / 2
 
 
-def test_the_finiteness_check_is_exact():
-    """tree_all_finite: one non-finite entry anywhere (inf, -inf, NaN) and nothing else;
-    finite values at float32's largest, zeros and empty leaves are finite."""
+def test_a_step_is_admissible_only_when_its_add_cannot_overflow():
+    """step_admissible: a non-finite gradient entry anywhere (inf, -inf, NaN), or an
+    update or parameter entry at half float32's largest value or beyond, refuses the
+    step; finite values just below it, zeros and empty leaves do not."""
     import jax.numpy as jnp
 
-    from vgrad.step import tree_all_finite
+    from vgrad.step import step_admissible
 
-    big = np.float32(3.4e38)
-    base = {"a": jnp.full((3, 4), big), "b": jnp.zeros((5,)), "c": jnp.zeros((0,))}
-    assert bool(tree_all_finite(base))
+    below = np.nextafter(np.float32(np.finfo(np.float32).max / 2), np.float32(0))
+    zeros = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((5,)), "c": jnp.zeros((0,))}
+    big = dict(zeros, a=jnp.full((3, 4), below), b=jnp.full((5,), -below))
+    assert bool(step_admissible(big, big, big))  # |p + u| < max: the add is finite
+    assert float(np.float32(below) + np.float32(below)) < np.inf
     for bad in (np.inf, -np.inf, np.nan):
-        tree = dict(base, b=base["b"].at[2].set(bad))
-        assert not bool(tree_all_finite(tree)), bad
+        tree = dict(zeros, b=zeros["b"].at[2].set(bad))
+        assert not bool(step_admissible(tree, zeros, zeros)), bad  # gradient
+        assert not bool(step_admissible(zeros, tree, zeros)), bad  # update
+    half = dict(zeros, b=zeros["b"].at[4].set(np.finfo(np.float32).max / 2))
+    assert not bool(step_admissible(zeros, half, zeros))
+    assert not bool(step_admissible(zeros, zeros, half))
+
+
+def test_a_refused_step_freezes_the_parameters_and_records_its_step():
+    """The freeze of a diverged seed is decided before the add: an update that would
+    overflow its parameter leaves the parameter at its last finite value; the step is
+    recorded, and later steps change nothing."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from vgrad import optim
+    from vgrad.models.mlp import layout_of
+    from vgrad.step import init_state, make_train_step
+
+    class Line(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = True):
+            return nn.Dense(1, name="dense_0")(x)
+
+    model = Line()
+    tx = optim.Transforms(optax.identity(), optax.sgd(1.0))
+    x = jnp.full((2, 1), 1e19)
+    state = init_state(model, tx, jax.random.key(0), x, n_layers=1)
+    state = state.replace(params={"dense_0": {"kernel": jnp.ones((1, 1)),
+                                              "bias": jnp.zeros((1,))}})
+    step = jax.jit(make_train_step(model, tx, "regression", layout_of([]), with_deltas=False))
+    # loss (w x + b)^2 = 1e38 at y = 0 (finite), gradient 2e38 on w: an update of -2e38,
+    # finite, whose add is finite too (1 - 2e38), but |u| > max / 2: refused.
+    new, out = step(state, x, jnp.zeros((2,)), jax.random.key(1))
+    u = np.asarray(out.updates["dense_0"]["kernel"])
+    assert np.isfinite(float(out.loss)) and np.isfinite(u).all() and np.isfinite(1 + u).all()
+    assert int(new.diverged_at) == 0 and int(new.step) == 1
+    np.testing.assert_array_equal(new.params["dense_0"]["kernel"], 1.0)
+    again, _ = step(new, jnp.ones((2, 1)), jnp.zeros((2,)), jax.random.key(2))
+    assert int(again.diverged_at) == 0  # a dead seed stays put
+    np.testing.assert_array_equal(again.params["dense_0"]["kernel"], 1.0)
 
 
 def test_the_divergence_guard_compiles_in_size_linear_in_the_leaves():
-    """The guard's predicate (every leaf finite) feeds a select on every leaf of the
-    state; XLA copies a cheap predicate into each consumer, so a predicate built as a
+    """The guard's predicate (every leaf admissible) feeds the update of every leaf of
+    the parameters; XLA copies a cheap predicate into each consumer, so a predicate built as a
     chain of per-leaf adds made the compiled program quadratic in the leaves (a 12-block
     Transformer's step: 62 s to compile). Doubling the leaves at most doubles it here."""
     import jax
     import jax.numpy as jnp
 
-    from vgrad.step import tree_all_finite
+    from vgrad.step import step_admissible
 
     def guarded_size(n: int) -> int:
         tree = {f"w{i}": jnp.ones((3, 5 + i % 7)) for i in range(n)}
 
-        def guard(new, old):
-            keep = tree_all_finite(new)
-            return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+        def guard(grads, params):
+            updates = jax.tree.map(lambda g: -0.1 * g, grads)
+            keep = step_admissible(grads, updates, params)
+            return jax.tree.map(lambda p, u: jnp.where(keep, p + u, p), params, updates)
 
         return len(jax.jit(guard).lower(tree, tree).compile().as_text())
 

@@ -112,9 +112,16 @@ def _joined(a: list[Array], b: list[Array]) -> list[Array]:
 
 
 def global_norm(tree: Any) -> Array:
-    """L2 norm of all leaves of ``tree`` together, without overflow (cf. optax.tree.norm)."""
-    norms = _per_layer(row_norm, pack([x.reshape(1, -1) for x in jax.tree.leaves(tree)]))
-    return _norms(norms)
+    """L2 norm of all leaves of ``tree`` together, without overflow (cf. optax.tree.norm):
+    every entry divided by the largest |entry| of all, then one sum of squares. A leaf
+    far smaller than the largest adds nothing to the norm, so one scale serves all (a
+    per-layer statistic needs its layer's own: there the small layers are the subject);
+    no leaf is padded or packed, so the sums fuse with their leaves (6 kernels fewer
+    than per-leaf norms packed into rows, on the ``visualize`` net)."""
+    leaves = jax.tree.leaves(tree)
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves]))
+    s = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    return jnp.sqrt(jnp.sum(jnp.stack([jnp.sum(jnp.square(x / s)) for x in leaves]))) * s
 
 
 # --- step probes ----------------------------------------------------------------------

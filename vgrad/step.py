@@ -6,9 +6,11 @@ clipping), the per-example backpropagated deltas, the clipped gradient and the u
 There is no I/O and no global state, so the step can be scanned, vmapped over seeds
 and compared against a plain Python loop.
 
-Divergence is data: when the loss, a gradient or an updated parameter is not finite,
-the seed's state is frozen at its last finite value for good and the step index is
-kept in ``diverged_at``; the caller (the loop) goes on with the other seeds.
+Divergence is data: when the loss, a gradient or the update is not finite (or a
+parameter or update entry reaches half the float's largest value, where the update's
+add could overflow), the seed's parameters are frozen at their last finite value for
+good and the step index is kept in ``diverged_at``; the caller (the loop) goes on with
+the other seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from flax import struct
 
 from vgrad import losses, noise
@@ -35,7 +36,7 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any  # BatchNorm running averages ({} without batch norm)
     clip_state: Any
     opt_state: Any
-    diverged_at: Array  # first step whose loss/gradients/params were not finite; -1 if none
+    diverged_at: Array  # first step refused (loss, gradient or update not finite; -1: none)
     nonfinite_at_divergence: Array  # [L] non-finite gradient entries per layer at that step
     # the local step size's start point (``with_alpha``; else None): the last update
     # applied, its length over the layers and its observation (``vgrad.noise.alpha``)
@@ -65,18 +66,33 @@ class StepOut(NamedTuple):
     alpha: Any = None
 
 
-def tree_all_finite(tree: Any) -> Array:
-    """Whether every entry of every leaf is finite: x * 0 is 0 where x is finite and NaN
-    where it is not (inf * 0 included), so one sum per leaf, fused with the multiply,
-    decides (exact: a sum of zeros never overflows).
+def step_admissible(grads: Any, updates: Any, params: Any) -> Array:
+    """Whether a step may be applied: every gradient entry finite, every update and
+    parameter entry of magnitude below half the dtype's largest finite value.
 
-    The leaves' sums are added by ``cumsum``, not ``sum``: XLA rewrites a sum of
+    Then p + u is finite (|p + u| <= |p| + |u| < max), so the step is decided before
+    its add: the freeze of a diverged seed, ``where(keep, p + u, p)``, fuses into the
+    update itself (one kernel per leaf; deciding on the new parameters needs a
+    reduction between the add and a select of its own, two more kernels per leaf).
+    A parameter that grows past half the largest float counts as diverged a step
+    before its add could overflow. One count of bad entries per leaf (a comparison
+    with NaN is false; g * 0 is NaN where g is not finite: exact, a sum of zeros never
+    overflows).
+
+    The leaves' counts are added by ``cumsum``, not ``sum``: XLA rewrites a sum of
     stacked scalars into a chain of scalar adds and then copies that chain into every
-    consumer of the result, here the divergence guard's select on each leaf of the
-    state: quadratic in the number of leaves (a 12-block Transformer's train step took
-    62 s to compile, 6.5 s with the cumulative sum, which stays one operation)."""
-    sums = jnp.stack([jnp.sum(x * 0) for x in jax.tree.leaves(tree)])
-    return jnp.isfinite(jnp.cumsum(sums)[-1])
+    consumer of the result, here the update of every leaf of the parameters: quadratic
+    in the number of leaves (a 12-block Transformer's train step took 62 s to compile,
+    6.5 s with the cumulative sum, which stays one operation)."""
+    def bad(g: Array, u: Array, p: Array) -> Array:
+        half = jnp.finfo(p.dtype).max / 2
+        size = jnp.maximum(jnp.abs(u), jnp.abs(p)) + (g * 0).astype(p.dtype)
+        return jnp.sum(~(size < half), dtype=jnp.int32)
+
+    counts = jnp.stack([bad(g, u, p) for g, u, p in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(updates), jax.tree.leaves(params),
+        strict=True)])
+    return jnp.cumsum(counts)[-1] == 0
 
 
 def perturbation_zeros(model: nn.Module) -> Callable[[Array], Any]:
@@ -226,20 +242,25 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
                own_fn(state.params, perturbations, state.batch_stats, x, y, key))
         clipped, clip_state = tx.clip.update(grads, state.clip_state, state.params)
         updates, opt_state = tx.update.update(clipped, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
 
         alive = state.diverged_at < 0
-        finite = jnp.isfinite(loss_value) & tree_all_finite(grads) & tree_all_finite(params)
+        finite = jnp.isfinite(loss_value) & step_admissible(grads, updates, state.params)
         keep = alive & finite
+        # A diverged seed trains no more: only what is saved of it (its parameters and
+        # batch-norm averages) is frozen; its optimizer, clipping and alpha states run on
+        # (NaN, unread: its records are NaN from its divergence on).
+        params = jax.tree.map(
+            lambda p, u: jnp.where(keep, jnp.asarray(p + u).astype(p.dtype), p),
+            state.params, updates)
         step_alpha, alpha_start = None, None
         if with_alpha:
             step_alpha, alpha_start = _alpha(layout, state, taps, values, updates)
-        candidate = state.replace(params=params, batch_stats=batch_stats,
-                                  clip_state=clip_state, opt_state=opt_state,
-                                  alpha_start=alpha_start)
-        new = jax.tree.map(lambda n, o: jnp.where(keep, n, o), candidate, state)
         diverging = alive & ~finite
-        new = new.replace(
+        new = state.replace(
+            params=params,
+            batch_stats=jax.tree.map(lambda n, o: jnp.where(keep, n, o), batch_stats,
+                                     state.batch_stats),
+            clip_state=clip_state, opt_state=opt_state, alpha_start=alpha_start,
             step=state.step + 1,
             diverged_at=jnp.where(diverging, state.step, state.diverged_at),
             nonfinite_at_divergence=jnp.where(

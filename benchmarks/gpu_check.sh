@@ -9,6 +9,8 @@
 #     SECTIONS="rnn tests" bash benchmarks/gpu_check.sh   # some of: sweep bench rnn tests
 #     SECTIONS="kernels noise" bash benchmarks/gpu_check.sh  # opt-in: kernels per step at
 #                      # 1,000 seeds (each a launch on a GPU) and the gradient-noise probe's cost
+#     SECTIONS="profile" bash benchmarks/gpu_check.sh  # opt-in: jax.profiler, device time
+#                      # per kernel and by origin (forward, backward, guard, probes, ...)
 #
 # Wheels for packages the machine lacks (Hydra, OmegaConf, ...) may be put in .whl/: they
 # are installed into /tmp/site first (no network needed).
@@ -70,6 +72,13 @@ if want kernels; then
 echo "== kernels per compiled step: hand-written JAX, same work, default, + gradient_noise"
 if [ $quick = 1 ]; then k_args="--seeds 4"; else k_args="--seeds 1000"; fi
 timeout 240 python3 benchmarks/kernel_count.py $k_args 2>&1 | tee "$OUT/kernels.log" | tail -6
+fi
+
+if want profile; then
+echo "== profile: where a step's device time goes, 1,000 seeds (plain, same work, default)"
+if [ $quick = 1 ]; then p_args="--seeds 4 --epochs 1"; else p_args="--seeds 1000 --epochs 2"; fi
+timeout 240 python3 benchmarks/gpu_profile.py $p_args --json "$OUT/profile.json" 2>&1 \
+  | tee "$OUT/profile.log" | grep -A8 "^=="
 fi
 
 if want noise; then

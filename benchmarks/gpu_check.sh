@@ -11,6 +11,8 @@
 #                      # 1,000 seeds (each a launch on a GPU) and the gradient-noise probe's cost
 #     SECTIONS="profile" bash benchmarks/gpu_check.sh  # opt-in: jax.profiler, device time
 #                      # per kernel and by origin (forward, backward, guard, probes, ...)
+#     SECTIONS="torch" bash benchmarks/gpu_check.sh  # opt-in: PyTorch on the same GPU, its
+#                      # loop and torch.func.vmap over seeds (eager and torch.compile)
 #
 # Wheels for packages the machine lacks (Hydra, OmegaConf, ...) may be put in .whl/: they
 # are installed into /tmp/site first (no network needed).
@@ -79,6 +81,19 @@ echo "== profile: where a step's device time goes, 1,000 seeds (plain, same work
 if [ $quick = 1 ]; then p_args="--seeds 4 --epochs 1"; else p_args="--seeds 1000 --epochs 2"; fi
 timeout 240 python3 benchmarks/gpu_profile.py $p_args --json "$OUT/profile.json" 2>&1 \
   | tee "$OUT/profile.log" | grep -A8 "^=="
+fi
+
+if want torch; then
+echo "== PyTorch on the same GPU: the loop, torch.func.vmap over seeds (eager, compiled) vs vgrad"
+if [ $quick = 1 ]; then
+  t_check="--check"; t_args="--tiny"
+else
+  t_check="--check --device cuda"
+  t_args="--seeds 1 100 1000 --repeats 2 --torch-runs 1 --torch-device cuda"
+fi
+timeout 60 python3 benchmarks/torch_vmap.py $t_check 2>&1 | tee "$OUT/torch_check.log" | tail -3
+timeout 480 python3 benchmarks/bench.py $t_args --json "$OUT/bench_torch.json" 2>&1 \
+  | tee "$OUT/bench_torch.log" | tail -16
 fi
 
 if want noise; then

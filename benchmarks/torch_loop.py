@@ -4,7 +4,15 @@ mean |g| and max |g|, every bias gradient's norm and the global gradient norm; p
 epoch, loss and accuracy on all points and each kernel's mean and std.
 
 One run trains one seed: a PyTorch loop has no vmap over whole training runs, so S
-seeds are S runs, one after the other.
+seeds are S runs, one after the other (``torch_vmap.py`` trains S seeds at once with
+``torch.func.vmap``).
+
+``device="cuda"`` trains on the GPU: the model is made on the CPU (so a seed's initial
+parameters and shuffles are the CPU's, whatever the device), then moved; the data, the
+shuffles and the recorded statistics live on the device, and the function synchronises
+before it returns, so a timing of it is the GPU's work. ``init`` (a list of (weight,
+bias) pairs in ``nn.Linear``'s layout) and ``perms`` (one permutation of the points per
+epoch) replace the seed's own, for comparisons with other implementations.
 """
 
 from __future__ import annotations
@@ -28,24 +36,32 @@ def make_model(act: type[nn.Module] = nn.Sigmoid) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int
+def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int,
+          device: str = "cpu", init: list | None = None, perms=None
           ) -> dict[str, np.ndarray]:
     torch.manual_seed(seed)
     # (copies: vgrad's loaded datasets are read-only, torch tensors are writable)
-    xt = torch.tensor(np.array(x, dtype=np.float32))
-    yt = torch.tensor(np.array(y, dtype=np.float32))
+    xt = torch.tensor(np.array(x, dtype=np.float32), device=device)
+    yt = torch.tensor(np.array(y, dtype=np.float32), device=device)
     model = make_model()
     dense = [m for m in model if isinstance(m, nn.Linear)]
+    if init is not None:
+        with torch.no_grad():
+            for d, (w, b) in zip(dense, init, strict=True):
+                d.weight.copy_(torch.as_tensor(w))
+                d.bias.copy_(torch.as_tensor(b))
+    model.to(device)
     # Keras's defaults; PyTorch adds eps outside the square root, Keras inside.
     opt = torch.optim.RMSprop(model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
     loss_fn = nn.BCEWithLogitsLoss()
     n, steps = len(xt), len(xt) // batch
     L = len(dense)
-    step_stats = torch.zeros(epochs * steps, 6 * L + 2)
-    epoch_stats = torch.zeros(epochs, 2 + 2 * L)
+    step_stats = torch.zeros(epochs * steps, 6 * L + 2, device=device)
+    epoch_stats = torch.zeros(epochs, 2 + 2 * L, device=device)
     t = 0
     for e in range(epochs):
-        perm = torch.randperm(n)
+        # (drawn on the CPU's generator on every device: the same shuffles everywhere)
+        perm = (torch.randperm(n) if perms is None else torch.as_tensor(perms[e])).to(device)
         for i in range(steps):
             idx = perm[i * batch:(i + 1) * batch]
             opt.zero_grad()
@@ -69,4 +85,6 @@ def train(x: np.ndarray, y: np.ndarray, seed: int, epochs: int, batch: int
             epoch_stats[e] = torch.cat([loss_fn(logits, yt)[None],
                                         ((logits > 0) == (yt > 0.5)).float().mean()[None],
                                         weights])
-    return {"steps": step_stats.numpy(), "epochs": epoch_stats.numpy()}
+    if xt.is_cuda:
+        torch.cuda.synchronize(xt.device)
+    return {"steps": step_stats.cpu().numpy(), "epochs": epoch_stats.cpu().numpy()}

@@ -15,7 +15,9 @@ every job of a sweep at once (``Launcher.launch``); this one
 4. runs Hydra's ``run_job`` for every job it trained (or that failed validation), as
    the basic launcher does, so that each job folder gets its ``.hydra/`` files and job
    log and Hydra's callbacks see the job; the task function reports the results trained
-   in step 3. A job skipped because its folder holds an ended run of its config is left
+   in step 3. (``_run_job`` takes its steps without its copies of the config: the same
+   files, byte for byte; jobs it does not cover get ``run_job`` itself.) A job skipped
+   because its folder holds an ended run of its config is left
    untouched, byte for byte. (A sweep killed during
    step 3 leaves job folders without ``.hydra/``: their ``summary.json`` holds the
    config, which is all that resuming and the analysis read.)
@@ -26,6 +28,7 @@ is in ``sys.modules``, where dataclasses look string annotations up.)
 """
 
 import copy
+import gc
 import logging
 import os
 from collections.abc import Sequence
@@ -35,7 +38,15 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job
+from hydra.core.utils import (
+    JobReturn,
+    JobRuntime,
+    JobStatus,
+    _flush_loggers,
+    configure_log,
+    filter_overrides,
+    run_job,
+)
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
@@ -77,6 +88,7 @@ class VgradLauncher(Launcher):
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
+        self.pieces = _YamlPieces()  # (the yaml of this sweep's jobs)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -95,10 +107,30 @@ class VgradLauncher(Launcher):
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        with store.sweep_lock(sweep_dir):  # (taken already by vgrad's sweeper)
-            planned = self._plan(job_overrides, initial_job_idx, sweep_dir)
-            self._train(planned, sweep_dir)
-            return [self._report(p) for p in planned]
+        # Python's garbage collector scans every object of the process at each full
+        # collection, and composing a sweep's jobs makes many that live through it
+        # (thousands of config nodes a job): 10 full collections, 3 s, for 1,000 jobs.
+        # What the process holds already (the modules, JAX's) is moved out of its sight
+        # ("frozen") until the sweep ends, and while the jobs are composed (which makes
+        # little garbage) it waits, then collects once.
+        enabled = gc.isenabled()
+        gc.freeze()
+        try:
+            gc.disable()
+            with store.sweep_lock(sweep_dir):  # (taken already by vgrad's sweeper)
+                try:
+                    planned = self._plan(job_overrides, initial_job_idx, sweep_dir)
+                finally:
+                    if enabled:
+                        gc.enable()
+                        gc.collect()
+                self._train(planned, sweep_dir)
+                return [self._report(p) for p in planned]
+        finally:
+            if enabled:
+                gc.enable()
+            gc.unfreeze()
+            self.pieces = _YamlPieces()
 
     # -- 1. configs and folders --
 
@@ -122,7 +154,7 @@ class VgradLauncher(Launcher):
                 with open_dict(cfg):
                     cfg.hydra.job.id = idx
                     cfg.hydra.job.num = idx
-                HydraConfig.instance().set_config(cfg)
+                _hydra_config_is(cfg)  # (for ${hydra:...} in the job's own config)
                 task = _task_config(cfg)
                 own = OmegaConf.to_container(task, resolve=True, enum_to_str=True)
                 default = str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
@@ -249,9 +281,14 @@ class VgradLauncher(Launcher):
             runner.OUTCOMES.ended.append(p.ended)
             return _untouched(p, p.ended)
         try:
-            ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                          config=p.config, job_dir_key="hydra.sweep.dir",
-                          job_subdir_key="hydra.sweep.subdir")
+            if self._why_run_job(p.config) is None:
+                trained = p.run_dir in runner.OUTCOMES.trained
+                ret = _run_job(self.hydra_context, self.task_function, p.config,
+                               task=p.task if trained else None, pieces=self.pieces)
+            else:
+                ret = run_job(hydra_context=self.hydra_context,
+                              task_function=self.task_function, config=p.config,
+                              job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         except OSError as exc:  # Hydra could not write the job's folder (full, read-only)
             error = f"{type(exc).__name__}: {exc}"
             log.error("job %d: %s", p.idx, error)
@@ -260,6 +297,26 @@ class VgradLauncher(Launcher):
         assert self.config is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
+
+    def _why_run_job(self, config: DictConfig) -> Optional[str]:  # noqa: UP045
+        """Why this job needs Hydra's own ``run_job`` rather than :func:`_run_job`, or
+        None: a callback with job hooks (it may read what ``_run_job`` does not build),
+        a job that changes the working directory, sets environment variables or
+        overrides ``hydra.*`` keys itself."""
+        assert self.hydra_context is not None
+        hooked = [type(c).__name__ for c in self.hydra_context.callbacks.callbacks
+                  if _hooks_jobs(c)]
+        if hooked:
+            return f"callbacks with job hooks: {', '.join(hooked)}"
+        if _chdir(config):
+            return "hydra.job.chdir"
+        if config.hydra.job.env_set:
+            return "hydra.job.env_set"
+        assert self.config is not None  # (the sweep's: its hydra.* overrides are every job's)
+        if (OmegaConf.to_container(config.hydra.overrides.hydra)  # (as written: unresolved)
+                != OmegaConf.to_container(self.config.hydra.overrides.hydra)):
+            return "the job overrides hydra.* keys"
+        return None
 
 
 class Composer:
@@ -287,6 +344,11 @@ class Composer:
         self.loader, self.master = loader, master
         self.parser = OverridesParser.create()
         self.bases: dict[tuple[str, ...], DictConfig] = {}
+        # Each distinct override is parsed and sorted once (the jobs of a sweep share
+        # most of theirs): Hydra's parser takes ~0.1 ms an override, and an Override is
+        # not changed by its use (its value() is a new object at every call).
+        self.parsed: dict[str, Any] = {}
+        self.chooses: dict[str, bool] = {}
         try:  # the repository Hydra composes with (the master's search path included)
             _, self.repo = loader._parse_overrides_and_create_caching_repo(
                 master.hydra.job.config_name, list(master.hydra.overrides.hydra))
@@ -294,10 +356,20 @@ class Composer:
             self.repo = None
 
     def _chooses_group(self, override: Any) -> bool:
-        if override.package is not None:
-            return True
-        return (self.repo.group_exists(override.key_or_group)
+        line = override.input_line
+        if line not in self.chooses:
+            self.chooses[line] = override.package is not None or (
+                self.repo.group_exists(override.key_or_group)
                 and not isinstance(override.value(), dict))
+        return self.chooses[line]
+
+    def _parse(self, overrides: list[str]) -> list[Any]:
+        """``OverridesParser.parse_overrides(overrides)``, each distinct line parsed once
+        (a bad one raises as there: the first in the list)."""
+        for line in overrides:
+            if line not in self.parsed:
+                self.parsed[line] = self.parser.parse_overrides([line])[0]
+        return [self.parsed[line] for line in overrides]
 
     def compose(self, overrides: list[str]) -> DictConfig:
         from hydra._internal.config_loader_impl import (
@@ -305,7 +377,7 @@ class Composer:
             get_overrides_dirname,
         )
 
-        parsed = self.parser.parse_overrides(overrides) if self.repo is not None else None
+        parsed = self._parse(overrides) if self.repo is not None else None
         if parsed is None or any(o.is_hydra_override() or o.is_sweep_override()
                                  for o in parsed):
             return self.loader.load_sweep_config(self.master, overrides)
@@ -336,10 +408,214 @@ def _untouched(p: _Planned, status: str) -> JobReturn:
 
 
 def _task_config(cfg: DictConfig) -> DictConfig:
-    task = copy.deepcopy(cfg)
-    with read_write(task), open_dict(task):
-        del task["hydra"]
-    return task
+    """The job's own config: a copy of ``cfg`` without its hydra node, as Hydra's
+    ``run_job`` makes it (``deepcopy``, then ``del task["hydra"]``), without copying the
+    hydra node (two thirds of the copy) only to delete it."""
+    content = cfg.__dict__.get("_content")
+    if not isinstance(content, dict) or "hydra" not in content:
+        task = copy.deepcopy(cfg)
+        with read_write(task), open_dict(task):
+            del task["hydra"]
+        return task
+    cfg.__dict__["_content"] = {k: v for k, v in content.items() if k != "hydra"}
+    try:
+        return copy.deepcopy(cfg)
+    finally:
+        cfg.__dict__["_content"] = content
+
+
+def _hydra_config_is(cfg: DictConfig) -> None:
+    """Make ``HydraConfig.get()`` (and so the ``${hydra:...}`` resolver) read the job's
+    hydra node, as ``HydraConfig.instance().set_config(cfg)`` does (it also makes the
+    node read-only), without its copy of the node: ``HydraConfig.get()`` returns
+    ``cfg.hydra`` itself, whose values and parent (``cfg``) are those of the copy."""
+    OmegaConf.set_readonly(cfg.hydra, True)
+    HydraConfig.instance().cfg = cfg  # type: ignore[assignment]
+
+
+def _hooks_jobs(callback: Any) -> bool:
+    """Whether a Hydra callback does anything on a job's start or end."""
+    from hydra.experimental.callback import Callback
+
+    return any(getattr(type(callback), name, None) is not getattr(Callback, name)
+               for name in ("on_job_start", "on_job_end"))
+
+
+def _chdir(config: DictConfig) -> bool:
+    """Whether Hydra's ``run_job`` changes into the job's folder (``hydra.job.chdir``;
+    unset: as the version base says, 1.2 and later not)."""
+    from hydra import version
+
+    chdir = config.hydra.job.chdir
+    return chdir if chdir is not None else not version.base_at_least("1.2")
+
+
+def _yaml(container: Any) -> str:
+    """``OmegaConf.to_yaml`` of a config, from its ``OmegaConf.to_container(...,
+    enum_to_str=True)``."""
+    import yaml
+    from omegaconf._utils import get_omega_conf_dumper
+
+    return yaml.dump(container, default_flow_style=False, allow_unicode=True,
+                     sort_keys=False, Dumper=get_omega_conf_dumper())
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def _plain(value: Any, seen: set[int]) -> bool:
+    """Whether a container holds only dicts, lists and scalars, none of them twice
+    (what ``OmegaConf.to_container`` makes: yaml then writes no anchors)."""
+    kind = type(value)
+    if kind is dict or kind is list:
+        if id(value) in seen:
+            return False
+        seen.add(id(value))
+        if kind is list:
+            return all(_plain(v, seen) for v in value)
+        return all(type(k) in _SCALARS and _plain(v, seen) for k, v in value.items())
+    return kind in _SCALARS
+
+
+def _nest(path: tuple[str, ...], mapping: dict[str, Any]) -> dict[str, Any]:
+    """``mapping`` under the keys of ``path``: ``{a: {b: mapping}}`` for ``(a, b)``."""
+    for key in reversed(path):
+        mapping = {key: mapping}
+    return mapping
+
+
+def _head(path: tuple[str, ...], depth: int = 0) -> str:
+    """The lines yaml opens ``_nest(path, ...)`` with, from ``depth``: ``a:``, ``  b:``."""
+    return "".join(f"{'  ' * (depth + i)}{key}:\n" for i, key in enumerate(path))
+
+
+class _YamlPieces:
+    """``_yaml`` of a sweep's job configs, entry by entry, each distinct entry dumped
+    once: the jobs of a sweep share most of their config (and of Hydra's), and PyYAML
+    took ~5 ms a job for the two files.
+
+    A block mapping's yaml is its entries' yaml one after the other: each entry starts
+    on a line of its own at the mapping's indentation, and how PyYAML writes it depends
+    only on that indentation and the entry (no anchors: ``_plain``; no block scalars:
+    OmegaConf's dumper quotes or writes plain). So ``{k1: v1, k2: v2}`` is
+    ``yaml({k1: v1}) + yaml({k2: v2})``, and ``{hydra: {k1: v1, ...}}`` is ``hydra:``
+    followed by each ``yaml({hydra: {k: v}})`` less that first line; likewise one level
+    further down (``hydra.runtime``'s entries, ``optim``'s). An entry is known by where
+    it is, its key and its ``repr`` (which tells apart what yaml writes differently:
+    types, floats, quotes); each piece is checked to open with the lines of where it
+    is. Anything else is dumped whole. (Tested against ``_yaml``.)
+    """
+
+    #: Entries are split down to this depth (1: the top level's entries only).
+    DEPTH = 3
+
+    def __init__(self) -> None:
+        self.pieces: dict[tuple[tuple[str, ...], str, str], str] = {}
+
+    def dump(self, mapping: dict[str, Any], under: Optional[str] = None) -> str:  # noqa: UP045
+        """``_yaml(mapping)``, or ``_yaml({under: mapping})``."""
+        path = () if under is None else (under,)
+        whole = _nest(path, mapping)
+        if not _plain(whole, set()):
+            return _yaml(whole)
+        entries = self._entries(path, mapping)
+        return _yaml(whole) if entries is None else _head(path) + entries
+
+    def _entries(self, path: tuple[str, ...], mapping: dict[str, Any]
+                 ) -> Optional[str]:  # noqa: UP045
+        """The yaml of ``_nest(path, mapping)`` less the lines of ``path``, or None
+        (not a mapping to split: empty, or with keys other than strings)."""
+        if not mapping or not all(type(k) is str for k in mapping):
+            return None
+        head = _head(path)
+        out = []
+        for key, value in mapping.items():
+            if type(value) is dict and len(path) + 1 < self.DEPTH:
+                inner = self._entries((*path, key), value)
+                if inner is not None:  # (its pieces open with this key's line)
+                    out.append(_head((key,), len(path)) + inner)
+                    continue
+            name = (path, key, repr(value))
+            piece = self.pieces.get(name)
+            if piece is None:
+                piece = _yaml(_nest(path, {key: value}))
+                if not piece.startswith(head):  # (a key yaml writes otherwise)
+                    return None
+                piece = self.pieces[name] = piece[len(head):]
+            out.append(piece)
+        return "".join(out)
+
+
+def _save(text: str, filename: str, output_dir: Path) -> None:
+    """Hydra's ``_save_config``, given the text."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(str(output_dir / filename), "w", encoding="utf-8") as file:
+        file.write(text)
+
+
+def _run_job(hydra_context: HydraContext, task_function: TaskFunction,
+             config: DictConfig, task: Optional[DictConfig] = None,  # noqa: UP045
+             pieces: Optional[_YamlPieces] = None) -> JobReturn:  # noqa: UP045
+    """Hydra's ``run_job`` for a job of a sweep (``hydra.sweep.dir``/``subdir``), less
+    its copies of the config: ~40 ms a job, most of what a grouped sweep of short runs
+    spent per job. The same steps in the same order, with the same effects: the job's
+    folder, its job log (``hydra.job_logging``), ``.hydra/config.yaml``, ``hydra.yaml``
+    and ``overrides.yaml`` (the same bytes: both dump the same containers with
+    OmegaConf's dumper; tested against ``run_job``), ``HydraConfig.get()`` and
+    ``${hydra:...}`` giving the job's hydra node, the callbacks' ``on_job_start`` and
+    ``on_job_end``, the task function called with a copy of the job's own config. What
+    it does not do, ``VgradLauncher._why_run_job`` leaves to ``run_job``: changing the
+    working directory, setting environment variables, callbacks with job hooks.
+
+    ``task``: the job's own config, given to the task function in place of a fresh copy
+    of ``config`` without its hydra node (the launcher's, for a job it trained: the task
+    function only reports it). ``pieces``: the yaml of the sweep's earlier jobs.
+    """
+    callbacks = hydra_context.callbacks
+    orig_hydra_cfg = HydraConfig.instance().cfg
+    _hydra_config_is(config)  # (for ${hydra:...} in the folder's name)
+    output_dir = str(OmegaConf.select(config, "hydra.sweep.dir"))
+    subdir = str(OmegaConf.select(config, "hydra.sweep.subdir"))
+    output_dir = os.path.join(output_dir, subdir)
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = os.path.abspath(output_dir)
+    try:
+        ret = JobReturn()
+        task_cfg = _task_config(config) if task is None else task
+        ret.cfg = task_cfg
+        ret.hydra_cfg = config  # (run_job's: a copy of the hydra node; read by nothing)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task)
+        assert isinstance(overrides, list)
+        ret.overrides = overrides
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        ret.working_dir = os.getcwd()
+        configure_log(config.hydra.job_logging, config.hydra.verbose)
+        if config.hydra.output_subdir is not None:
+            hydra_output = Path(config.hydra.runtime.output_dir) / Path(
+                config.hydra.output_subdir)
+            # One container of the whole config for config.yaml (the job's own keys) and
+            # hydra.yaml ({hydra: ...}): what run_job dumps from its two copies.
+            container = OmegaConf.to_container(config, resolve=False, enum_to_str=True)
+            assert isinstance(container, dict)
+            hydra = container.pop("hydra")
+            pieces = pieces or _YamlPieces()
+            _save(pieces.dump(container), "config.yaml", hydra_output)
+            _save(pieces.dump(hydra, under="hydra"), "hydra.yaml", hydra_output)
+            _save(OmegaConf.to_yaml(config.hydra.overrides.task), "overrides.yaml",
+                  hydra_output)
+        callbacks.on_job_start(config=config, task_function=task_function)
+        try:
+            ret.return_value = task_function(task_cfg)
+            ret.status = JobStatus.COMPLETED
+        except Exception as e:  # noqa: BLE001 (as run_job: the sweeper reports it)
+            ret.return_value = e
+            ret.status = JobStatus.FAILED
+        ret.task_name = JobRuntime.instance().get("name")
+        _flush_loggers()
+        callbacks.on_job_end(config=config, job_return=ret)
+        return ret
+    finally:
+        HydraConfig.instance().cfg = orig_hydra_cfg
 
 
 def _group_timing(group: Any) -> dict[str, float]:

@@ -52,10 +52,11 @@ from vgrad.program import Program  # noqa: E402
 STEPS_PER_EPOCH = 31  # 1,000 circles points, batch 32, the last partial batch dropped
 #: Where an instruction comes from, by its JAX op_name (first match wins).
 CATEGORIES = (
+    ("guard", ("/guard/", "(guard)/")),  # vgrad.step's named scope (vmap: vmap(guard))
     ("record write", ("dynamic_update_slice", "dynamic_update_index")),
     ("backward", ("transpose(jvp",)),
     ("forward", ("jvp(",)),
-    ("guard / freeze", ("_where", "select_n", "is_finite")),
+    ("selects", ("_where", "select_n", "is_finite")),
     ("optimizer", ("rsqrt", "sqrt", "/add", "/mul", "/sub")),
     ("reductions (probes)", ("reduce_", "argmax", "argmin")),
     ("batch gather", ("gather", "dynamic_slice")),
@@ -63,14 +64,15 @@ CATEGORIES = (
 
 
 def _program(name: str, seeds: int, epochs: int):
-    """(run, hlo text): ``run()`` trains ``epochs`` epochs of ``seeds`` members and
+    """(run, hlo text, devices used): ``run()`` trains ``epochs`` epochs of ``seeds`` members and
     blocks until the device is done (twice at most: a warm-up and the profiled run)."""
     if name == "plain":
         ds = vdata.load(compose_cfg("+experiment=visualize").data)
         fn = plain_jax.make_train(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), epochs, 32)
         args = shard_members(jnp.arange(seeds), member_mesh(seeds))
         compiled = fn.lower(args).compile()
-        return (lambda: jax.block_until_ready(compiled(args))), compiled.as_text()
+        return ((lambda: jax.block_until_ready(compiled(args))), compiled.as_text(),
+                member_mesh(seeds).devices.size)
     extra = kernel_count.SAME_WORK if name == "same" else []
     cfg = compose_cfg("+experiment=visualize", "progress=false", f"seeds={seeds}",
                       f"epochs={epochs}", *extra)
@@ -84,7 +86,7 @@ def _program(name: str, seeds: int, epochs: int):
     chunk = compiled.chunk(epochs)
     states = [compiled.start(members, dev_data) for _ in range(2)]  # (a chunk donates it)
     return ((lambda: jax.block_until_ready(chunk(states.pop(), members, jnp.int32(0),
-                                                 dev_data))), chunk.as_text())
+                                                 dev_data))), chunk.as_text(), mesh.devices.size)
 
 
 #: Instructions whose events enclose other kernels' (a CPU trace times them too).
@@ -156,7 +158,7 @@ def summarise(events: list[dict], hlo: str, steps: int, top: int) -> dict:
 
 
 def profile(name: str, seeds: int, epochs: int, top: int, keep: Path | None) -> dict:
-    run, hlo = _program(name, seeds, epochs)
+    run, hlo, devices = _program(name, seeds, epochs)
     run()  # compiled above; warm up
     folder = Path(keep) / name if keep else Path(tempfile.mkdtemp())
     t0 = datetime.datetime.now()
@@ -167,8 +169,7 @@ def profile(name: str, seeds: int, epochs: int, top: int, keep: Path | None) -> 
     with gzip.open(traces[-1]) as f:
         trace = json.load(f)
     # (every device runs every kernel: per step means per step and device)
-    summary = summarise(device_events(trace), hlo, epochs * STEPS_PER_EPOCH * jax.device_count(),
-                        top)
+    summary = summarise(device_events(trace), hlo, epochs * STEPS_PER_EPOCH * devices, top)
     return {"program": name, "seeds": seeds, "epochs": epochs, "wall_s": wall, **summary}
 
 

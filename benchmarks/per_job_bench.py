@@ -24,8 +24,8 @@ for byte), writes the yaml of what jobs share once, parses each distinct overrid
 and keeps the garbage collector from rescanning the process while composing. What is
 left per job: composing (one copy of the config, ~5 ms), validating and preparing
 (``vgrad.runner.prepare``), writing the run folder twice (first chunk, end), the job
-log's set-up and the task function's report, and, for large groups,
-``vgrad.group.group_jobs``'s batching, quadratic in a group's jobs.
+log's set-up and the task function's report. (``vgrad.group.group_jobs``'s batching
+was quadratic in a group's jobs, 6 s at 1,000: now linear.)
 """
 
 from __future__ import annotations

@@ -224,6 +224,7 @@ def test_a_step_is_admissible_only_when_its_add_cannot_overflow():
     """step_admissible: a non-finite gradient entry anywhere (inf, -inf, NaN), or an
     update or parameter entry at half float32's largest value or beyond, refuses the
     step; finite values just below it, zeros and empty leaves do not."""
+    import jax
     import jax.numpy as jnp
 
     from vgrad.step import step_admissible
@@ -240,6 +241,12 @@ def test_a_step_is_admissible_only_when_its_add_cannot_overflow():
     half = dict(zeros, b=zeros["b"].at[4].set(np.finfo(np.float32).max / 2))
     assert not bool(step_admissible(zeros, half, zeros))
     assert not bool(step_admissible(zeros, zeros, half))
+    with jax.enable_x64(True):  # the bound is the dtype's: float64's half max
+        top = np.finfo(np.float64).max / 2
+        p64 = {"w": jnp.asarray([np.nextafter(top, 0.0), 1e300])}
+        assert p64["w"].dtype == jnp.float64
+        assert bool(step_admissible(p64, p64, p64))
+        assert not bool(step_admissible(p64, {"w": jnp.asarray([top, 0.0])}, p64))
 
 
 def test_a_refused_step_freezes_the_parameters_and_records_its_step():

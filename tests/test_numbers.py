@@ -111,6 +111,38 @@ def test_norms_of_huge_finite_gradients_are_finite_and_exact():
     assert stats["grad_norm"][0] > 1e30 and stats["grad_norm"][1] < 1e-29
 
 
+@pytest.mark.parametrize("jit", [True, False])
+def test_statistics_of_entries_near_the_largest_float32_are_exact(jit):
+    """Entries above 2^126 (a step before an overflow): the scale's reciprocal would be
+    subnormal, which XLA's CPU code flushes to zero: every statistic read 0."""
+    rng = np.random.default_rng(1)
+    kernel = (rng.uniform(0.5, 1.0, size=(2, 2)) * rng.choice([-1, 1], size=(2, 2))
+              * 1.5e38).astype(np.float32)
+    layout = layers.Layout((
+        layers.Segment(("dense_0",), (("dense_0",),), ("delta_0",), False),), ())
+    grads = {"dense_0": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(kernel[0] / 2)}}
+    deltas = {"delta_0": jnp.asarray(kernel)}
+    out = StepOut(jnp.float32(1.0), grads, deltas, grads, grads, grads)
+
+    def stats(o):
+        return {**probes.kernel_grad_stats(o, layout), **probes.global_norms(o, layout),
+                **probes.bias_grad_norm(o, layout), **probes.delta_norm(o, layout),
+                **probes.update_stats(o, layout)}
+
+    got = jax.jit(stats)(out) if jit else stats(out)
+    g = kernel.astype(np.float64)
+    b = g[0] / 2
+    want = {"grad_norm": np.linalg.norm(g), "grad_std": g.std(), "grad_mean": g.mean(),
+            "grad_absmean": np.abs(g).mean(), "grad_maxabs": np.abs(g).max(),
+            "bias_grad_norm": np.linalg.norm(b),
+            "grad_global_norm": np.sqrt((g ** 2).sum() + (b ** 2).sum()),
+            "delta_norm": np.linalg.norm(g, axis=1).mean(),
+            "update_norm": np.sqrt((g ** 2).sum() + (b ** 2).sum())}
+    for key, value in want.items():
+        np.testing.assert_allclose(np.asarray(got[key]).ravel(), value, rtol=1e-5,
+                                   atol=1e-6 * np.abs(g).max(), err_msg=key)
+
+
 def test_clip_never_fires_without_clipping_even_at_a_divergence():
     rec = run_to_end(compose_cfg(*DIVERGENT_CLI))
     step = int(rec.diverged_at[0])

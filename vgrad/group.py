@@ -342,8 +342,10 @@ def group_jobs(jobs: Sequence[Job], max_members: int | None = None,
     groups = []
     for same in by_key.values():
         batch: list[Job] = []
-        size = 0  # the batch's members (a running sum: reading a config's value is slow,
-        for job in same:  # and summing the batch at every job was quadratic: 6 s at 1,000)
+        # The batch's members, a running sum: summing the batch at every job was
+        # quadratic (reading a config's value is slow: 6 s at 1,000 jobs).
+        size = 0
+        for job in same:
             seeds = job.cfg.seeds
             full = ((max_members is not None and size + seeds > max_members)
                     or (max_jobs is not None and len(batch) >= max_jobs))

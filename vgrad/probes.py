@@ -61,10 +61,22 @@ HIST_EDGES = np.linspace(-12.0, 4.0, 65, dtype=np.float32)
 # --- overflow-safe reductions of packed layers (one row per layer) ---------------------
 
 
-def _scale(x: Array, axis: int = -1) -> Array:
-    """The largest |x| along ``axis`` where it is finite and non-zero, else 1 (kept dims)."""
-    m = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+#: Scales above this are divided by 8 (exact): see :func:`_divisor`.
+_BIG = 2.0 ** 100
+
+
+def _divisor(m: Array) -> Array:
+    """A scale ``m`` (a largest |entry|) made safe to divide by: 1 where it is zero or
+    not finite, and m / 8 above 2^100, so that 1/m stays a normal number: XLA's CPU code
+    divides by multiplying with the reciprocal and flushes a subnormal one to zero,
+    which made every statistic of a layer with an entry above 2^126 read 0."""
+    m = jnp.where(m > _BIG, m * 0.125, m)
     return jnp.where((m > 0) & jnp.isfinite(m), m, 1.0)
+
+
+def _scale(x: Array, axis: int = -1) -> Array:
+    """The largest |x| along ``axis`` (:func:`_divisor`: safe to divide by; kept dims)."""
+    return _divisor(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
 
 
 def _norms(x: Array) -> Array:
@@ -119,8 +131,7 @@ def global_norm(tree: Any) -> Array:
     no leaf is padded or packed, so the sums fuse with their leaves (6 kernels fewer
     than per-leaf norms packed into rows, on the ``visualize`` net)."""
     leaves = jax.tree.leaves(tree)
-    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves]))
-    s = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    s = _divisor(jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves])))
     return jnp.sqrt(jnp.sum(jnp.stack([jnp.sum(jnp.square(x / s)) for x in leaves]))) * s
 
 

@@ -177,7 +177,8 @@ def _nan_rows(template: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 def nan_after(snaps: dict[str, np.ndarray], steps: np.ndarray, diverged_at: np.ndarray
               ) -> dict[str, np.ndarray]:
-    """Snapshots at or after a seed's divergence step are NaN (the seed is frozen there)."""
+    """Snapshots after a seed's divergence step are NaN (the seed is frozen there; the
+    divergence step's own gradient is kept, as its metrics are)."""
     after = (diverged_at[:, None] >= 0) & (steps[None, :] > diverged_at[:, None])
     return {k: np.where(after.reshape(after.shape + (1,) * (v.ndim - 2)), np.nan, v)
             for k, v in snaps.items()}

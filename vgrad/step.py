@@ -36,7 +36,9 @@ class TrainState(struct.PyTreeNode):
     batch_stats: Any  # BatchNorm running averages ({} without batch norm)
     clip_state: Any
     opt_state: Any
-    diverged_at: Array  # first step refused (loss, gradient or update not finite; -1: none)
+    # first step refused (loss, gradient or update not finite, or an update or parameter
+    # entry at half the float's largest value: ``step_admissible``); -1: none
+    diverged_at: Array
     nonfinite_at_divergence: Array  # [L] non-finite gradient entries per layer at that step
     # the local step size's start point (``with_alpha``; else None): the last update
     # applied, its length over the layers and its observation (``vgrad.noise.alpha``)
@@ -244,11 +246,14 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
         updates, opt_state = tx.update.update(clipped, state.opt_state, state.params)
 
         alive = state.diverged_at < 0
-        finite = jnp.isfinite(loss_value) & step_admissible(grads, updates, state.params)
+        with jax.named_scope("guard"):  # (profiles tell its kernels apart)
+            finite = jnp.isfinite(loss_value) & step_admissible(grads, updates, state.params)
         keep = alive & finite
-        # A diverged seed trains no more: only what is saved of it (its parameters and
-        # batch-norm averages) is frozen; its optimizer, clipping and alpha states run on
-        # (NaN, unread: its records are NaN from its divergence on).
+        # A diverged seed trains no more: only its parameters and batch-norm averages
+        # (what is saved of it) are frozen; its optimizer, clipping and alpha states run
+        # on, NaN perhaps, and are never read again (its records are NaN from its
+        # divergence on; a checkpoint carries them as they are, and a resumed seed stays
+        # diverged).
         params = jax.tree.map(
             lambda p, u: jnp.where(keep, jnp.asarray(p + u).astype(p.dtype), p),
             state.params, updates)

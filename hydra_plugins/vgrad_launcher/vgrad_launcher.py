@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core import utils as hydra_utils
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import (
     JobReturn,
     JobRuntime,
     JobStatus,
-    _flush_loggers,
     configure_log,
     filter_overrides,
     run_job,
@@ -112,9 +112,13 @@ class VgradLauncher(Launcher):
         # (thousands of config nodes a job): 10 full collections, 3 s, for 1,000 jobs.
         # What the process holds already (the modules, JAX's) is moved out of its sight
         # ("frozen") until the sweep ends, and while the jobs are composed (which makes
-        # little garbage) it waits, then collects once.
+        # little garbage) it waits, then collects once. (A process that froze objects
+        # itself keeps them frozen: the launcher freezes and unfreezes only when nothing
+        # was.)
         enabled = gc.isenabled()
-        gc.freeze()
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             gc.disable()
             with store.sweep_lock(sweep_dir):  # (taken already by vgrad's sweeper)
@@ -129,7 +133,8 @@ class VgradLauncher(Launcher):
         finally:
             if enabled:
                 gc.enable()
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
             self.pieces = _YamlPieces()
 
     # -- 1. configs and folders --
@@ -298,7 +303,7 @@ class VgradLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def _why_run_job(self, config: DictConfig) -> Optional[str]:  # noqa: UP045
+    def _why_run_job(self, config: DictConfig) -> str | None:
         """Why this job needs Hydra's own ``run_job`` rather than :func:`_run_job`, or
         None: a callback with job hooks (it may read what ``_run_job`` does not build),
         a job that changes the working directory, sets environment variables or
@@ -512,7 +517,7 @@ class _YamlPieces:
     def __init__(self) -> None:
         self.pieces: dict[tuple[tuple[str, ...], str, str], str] = {}
 
-    def dump(self, mapping: dict[str, Any], under: Optional[str] = None) -> str:  # noqa: UP045
+    def dump(self, mapping: dict[str, Any], under: str | None = None) -> str:
         """``_yaml(mapping)``, or ``_yaml({under: mapping})``."""
         path = () if under is None else (under,)
         whole = _nest(path, mapping)
@@ -522,7 +527,7 @@ class _YamlPieces:
         return _yaml(whole) if entries is None else _head(path) + entries
 
     def _entries(self, path: tuple[str, ...], mapping: dict[str, Any]
-                 ) -> Optional[str]:  # noqa: UP045
+                 ) -> str | None:
         """The yaml of ``_nest(path, mapping)`` less the lines of ``path``, or None
         (not a mapping to split: empty, or with keys other than strings)."""
         if not mapping or not all(type(k) is str for k in mapping):
@@ -554,8 +559,8 @@ def _save(text: str, filename: str, output_dir: Path) -> None:
 
 
 def _run_job(hydra_context: HydraContext, task_function: TaskFunction,
-             config: DictConfig, task: Optional[DictConfig] = None,  # noqa: UP045
-             pieces: Optional[_YamlPieces] = None) -> JobReturn:  # noqa: UP045
+             config: DictConfig, task: DictConfig | None = None,
+             pieces: "_YamlPieces | None" = None) -> JobReturn:
     """Hydra's ``run_job`` for a job of a sweep (``hydra.sweep.dir``/``subdir``), less
     its copies of the config: ~40 ms a job, most of what a grouped sweep of short runs
     spent per job. The same steps in the same order, with the same effects: the job's
@@ -611,7 +616,7 @@ def _run_job(hydra_context: HydraContext, task_function: TaskFunction,
             ret.return_value = e
             ret.status = JobStatus.FAILED
         ret.task_name = JobRuntime.instance().get("name")
-        _flush_loggers()
+        getattr(hydra_utils, "_flush_loggers", lambda: None)()  # (Hydra's private step)
         callbacks.on_job_end(config=config, job_return=ret)
         return ret
     finally:

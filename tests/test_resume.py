@@ -243,3 +243,49 @@ def test_rerunning_an_ended_run_keeps_it_and_resume_false_retrains_it(cli, tmp_p
     assert code == 0, err
     assert metrics.stat().st_mtime_ns != first[0]
     assert metrics.read_bytes() == first[1]  # the same numbers, trained again
+
+
+def test_an_interrupted_group_with_a_diverged_job_continues_with_uninterrupted_numbers(
+        tmp_path):
+    """A diverged seed's optimizer state runs on (NaN: momentum of an overflow) and is
+    checkpointed as it is; an interrupted group holding it continues with the numbers of
+    an uninterrupted one, and the diverged job stays frozen at its step."""
+    import signal
+
+    from conftest import DIVERGENT_CLI, compose_cfg
+
+    from vgrad import runner
+    from vgrad.group import group_jobs
+
+    base = [*DIVERGENT_CLI, "optim.momentum=0.9", "epochs=4", "record.chunk_epochs=1",
+            "record.save_every_s=0", *LIGHT]
+    cfgs = {"diverges": compose_cfg(*base), "trains": compose_cfg(*base, "optim.lr=0.0001")}
+
+    def jobs(folder: str) -> list:
+        out = [runner.prepare(cfg, tmp_path / folder / name) for name, cfg in cfgs.items()]
+        for job in out:  # (as the command does: an interrupted run is continued)
+            job.resume = runner.resume_point(job.run_dir, job.cfg)
+        return out
+
+    runner.train_jobs(jobs("whole"))
+    group = group_jobs(jobs("cut"))[0]
+    assert len(group.jobs) == 2  # (one program: the learning rate is a value)
+    with pytest.raises(runner.Interrupted):  # a signal noted after the first chunk
+        runner.train_group(group, 0, lambda: signal.SIGINT)
+    cut = tmp_path / "cut" / "diverges"
+    assert store.read_summary(cut)["status"] == "interrupted"
+    assert store.read_summary(cut)["diverged_at_step"] == [2]
+    state = np.load(cut / store.CHECKPOINT)
+    assert any(np.isnan(state[k]).any() for k in state.files)  # the dead seed's momentum
+    again = jobs("cut")
+    assert all(job.resume is not None and job.epochs_done == 1 for job in again)
+    runner.train_jobs(again)
+    for name in cfgs:
+        whole, resumed = tmp_path / "whole" / name, tmp_path / "cut" / name
+        assert store.read_summary(resumed)["status"] == store.read_summary(whole)["status"]
+        a, b = store.read_metrics(whole), store.read_metrics(resumed)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(b[k], a[k], err_msg=f"{name}: {k}")
+        for k, v in np.load(whole / "params.npz").items():
+            np.testing.assert_array_equal(np.load(resumed / "params.npz")[k], v, err_msg=k)

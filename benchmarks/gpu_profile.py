@@ -34,20 +34,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernel_count  # noqa: E402
-import plain_jax  # noqa: E402
-from bench import compose_cfg  # noqa: E402
-
-from vgrad import data as vdata  # noqa: E402
-from vgrad import group as vgroup  # noqa: E402
-from vgrad import runner  # noqa: E402
-from vgrad.compiled import (  # noqa: E402
-    Compiled,
-    device_data,
-    member_mesh,
-    shard_members,
-    trains_on_one_device,
-)
-from vgrad.program import Program  # noqa: E402
 
 STEPS_PER_EPOCH = 31  # 1,000 circles points, batch 32, the last partial batch dropped
 #: Where an instruction comes from, by its JAX op_name (first match wins).
@@ -67,26 +53,15 @@ def _program(name: str, seeds: int, epochs: int):
     """(run, hlo text, devices used): ``run()`` trains ``epochs`` epochs of ``seeds`` members and
     blocks until the device is done (twice at most: a warm-up and the profiled run)."""
     if name == "plain":
-        ds = vdata.load(compose_cfg("+experiment=visualize").data)
-        fn = plain_jax.make_train(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), epochs, 32)
-        args = shard_members(jnp.arange(seeds), member_mesh(seeds))
-        compiled = fn.lower(args).compile()
+        compiled, args = kernel_count.plain_program(seeds, epochs)
         return ((lambda: jax.block_until_ready(compiled(args))), compiled.as_text(),
-                member_mesh(seeds).devices.size)
+                len(args.sharding.device_set))
     extra = kernel_count.SAME_WORK if name == "same" else []
-    cfg = compose_cfg("+experiment=visualize", "progress=false", f"seeds={seeds}",
-                      f"epochs={epochs}", *extra)
-    with tempfile.TemporaryDirectory() as tmp:
-        job = runner.prepare(cfg, Path(tmp))
-    group = vgroup.group_jobs([job])[0]
-    mesh = member_mesh(group.n_members, trains_on_one_device(group))
-    dev_data = device_data(group.datasets, cfg.record.probe_size, mesh)
-    members = shard_members(group.members(), mesh)
-    compiled = Compiled(Program(group, mesh.devices.size), members, dev_data, mesh)
+    compiled, members, data = kernel_count.vgrad_program(extra, seeds, epochs)
     chunk = compiled.chunk(epochs)
-    states = [compiled.start(members, dev_data) for _ in range(2)]  # (a chunk donates it)
-    return ((lambda: jax.block_until_ready(chunk(states.pop(), members, jnp.int32(0),
-                                                 dev_data))), chunk.as_text(), mesh.devices.size)
+    states = [compiled.start(members, data) for _ in range(2)]  # (a chunk donates it)
+    return ((lambda: jax.block_until_ready(chunk(states.pop(), members, jnp.int32(0), data))),
+            chunk.as_text(), compiled.mesh.devices.size)
 
 
 #: Instructions whose events enclose other kernels' (a CPU trace times them too).

@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,27 +120,39 @@ def step_kernels(hlo: str) -> collections.Counter:
     return max((kernels(b, comps) for b in inner), key=lambda c: sum(c.values()))
 
 
-def vgrad_hlo(overrides: list[str], seeds: int) -> str:
+def vgrad_program(overrides: list[str], seeds: int, epochs: int = 2
+                  ) -> tuple[Compiled, Any, Any]:
+    """vgrad's program for ``seeds`` members of the ``visualize`` run (``overrides``
+    added), placed as a run places it: (compiled, members, device data)."""
     cfg = compose_cfg("+experiment=visualize", "progress=false", f"seeds={seeds}",
-                      "epochs=2", *overrides)
+                      f"epochs={epochs}", *overrides)
     with tempfile.TemporaryDirectory() as tmp:
         job = runner.prepare(cfg, Path(tmp))
     group = vgroup.group_jobs([job])[0]
     mesh = member_mesh(group.n_members, trains_on_one_device(group))
     data = device_data(group.datasets, cfg.record.probe_size, mesh)
     members = shard_members(group.members(), mesh)
-    compiled = Compiled(Program(group, mesh.devices.size), members, data, mesh)
+    return Compiled(Program(group, mesh.devices.size), members, data, mesh), members, data
+
+
+def plain_program(seeds: int, epochs: int = 2) -> tuple[Any, Any]:
+    """``plain_jax.py``'s program for ``seeds`` members, compiled: (executable, its
+    argument, the seeds split as a run splits its members)."""
+    from vgrad import data
+
+    ds = data.load(compose_cfg("+experiment=visualize").data)
+    fn = plain_jax.make_train(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), epochs, 32)
+    args = shard_members(jnp.arange(seeds), member_mesh(seeds))
+    return fn.lower(args).compile(), args
+
+
+def vgrad_hlo(overrides: list[str], seeds: int) -> str:
+    compiled, _, _ = vgrad_program(overrides, seeds)
     return compiled.chunk(compiled.program.plan.chunk_epochs).as_text()
 
 
 def plain_hlo(seeds: int) -> str:
-    cfg = compose_cfg("+experiment=visualize")
-    from vgrad import data
-
-    ds = data.load(cfg.data)
-    fn = plain_jax.make_train(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), 2, 32)
-    args = shard_members(jnp.arange(seeds), member_mesh(seeds))
-    return fn.lower(args).compile().as_text()
+    return plain_program(seeds)[0].as_text()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,8 @@ def make_train(x, y, acts: list[str], inits: list[str], epochs: int):
     """``jit(vmap(run))``: members' (act index, init index, seed) -> their results."""
     import jax
     import jax.numpy as jnp
+    import optax
+    from plain_jax import grad_stats  # (the statistics plain_jax.py computes; beside this file)
 
     act_table = {"sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
                  "elu": jax.nn.elu, "gelu": partial(jax.nn.gelu, approximate=False),
@@ -109,21 +111,8 @@ def make_train(x, y, acts: list[str], inits: list[str], epochs: int):
         w, b = params[-1]
         return (x @ w + b)[:, 0]
 
-    def bce(logits, y):  # optax.sigmoid_binary_cross_entropy, written out
-        return jnp.mean(jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-
-    def grad_stats(grads):
-        k = [g for g, _ in grads]
-        flat = jnp.concatenate([jnp.ravel(a) for pair in grads for a in pair])
-        return {
-            "grad_mean": jnp.stack([g.mean() for g in k]),
-            "grad_std": jnp.stack([g.std() for g in k]),
-            "grad_norm": jnp.stack([jnp.linalg.norm(g) for g in k]),
-            "grad_absmean": jnp.stack([jnp.abs(g).mean() for g in k]),
-            "grad_maxabs": jnp.stack([jnp.abs(g).max() for g in k]),
-            "bias_grad_norm": jnp.stack([jnp.linalg.norm(b) for _, b in grads]),
-            "grad_global_norm": jnp.linalg.norm(flat),
-        }
+    def bce(logits, y):
+        return optax.sigmoid_binary_cross_entropy(logits, y).mean()
 
     def run(a, i, seed):
         key_init, key_shuffle = jax.random.split(jax.random.key(seed))

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 from flax import struct
 
 from vgrad import losses, noise
@@ -254,9 +255,8 @@ def make_train_step(model: nn.Module, tx: Transforms, loss: str, layout: Layout,
         # on, NaN perhaps, and are never read again (its records are NaN from its
         # divergence on; a checkpoint carries them as they are, and a resumed seed stays
         # diverged).
-        params = jax.tree.map(
-            lambda p, u: jnp.where(keep, jnp.asarray(p + u).astype(p.dtype), p),
-            state.params, updates)
+        params = jax.tree.map(lambda n, o: jnp.where(keep, n, o),
+                              optax.apply_updates(state.params, updates), state.params)
         step_alpha, alpha_start = None, None
         if with_alpha:
             step_alpha, alpha_start = _alpha(layout, state, taps, values, updates)
